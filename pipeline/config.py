@@ -1,0 +1,302 @@
+"""Typed configuration: the one schema, the only place defaults live.
+
+A config is composed Hydra-style: ``conf/config.yaml`` names a default option for
+each group (``data``, ``model``, ``train``, ``tracking``); the command line can
+pick another option (``data=multi30k`` loads ``conf/data/multi30k.yaml``) and set
+any key (``model.hidden_size=512``). Everything is validated once, here: an
+unknown key or a value of the wrong type raises :class:`ConfigError` naming the
+key and what would have been valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+CONF_DIR = Path(os.environ.get("PIPELINE_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
+
+
+class ConfigError(ValueError):
+    """A bad config key, value or option; the message names it."""
+
+
+@dataclass
+class DataConfig:
+    # Which reader: a generated demo corpus, the Multi30k raw layout
+    # ({split}.{lang}[.gz]), globs of aligned shard pairs, or TSV/JSONL/Parquet tables.
+    name: Literal["demo_text", "multi30k", "pairs", "table"] = "demo_text"
+    root: str = "artifacts/demo_text"
+    src_lang: str = "en"
+    tgt_lang: str = "de"
+    # Multi30k layout: the file prefix of each split ("" = split deterministically).
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    # pairs: comma-separated globs, sorted; file i of src aligns with file i of tgt.
+    src_files: str = ""
+    tgt_files: str = ""
+    # table: comma-separated globs of .tsv/.jsonl/.parquet files (optionally .gz).
+    files: str = ""
+    src_column: str = "src"
+    tgt_column: str = "tgt"
+    # Cleaning and filtering.
+    normalization: Literal["NFC", "NFKC", "none"] = "NFC"
+    lowercase: bool = False
+    max_chars: int = 1000
+    min_tokens: int = 1
+    max_tokens: int = 80
+    dedup: bool = False
+    on_bad_rows: Literal["error", "skip"] = "error"
+    # Subword tokenizer trained on (a sample of) the training split.
+    tokenizer: Literal["bpe", "unigram"] = "bpe"
+    vocab_size: int = 8000
+    joint_vocab: bool = True
+    tokenizer_max_lines: int = 300_000
+    # Deterministic split when the corpus has none (hash of the pair).
+    val_fraction: float = 0.02
+    test_fraction: float = 0.02
+    # Size of the generated demo corpus (data=demo_text).
+    demo_size: int = 20_000
+    output_dir: str = "artifacts/data"
+
+
+@dataclass
+class ModelConfig:
+    embedding_size: int = 256
+    hidden_size: int = 256
+    num_layers: int = 2
+    dropout: float = 0.2
+    attention: Literal["dot", "general", "mlp"] = "general"
+    input_feeding: bool = False
+    tie_embeddings: bool = True
+
+
+@dataclass
+class TrainConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    max_epochs: int = 20
+    max_minutes: float = 0.0  # wall-clock budget for training; 0 = none
+    max_failures: int = 0
+    run_name: str = ""  # "" = a fresh timestamped name; the same name resumes
+    storage_path: str = "ray_results"
+    seed: int = 0
+    batch_tokens: int = 4000  # target tokens per worker per step
+    sort_window: int = 64  # batches per length-sorted mega-batch
+    lr: float = 0.002
+    weight_decay: float = 0.0
+    warmup_steps: int = 200
+    clip_norm: float = 1.0
+    accumulate: int = 1
+    label_smoothing: float = 0.1
+    amp: bool = True  # only on GPU: fp16 autocast + GradScaler
+    eval_every: int = 0  # steps between validations; 0 = once per epoch
+    eval_beam_size: int = 1
+    test_beam_size: int = 4
+    length_penalty: float = 0.6
+    early_stopping: int = 0  # validations without a better val_bleu before stopping; 0 = off
+    num_samples: int = 5  # sample translations logged as a table
+
+
+@dataclass
+class TrackingConfig:
+    # "" = MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory.
+    tracking_uri: str = ""
+    # "" = MLFLOW_EXPERIMENT_NAME, else "pipeline".
+    experiment: str = ""
+    log_model: bool = True
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys (``model.hidden_size``) to values, as logged to MLflow."""
+        return {f"{g}.{k}": v for g, sub in self.to_dict().items() for k, v in sub.items()}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "Config":
+        cfg = cls()
+        for group, values in raw.items():
+            _check_key(group, cfg, "")
+            if not isinstance(values, dict):
+                raise ConfigError(f"config group '{group}' must be a mapping, got {values!r}")
+            for key, value in values.items():
+                set_key(cfg, f"{group}.{key}", value)
+        validate(cfg)
+        return cfg
+
+
+GROUPS = [f.name for f in dataclasses.fields(Config)]
+
+
+def _field_types(obj: Any) -> dict[str, Any]:
+    hints = typing.get_type_hints(type(obj))
+    return {f.name: hints[f.name] for f in dataclasses.fields(obj)}
+
+
+def _check_key(key: str, obj: Any, prefix: str) -> None:
+    names = [f.name for f in dataclasses.fields(obj)]
+    if key not in names:
+        where = f"'{prefix}{key}'"
+        raise ConfigError(f"unknown config key {where}; valid keys: {', '.join(prefix + n for n in names)}")
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    origin = typing.get_origin(typ)
+    if origin is Literal:
+        choices = typing.get_args(typ)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not a valid choice; choose one of: {', '.join(map(str, choices))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        raise AssertionError("unions are not used in the schema")
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. data.src_lang=1 typed as a number by YAML
+    raise ConfigError(f"{key} must be of type {typ.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def set_key(cfg: Config, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    if len(parts) != 2:
+        raise ConfigError(f"config keys look like group.key (e.g. model.hidden_size), got '{dotted}'")
+    group, key = parts
+    _check_key(group, cfg, "")
+    sub = getattr(cfg, group)
+    _check_key(key, sub, f"{group}.")
+    setattr(sub, key, _coerce(dotted, value, _field_types(sub)[key]))
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def _apply_option(cfg: Config, group: str, option: str) -> None:
+    path = CONF_DIR / group / f"{option}.yaml"
+    if not path.exists():
+        raise ConfigError(f"no option '{option}' for config group '{group}'; choose one of: {', '.join(options(group))}")
+    for key, value in _load_yaml(path).items():
+        if key in GROUPS:  # an option may also set keys of other groups (e.g. a recipe)
+            for k, v in (value or {}).items():
+                set_key(cfg, f"{key}.{k}", v)
+        else:
+            set_key(cfg, f"{group}.{key}", value)
+
+
+def parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def load_config(overrides: list[str] | None = None) -> Config:
+    """Compose defaults, chosen options and ``key=value`` overrides into a validated Config."""
+    overrides = overrides or []
+    choices: dict[str, str] = {}
+    for group, option in _load_yaml(CONF_DIR / "config.yaml").get("defaults", {}).items():
+        choices[group] = option
+    dotted: list[tuple[str, Any]] = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value (e.g. model.hidden_size=512 or data=multi30k)")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if key in GROUPS:
+            choices[key] = text
+        elif "." in key:
+            dotted.append((key, parse_value(text)))
+        else:
+            raise ConfigError(f"unknown config group '{key}'; groups: {', '.join(GROUPS)} (or set a key: group.key=value)")
+    cfg = Config()
+    for group, option in choices.items():
+        if group not in GROUPS:
+            raise ConfigError(f"conf/config.yaml names unknown group '{group}'")
+        _apply_option(cfg, group, option)
+    for key, value in dotted:
+        set_key(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-key checks that a type alone cannot express."""
+    m, t, d = cfg.model, cfg.train, cfg.data
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    need(m.hidden_size > 0 and m.hidden_size % 2 == 0, f"model.hidden_size must be a positive even number (bidirectional encoder halves), got {m.hidden_size}")
+    need(m.num_layers >= 1, f"model.num_layers must be >= 1, got {m.num_layers}")
+    need(m.embedding_size > 0, f"model.embedding_size must be > 0, got {m.embedding_size}")
+    need(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
+    need(t.num_workers >= 1, f"train.num_workers must be >= 1, got {t.num_workers}")
+    need(t.max_epochs >= 1, f"train.max_epochs must be >= 1, got {t.max_epochs}")
+    need(t.max_minutes >= 0, f"train.max_minutes must be >= 0, got {t.max_minutes}")
+    need(t.batch_tokens >= 16, f"train.batch_tokens must be >= 16, got {t.batch_tokens}")
+    need(t.accumulate >= 1, f"train.accumulate must be >= 1, got {t.accumulate}")
+    need(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
+    need(t.eval_beam_size >= 1 and t.test_beam_size >= 1, "train.eval_beam_size and train.test_beam_size must be >= 1")
+    need(0.0 <= t.label_smoothing < 1.0, f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
+    need(t.max_failures >= -1, f"train.max_failures must be >= -1 (-1 = retry forever), got {t.max_failures}")
+    need(d.vocab_size >= 100, f"data.vocab_size must be >= 100, got {d.vocab_size}")
+    need(1 <= d.min_tokens <= d.max_tokens, f"need 1 <= data.min_tokens <= data.max_tokens, got {d.min_tokens}, {d.max_tokens}")
+    need(0 <= d.val_fraction < 0.5 and 0 <= d.test_fraction < 0.5, "data.val_fraction and data.test_fraction must be in [0, 0.5)")
+    if d.name == "pairs":
+        need(bool(d.src_files and d.tgt_files), "data=pairs needs data.src_files and data.tgt_files (globs)")
+    if d.name == "table":
+        need(bool(d.files), "data=table needs data.files (globs of .tsv, .jsonl or .parquet files)")
+    if d.name == "multi30k":
+        need(bool(d.root), "data=multi30k needs data.root (a folder with {split}.{lang}[.gz] files)")
+
+
+def config_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,259 @@
+"""Ray Data preprocessing of parallel text into training-ready Parquet shards.
+
+read (one task per file or file pair, in parallel) -> clean (Unicode normalisation,
+whitespace, length in characters) -> optional exact-pair dedup -> split (from the files,
+else by a hash of the pair) -> train a subword tokenizer on the training split -> encode
+on an actor pool -> drop by length in tokens -> write ``{train,val,test}/*.parquet`` and
+``manifest.json`` with every count (rows read = kept + dropped, per split and reason).
+
+The output folder is keyed by a hash of the data config and the input files' sizes and
+mtimes, so the same inputs and config reuse it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import unicodedata
+import zlib
+from dataclasses import asdict
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import ray
+
+from ..config import DataConfig, config_hash
+from . import tokenizer as toklib
+from .readers import DataError, list_tasks, read_tasks
+
+SPLITS = ("train", "val", "test")
+OUTPUT_COLUMNS = ["id", "src_ids", "tgt_ids", "src_len", "tgt_len", "src", "tgt"]
+_SPACE = re.compile(r"\s+")
+
+
+def _clean_batch(batch: dict[str, np.ndarray], cfg: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Normalise and filter by characters; assign a split where the files gave none."""
+    form = None if cfg["normalization"] == "none" else cfg["normalization"]
+    src_out, tgt_out, split_out, reason_out = [], [], [], []
+    for src, tgt, split, reason in zip(batch["src"], batch["tgt"], batch["split"], batch["reason"]):
+        if not reason:
+            pair = []
+            for text in (src, tgt):
+                if form:
+                    text = unicodedata.normalize(form, text)
+                text = _SPACE.sub(" ", text).strip()
+                pair.append(text.lower() if cfg["lowercase"] else text)
+            src, tgt = pair
+            if not src or not tgt:
+                reason = "empty"
+            elif max(len(src), len(tgt)) > cfg["max_chars"]:
+                reason = "too_long_chars"
+        if not split:
+            # Deterministic split by content: the same pair lands in the same split on
+            # every run and every worker, with no global pass.
+            u = zlib.crc32(f"{src}\t{tgt}".encode()) / 2**32
+            split = "test" if u < cfg["test_fraction"] else "val" if u < cfg["test_fraction"] + cfg["val_fraction"] else "train"
+        src_out.append(src)
+        tgt_out.append(tgt)
+        split_out.append(split)
+        reason_out.append(reason)
+    return {"src": np.array(src_out, dtype=object), "tgt": np.array(tgt_out, dtype=object), "id": batch["id"],
+            "split": np.array(split_out, dtype=object), "reason": np.array(reason_out, dtype=object)}
+
+
+def _first_of_group(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    order = np.argsort(group["id"], kind="stable")  # keep the earliest occurrence
+    keep = order[:1]
+    out = {k: v[keep] for k, v in group.items()}
+    dups = len(order) - 1
+    if dups:  # the others stay as rows, marked, so they are counted
+        rest = {k: v[order[1:]] for k, v in group.items()}
+        rest["reason"] = np.array(["duplicate"] * dups, dtype=object)
+        out = {k: np.concatenate([out[k], rest[k]]) for k in out}
+    return out
+
+
+def _dedup(ds: "ray.data.Dataset") -> "ray.data.Dataset":
+    def key(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        batch["pair_key"] = np.array([
+            f"{s}\t{t}" if not r else f"bad:{i}" for s, t, r, i in
+            zip(batch["src"], batch["tgt"], batch["reason"], batch["id"])], dtype=object)
+        return batch
+
+    return (ds.map_batches(key, batch_format="numpy").groupby("pair_key")
+            .map_groups(_first_of_group, batch_format="numpy").drop_columns(["pair_key"]))
+
+
+class Encode:
+    """Actor-pool UDF: tokenize both sides and drop rows outside the token-length limits."""
+
+    def __init__(self, src_json: str, tgt_json: str, min_tokens: int, max_tokens: int):
+        self.src_tok = toklib.load_tokenizer(src_json)
+        self.tgt_tok = toklib.load_tokenizer(tgt_json)
+        self.min_tokens, self.max_tokens = min_tokens, max_tokens
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        src_ids = toklib.encode(self.src_tok, list(batch["src"]))
+        tgt_ids = toklib.encode(self.tgt_tok, list(batch["tgt"]))
+        reasons = list(batch["reason"])
+        for i, (s, t) in enumerate(zip(src_ids, tgt_ids)):
+            if reasons[i]:
+                continue
+            longest, shortest = max(len(s), len(t)), min(len(s), len(t))
+            if longest > self.max_tokens:
+                reasons[i] = "too_long_tokens"
+            elif shortest < self.min_tokens:
+                reasons[i] = "too_short_tokens"
+        out = {k: pa.array(list(v)) for k, v in batch.items() if k != "reason"}
+        out.update(reason=pa.array(reasons, type=pa.string()),
+                   src_ids=pa.array(src_ids, type=pa.list_(pa.int32())),
+                   tgt_ids=pa.array(tgt_ids, type=pa.list_(pa.int32())),
+                   src_len=pa.array([len(x) for x in src_ids], type=pa.int32()),
+                   tgt_len=pa.array([len(x) for x in tgt_ids], type=pa.int32()))
+        return pa.table(out)
+
+
+def _kept_in(split: str):
+    from ray.data.expressions import col
+
+    return (col("reason") == "") & (col("split") == split)
+
+
+def _fingerprint(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for t in tasks:
+        for path in filter(None, (t["src_path"], t["tgt_path"])):
+            fs, p = fsspec.core.url_to_fs(path)
+            info = fs.info(p)
+            out.append({"path": path, "size": info.get("size"), "mtime": str(info.get("mtime") or info.get("LastModified") or "")})
+    return out
+
+
+def output_dir(cfg: DataConfig, tasks: list[dict[str, Any]]) -> str:
+    keyed = {k: v for k, v in asdict(cfg).items() if k != "output_dir"}
+    h = config_hash({"config": keyed, "inputs": _fingerprint(tasks)})
+    return f"{cfg.output_dir.rstrip('/')}/{cfg.name}-{cfg.src_lang}-{cfg.tgt_lang}-{h}"
+
+
+def ensure_demo_corpus(cfg: DataConfig) -> None:
+    """data=demo_text: generate the embedded corpus under data.root once."""
+    if cfg.name != "demo_text":
+        return
+    fs, root = fsspec.core.url_to_fs(cfg.root)
+    if fs.exists(f"{root}/{cfg.train_split}.{cfg.src_lang}.gz"):
+        return
+    from .synthetic import write_demo_text
+
+    n_eval = max(200, cfg.demo_size // 40)
+    print(f"[preprocess] generating the demo corpus ({cfg.demo_size} training pairs) in {cfg.root}", flush=True)
+    write_demo_text(cfg.root, n_train=cfg.demo_size, n_val=n_eval, n_test=n_eval, seed=1234,
+                    src_lang=cfg.src_lang, tgt_lang=cfg.tgt_lang)
+
+
+def read_manifest(out: str) -> dict[str, Any] | None:
+    fs, p = fsspec.core.url_to_fs(f"{out}/manifest.json")
+    if not fs.exists(p):
+        return None
+    with fs.open(p, "r") as f:
+        return json.load(f)
+
+
+def read_tokenizers(out: str) -> tuple[str, str]:
+    texts = []
+    for side in ("src", "tgt"):
+        with fsspec.open(f"{out}/{side}_tokenizer.json", "r") as f:
+            texts.append(f.read())
+    return texts[0], texts[1]
+
+
+def preprocess(cfg: DataConfig, force: bool = False) -> tuple[str, dict[str, Any]]:
+    """Run (or reuse) preprocessing; returns (output folder, manifest)."""
+    t0 = time.time()
+    ensure_demo_corpus(cfg)
+    tasks = list_tasks(cfg)
+    out = output_dir(cfg, tasks)
+    manifest = None if force else read_manifest(out)
+    if manifest is not None:
+        print(f"[preprocess] reusing {out} ({manifest['rows_kept']} pairs kept of {manifest['rows_read']})", flush=True)
+        return out, manifest
+    print(f"[preprocess] {len(tasks)} read task(s) -> {out}", flush=True)
+    clean_cfg = {k: getattr(cfg, k) for k in ("normalization", "lowercase", "max_chars", "val_fraction", "test_fraction")}
+    ds = (ray.data.from_items(tasks, override_num_blocks=len(tasks))
+          .map_batches(read_tasks, fn_args=(cfg.src_column, cfg.tgt_column, cfg.on_bad_rows), batch_size=1)
+          .map_batches(_clean_batch, fn_args=(clean_cfg,), batch_format="numpy"))
+    if cfg.dedup:
+        ds = _dedup(ds)
+    ds = ds.materialize()
+
+    # Tokenizer: train on the kept training rows (up to tokenizer_max_lines), streamed.
+    train_text = ds.filter(expr=_kept_in("train")).select_columns(["src", "tgt"]).limit(cfg.tokenizer_max_lines)
+    sides: dict[str, list[str]] = {"src": [], "tgt": []}
+    for batch in train_text.iter_batches(batch_size=4096, batch_format="numpy"):
+        sides["src"].extend(batch["src"].tolist())
+        sides["tgt"].extend(batch["tgt"].tolist())
+    if not sides["src"]:
+        raise DataError(f"no usable training pairs in the corpus ({', '.join(t['src_path'] for t in tasks[:3])}...): "
+                        "empty input, or every row was dropped by the filters")
+    print(f"[preprocess] training a {cfg.tokenizer} tokenizer (vocab {cfg.vocab_size}, "
+          f"{'joint' if cfg.joint_vocab else 'separate'}) on {len(sides['src'])} pairs", flush=True)
+    if cfg.joint_vocab:
+        tok = toklib.train_tokenizer(sides["src"] + sides["tgt"], cfg.tokenizer, cfg.vocab_size)
+        src_json = tgt_json = tok.to_str()
+    else:
+        src_json = toklib.train_tokenizer(sides["src"], cfg.tokenizer, cfg.vocab_size).to_str()
+        tgt_json = toklib.train_tokenizer(sides["tgt"], cfg.tokenizer, cfg.vocab_size).to_str()
+    del sides
+
+    n_actors = max(1, min(4, int(ray.cluster_resources().get("CPU", 1))))
+    encoded = ds.map_batches(
+        Encode, fn_constructor_args=(src_json, tgt_json, cfg.min_tokens, cfg.max_tokens),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_actors), batch_size=2048,
+        batch_format="numpy").materialize()
+
+    counts: dict[str, dict[str, int]] = {s: {} for s in SPLITS}
+    for row in encoded.groupby(["split", "reason"]).count().take_all():
+        counts[row["split"]][row["reason"] or "kept"] = int(row["count()"])
+    fs, root = fsspec.core.url_to_fs(out)
+    fs.makedirs(root, exist_ok=True)
+    for split in SPLITS:
+        if counts[split].get("kept"):
+            (encoded.filter(expr=_kept_in(split)).select_columns(OUTPUT_COLUMNS)
+             .write_parquet(f"{out}/{split}"))
+    for side, text in (("src", src_json), ("tgt", tgt_json)):
+        with fsspec.open(f"{out}/{side}_tokenizer.json", "w") as f:
+            f.write(text)
+
+    dropped: dict[str, int] = {}
+    for per in counts.values():
+        for reason, n in per.items():
+            if reason != "kept":
+                dropped[reason] = dropped.get(reason, 0) + n
+    src_tok, tgt_tok = toklib.load_tokenizer(src_json), toklib.load_tokenizer(tgt_json)
+    manifest = {
+        "format": 1,
+        "data_config": asdict(cfg),
+        "config_hash": config_hash(asdict(cfg)),
+        "inputs": _fingerprint(tasks),
+        "rows_read": sum(sum(per.values()) for per in counts.values()),
+        "rows_kept": sum(per.get("kept", 0) for per in counts.values()),
+        "dropped": dropped,
+        "splits": {s: {"kept": counts[s].get("kept", 0),
+                       "dropped": {r: n for r, n in counts[s].items() if r != "kept"}} for s in SPLITS},
+        "tokenizer": {"kind": cfg.tokenizer, "joint_vocab": cfg.joint_vocab,
+                      "src_vocab_size": src_tok.get_vocab_size(), "tgt_vocab_size": tgt_tok.get_vocab_size(),
+                      "src_sha256": config_hash(src_json), "tgt_sha256": config_hash(tgt_json),
+                      "pad_id": toklib.PAD_ID, "bos_id": toklib.BOS_ID, "eos_id": toklib.EOS_ID},
+        "seconds": round(time.time() - t0, 2),
+    }
+    for split in ("train", "val"):
+        if not manifest["splits"][split]["kept"]:
+            raise DataError(f"the {split} split is empty after preprocessing ({manifest['splits'][split]}); "
+                            "check data.*_split / data.val_fraction and the filters")
+    with fsspec.open(f"{out}/manifest.json", "w") as f:  # written last: its presence marks a complete output
+        json.dump(manifest, f, indent=2)
+    print(f"[preprocess] done in {manifest['seconds']}s: read {manifest['rows_read']}, kept {manifest['rows_kept']}, "
+          f"dropped {dropped or 0}", flush=True)
+    return out, manifest

@@ -1,0 +1,260 @@
+"""LSTM encoder-decoder with attention, plus greedy and beam-search decoding. Torch only.
+
+Shapes: B batch, S source length, T target length, E embedding size, H hidden size,
+V vocabulary size. Token id conventions: ``pad_id`` pads, ``bos_id`` starts a target.
+
+The encoder is a bidirectional multi-layer LSTM (H/2 per direction, so its outputs and
+its concatenated final states have size H and can initialise the decoder directly). It
+reads packed sequences, so padding never changes a real position's output.
+
+The decoder runs ``nn.LSTM`` over the whole target sequence in one call during training
+and applies attention to all steps at once (Luong-style); that is several times faster
+than stepping token by token. Input feeding (the previous attentional vector concatenated
+to the next input) forces a step loop and is optional.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+LSTMState = tuple[torch.Tensor, torch.Tensor]
+
+
+class Attention(nn.Module):
+    """Scores decoder states (B, T, H) against encoder outputs (B, S, H)."""
+
+    def __init__(self, hidden_size: int, attention: str):
+        super().__init__()
+        self.attention = attention
+        if attention == "general":
+            self.key = nn.Linear(hidden_size, hidden_size, bias=False)
+        elif attention == "mlp":
+            self.key = nn.Linear(hidden_size, hidden_size, bias=False)
+            self.query = nn.Linear(hidden_size, hidden_size, bias=True)
+            self.v = nn.Linear(hidden_size, 1, bias=False)
+        elif attention != "dot":
+            raise ValueError(f"unknown attention '{attention}' (dot, general, mlp)")
+
+    def keys(self, enc_out: torch.Tensor) -> torch.Tensor:
+        """Precompute the source side once per sentence: (B, S, H)."""
+        return enc_out if self.attention == "dot" else self.key(enc_out)
+
+    def forward(self, query: torch.Tensor, keys: torch.Tensor, enc_out: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
+        """query (B, T, H), keys/enc_out (B, S, H), src_mask (B, S) True at real tokens -> context (B, T, H)."""
+        if self.attention == "mlp":
+            scores = self.v(torch.tanh(self.query(query).unsqueeze(2) + keys.unsqueeze(1))).squeeze(-1)
+        else:
+            scores = torch.bmm(query, keys.transpose(1, 2))
+        scores = scores.masked_fill(~src_mask.unsqueeze(1), float("-inf"))
+        return torch.bmm(torch.softmax(scores, dim=-1), enc_out)
+
+
+class Encoder(nn.Module):
+    def __init__(self, embedding: nn.Embedding, hidden_size: int, num_layers: int, dropout: float):
+        super().__init__()
+        self.embedding = embedding
+        self.dropout = nn.Dropout(dropout)
+        self.lstm = nn.LSTM(
+            embedding.embedding_dim, hidden_size // 2, num_layers, batch_first=True,
+            bidirectional=True, dropout=dropout if num_layers > 1 else 0.0,
+        )
+
+    def forward(self, src: torch.Tensor, src_lens: torch.Tensor) -> tuple[torch.Tensor, LSTMState]:
+        """src (B, S), src_lens (B,) -> outputs (B, S, H), final (h, c) each (L, B, H)."""
+        x = self.dropout(self.embedding(src))
+        packed = pack_padded_sequence(x, src_lens.cpu(), batch_first=True, enforce_sorted=False)
+        out, (h, c) = self.lstm(packed)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=src.size(1))
+
+        def merge(s: torch.Tensor) -> torch.Tensor:  # (2L, B, H/2) -> (L, B, H): fwd and bwd side by side
+            layers2, b, half = s.shape
+            return s.view(layers2 // 2, 2, b, half).transpose(1, 2).reshape(layers2 // 2, b, 2 * half)
+
+        return out, (merge(h), merge(c))
+
+
+class Decoder(nn.Module):
+    def __init__(self, embedding: nn.Embedding, hidden_size: int, num_layers: int, dropout: float,
+                 attention: str, input_feeding: bool, tie_embeddings: bool):
+        super().__init__()
+        emb_size = embedding.embedding_dim
+        self.embedding = embedding
+        self.input_feeding = input_feeding
+        self.hidden_size = hidden_size
+        self.dropout = nn.Dropout(dropout)
+        self.lstm = nn.LSTM(
+            emb_size + (hidden_size if input_feeding else 0), hidden_size, num_layers,
+            batch_first=True, dropout=dropout if num_layers > 1 else 0.0,
+        )
+        self.attention = Attention(hidden_size, attention)
+        self.combine = nn.Linear(2 * hidden_size, hidden_size, bias=False)
+        # Tied: project the attentional vector into embedding space and score against the
+        # embedding matrix, which saves V*H parameters and regularises small corpora.
+        self.to_embedding = nn.Linear(hidden_size, emb_size, bias=False) if tie_embeddings else None
+        self.generator = nn.Linear(emb_size if tie_embeddings else hidden_size, embedding.num_embeddings)
+        if tie_embeddings:
+            self.generator.weight = embedding.weight
+
+    def _attend(self, h: torch.Tensor, keys: torch.Tensor, enc_out: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
+        """Decoder states (B, T, H) -> attentional vectors (B, T, H)."""
+        ctx = self.attention(h, keys, enc_out, src_mask)
+        return torch.tanh(self.combine(torch.cat([ctx, h], dim=-1)))
+
+    def features(self, attn_h: torch.Tensor) -> torch.Tensor:
+        """Attentional vectors (..., H) -> generator inputs (..., E or H)."""
+        x = self.dropout(attn_h)
+        return self.to_embedding(x) if self.to_embedding is not None else x
+
+    def forward(self, tgt_in: torch.Tensor, enc_out: torch.Tensor, src_mask: torch.Tensor,
+                state: LSTMState) -> torch.Tensor:
+        """Teacher forcing over the whole target: tgt_in (B, T) -> features (B, T, E)."""
+        keys = self.attention.keys(enc_out)
+        x = self.dropout(self.embedding(tgt_in))
+        if not self.input_feeding:
+            out, _ = self.lstm(x, state)
+            return self.features(self._attend(out, keys, enc_out, src_mask))
+        prev = x.new_zeros(x.size(0), 1, self.hidden_size)
+        steps = []
+        for t in range(x.size(1)):
+            out, state = self.lstm(torch.cat([x[:, t : t + 1], prev], dim=-1), state)
+            prev = self._attend(out, keys, enc_out, src_mask)
+            steps.append(prev)
+        return self.features(torch.cat(steps, dim=1))
+
+    def step(self, tokens: torch.Tensor, keys: torch.Tensor, enc_out: torch.Tensor, src_mask: torch.Tensor,
+             state: LSTMState, prev: torch.Tensor | None) -> tuple[torch.Tensor, LSTMState, torch.Tensor]:
+        """One decoding step: tokens (B,) -> log-probs (B, V), new state, attentional vector (B, 1, H)."""
+        x = self.dropout(self.embedding(tokens).unsqueeze(1))
+        if self.input_feeding:
+            if prev is None:
+                prev = x.new_zeros(x.size(0), 1, self.hidden_size)
+            x = torch.cat([x, prev], dim=-1)
+        out, state = self.lstm(x, state)
+        attn_h = self._attend(out, keys, enc_out, src_mask)
+        logits = self.generator(self.features(attn_h)).squeeze(1)
+        return torch.log_softmax(logits.float(), dim=-1), state, attn_h
+
+
+class Seq2Seq(nn.Module):
+    def __init__(self, src_vocab_size: int, tgt_vocab_size: int, embedding_size: int, hidden_size: int,
+                 num_layers: int, dropout: float, attention: str = "general", input_feeding: bool = False,
+                 tie_embeddings: bool = True, joint_vocab: bool = False, pad_id: int = 0, bos_id: int = 2,
+                 eos_id: int = 3):
+        super().__init__()
+        if hidden_size % 2:
+            raise ValueError(f"hidden_size must be even (bidirectional encoder), got {hidden_size}")
+        self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
+        tgt_embedding = nn.Embedding(tgt_vocab_size, embedding_size, padding_idx=pad_id)
+        if joint_vocab and src_vocab_size == tgt_vocab_size:
+            src_embedding = tgt_embedding  # one vocabulary: share the table across both sides
+        else:
+            src_embedding = nn.Embedding(src_vocab_size, embedding_size, padding_idx=pad_id)
+        self.encoder = Encoder(src_embedding, hidden_size, num_layers, dropout)
+        self.decoder = Decoder(tgt_embedding, hidden_size, num_layers, dropout, attention, input_feeding, tie_embeddings)
+        for p in self.parameters():
+            nn.init.uniform_(p, -0.1, 0.1)
+        with torch.no_grad():
+            for emb in {id(src_embedding): src_embedding, id(tgt_embedding): tgt_embedding}.values():
+                emb.weight[pad_id].zero_()
+
+    def encode(self, src: torch.Tensor, src_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, LSTMState]:
+        enc_out, state = self.encoder(src, src_lens)
+        src_mask = torch.arange(src.size(1), device=src.device).unsqueeze(0) < src_lens.to(src.device).unsqueeze(1)
+        return enc_out, src_mask, state
+
+    def features(self, src: torch.Tensor, src_lens: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        """The generator's input features (B, T, E) under teacher forcing."""
+        enc_out, src_mask, state = self.encode(src, src_lens)
+        return self.decoder(tgt_in, enc_out, src_mask, state)
+
+    def forward(self, src: torch.Tensor, src_lens: torch.Tensor, tgt_in: torch.Tensor, tgt_out: torch.Tensor,
+                label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed cross-entropy over real target tokens, and their count.
+
+        The loss is the forward pass so that DDP's wrapper sees it. Logits are computed
+        only at non-pad positions: with length-bucketed batches that skips the padding,
+        and the (N, V) projection is the largest tensor of the step.
+        """
+        feats = self.features(src, src_lens, tgt_in)
+        real = tgt_out != self.pad_id
+        logits = self.decoder.generator(feats[real])
+        loss = F.cross_entropy(logits.float(), tgt_out[real], reduction="sum", label_smoothing=label_smoothing)
+        return loss, real.sum()
+
+    @torch.no_grad()
+    def greedy(self, src: torch.Tensor, src_lens: torch.Tensor, max_len: int) -> list[list[int]]:
+        """Batched greedy decoding -> token ids per sentence, without BOS/EOS."""
+        enc_out, src_mask, state = self.encode(src, src_lens)
+        keys = self.decoder.attention.keys(enc_out)
+        b = src.size(0)
+        tokens = torch.full((b,), self.bos_id, dtype=torch.long, device=src.device)
+        done = torch.zeros(b, dtype=torch.bool, device=src.device)
+        out, prev = [], None
+        for _ in range(max_len):
+            logp, state, prev = self.decoder.step(tokens, keys, enc_out, src_mask, state, prev)
+            tokens = logp.argmax(-1)
+            out.append(tokens.masked_fill(done, self.pad_id))
+            done |= tokens == self.eos_id
+            if bool(done.all()):
+                break
+        return [self._strip(row) for row in torch.stack(out, 1).tolist()]
+
+    def _strip(self, ids: list[int]) -> list[int]:
+        if self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id)]
+        return [i for i in ids if i != self.pad_id]
+
+    @torch.no_grad()
+    def beam_search(self, src: torch.Tensor, src_lens: torch.Tensor, max_len: int, beam_size: int = 4,
+                    length_penalty: float = 0.6) -> list[list[int]]:
+        """Batched beam search with the GNMT length penalty ((5 + len) / 6) ** alpha.
+
+        Each sentence keeps ``beam_size`` live hypotheses; one that emits EOS is set aside
+        as finished. A sentence is done when it has ``beam_size`` finished hypotheses.
+        With ``beam_size=1`` this returns exactly what :meth:`greedy` returns.
+        """
+        k = beam_size
+        enc_out, src_mask, (h, c) = self.encode(src, src_lens)
+        b, dev = src.size(0), src.device
+        enc_out = enc_out.repeat_interleave(k, 0)
+        src_mask = src_mask.repeat_interleave(k, 0)
+        state = (h.repeat_interleave(k, 1), c.repeat_interleave(k, 1))
+        keys = self.decoder.attention.keys(enc_out)
+        scores = torch.full((b, k), float("-inf"), device=dev)
+        scores[:, 0] = 0.0  # all beams start identical: keep only one alive at first
+        tokens = torch.full((b * k,), self.bos_id, dtype=torch.long, device=dev)
+        history = torch.empty(b * k, 0, dtype=torch.long, device=dev)
+        finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(b)]
+        prev = None
+
+        def penalty(length: int) -> float:
+            return ((5.0 + length) / 6.0) ** length_penalty
+
+        for t in range(max_len):
+            logp, state, prev = self.decoder.step(tokens, keys, enc_out, src_mask, state, prev)
+            vocab = logp.size(-1)
+            cand = (scores.view(-1, 1) + logp).view(b, k * vocab)
+            top_scores, top_ids = cand.topk(min(2 * k, k * vocab), dim=-1)
+            beam_of, token_of = top_ids // vocab, top_ids % vocab
+            is_eos = token_of == self.eos_id
+            if t == max_len - 1:
+                is_eos = torch.ones_like(is_eos)  # out of room: everything finishes here
+            for i, j in is_eos.nonzero().tolist():
+                if len(finished[i]) < k and j < k:  # only candidates ranked in the top k
+                    seq = history[i * k + beam_of[i, j]].tolist()
+                    if token_of[i, j] != self.eos_id:
+                        seq = seq + [int(token_of[i, j])]
+                    finished[i].append((float(top_scores[i, j]) / penalty(len(seq) + 1), seq))
+            if all(len(f) >= k for f in finished):
+                break
+            alive = top_scores.masked_fill(is_eos, float("-inf")).topk(k, dim=-1).indices  # (b, k)
+            scores = top_scores.gather(1, alive)
+            src_beam = (beam_of.gather(1, alive) + torch.arange(b, device=dev).unsqueeze(1) * k).view(-1)
+            tokens = token_of.gather(1, alive).view(-1)
+            history = torch.cat([history[src_beam], tokens.unsqueeze(1)], dim=1)
+            state = (state[0][:, src_beam], state[1][:, src_beam])
+            prev = prev[src_beam]
+        return [self._strip(max(f, key=lambda s: s[0])[1]) for f in finished]

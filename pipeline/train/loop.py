@@ -1,0 +1,260 @@
+"""The Ray Train worker loop: one function, with small helpers.
+
+Every rank reads its shard of the Parquet splits with ``get_dataset_shard``, batches it by
+token budget, and takes data-parallel steps (DDP: gloo on CPU, NCCL on GPU). All ranks
+run the same number of steps: a rank whose shard ran out takes a zero-weight step so
+that the others finish theirs, and the loss is normalised by the global token count, so
+every example of an epoch counts exactly once. Validation (loss, BLEU) runs on every
+rank's shard of the val split and is gathered; rank 0 logs to MLflow and writes the
+checkpoints. The training *step* (:func:`train_step`) is plain torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .. import metrics, tracking
+from ..config import Config
+from ..data import tokenizer as toklib
+from ..inference import bundle_meta, decode_ids, save_bundle
+from ..models import Seq2Seq, build_model
+from .batching import Batch, collate, token_batches
+
+LOG_EVERY = 20  # optimizer steps between step-metric logs
+
+
+def lr_factor(step: int, warmup_steps: int) -> float:
+    """Linear warmup, then inverse square-root decay: needs no total step count,
+    so a wall-clock budget and resumption need no schedule changes."""
+    step = max(step, 1)
+    if step < warmup_steps:
+        return step / warmup_steps
+    return math.sqrt(warmup_steps / step) if warmup_steps > 0 else 1.0
+
+
+def train_step(model: torch.nn.Module, batch: Batch, weight: float, global_tokens: float, world_size: int,
+               label_smoothing: float, scaler: torch.amp.GradScaler, amp_dtype: torch.dtype | None) -> float:
+    """Forward and backward of one (micro-)batch. Returns this rank's summed loss.
+
+    DDP averages gradients over ranks, so scaling the summed loss by
+    world_size / global_tokens yields the gradient of the mean over all real tokens.
+    """
+    device_type = batch.src.device.type
+    with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        loss_sum, _ = model(batch.src, batch.src_lens, batch.tgt_in, batch.tgt_out, label_smoothing)
+    scaler.scale(loss_sum * (weight * world_size / max(global_tokens, 1.0))).backward()
+    return float(loss_sum.detach()) * weight
+
+
+def _all_reduce(values: list[float], device: torch.device) -> list[float]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _shard_rows(shard: Any, columns: list[str]) -> dict[str, list]:
+    rows: dict[str, list] = {c: [] for c in columns}
+    for b in shard.iter_batches(batch_size=1024, batch_format="numpy"):
+        for c in columns:
+            rows[c].extend(b[c].tolist())
+    return rows
+
+
+def evaluate(model: Seq2Seq, shard: Any, cfg: Config, tgt_tok: Any, device: torch.device, beam_size: int,
+             with_loss: bool = True) -> dict[str, Any]:
+    """Loss and translations of this rank's shard, gathered from all ranks."""
+    rows = _shard_rows(shard, ["id", "src_ids", "tgt_ids", "src", "tgt"])
+    model.eval()
+    loss_sum, tokens = 0.0, 0
+    if with_loss:
+        with torch.no_grad():
+            for start in range(0, len(rows["id"]), 64):
+                b = collate(rows["src_ids"][start : start + 64], rows["tgt_ids"][start : start + 64],
+                            rows["id"][start : start + 64], model.pad_id, model.bos_id, model.eos_id).to(device)
+                loss, n = model(b.src, b.src_lens, b.tgt_in, b.tgt_out)
+                loss_sum, tokens = loss_sum + float(loss), tokens + int(n)
+    hyp_ids = decode_ids(model, [list(x) for x in rows["src_ids"]], beam_size, cfg.train.length_penalty, 64, device)
+    local = {"id": rows["id"], "src": rows["src"], "ref": rows["tgt"], "hyp": toklib.decode(tgt_tok, hyp_ids),
+             "loss": loss_sum, "tokens": tokens}
+    parts = _all_gather(local)
+    merged: dict[str, Any] = {k: [x for p in parts for x in p[k]] for k in ("id", "src", "ref", "hyp")}
+    merged["loss"] = sum(p["loss"] for p in parts) / max(1, sum(p["tokens"] for p in parts))
+    merged["bleu"] = metrics.bleu(merged["hyp"], merged["ref"])
+    merged["chrf"] = metrics.chrf(merged["hyp"], merged["ref"])
+    model.train()
+    return merged
+
+
+def _save_checkpoint(model: Seq2Seq, opt: Any, sched: Any, scaler: Any, state: dict[str, Any]) -> str:
+    d = tempfile.mkdtemp(prefix="ckpt-")
+    torch.save(model.state_dict(), os.path.join(d, "model.pt"))
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict()},
+               os.path.join(d, "optim.pt"))
+    with open(os.path.join(d, "state.json"), "w") as f:
+        json.dump(state, f)
+    return d
+
+
+def _load_checkpoint(ckpt: Any, model: Seq2Seq, opt: Any, sched: Any, scaler: Any) -> dict[str, Any]:
+    with ckpt.as_directory() as d:
+        model_state = torch.load(os.path.join(d, "model.pt"), map_location="cpu", weights_only=True)
+        mine = model.state_dict()
+        bad = sorted(set(mine) ^ set(model_state)) + sorted(
+            k for k in set(mine) & set(model_state) if mine[k].shape != model_state[k].shape)
+        if bad:
+            raise RuntimeError(f"checkpoint {ckpt.path} does not fit this model config; mismatched keys: {bad[:10]}"
+                               " (use a new train.run_name, or the config the run was started with)")
+        model.load_state_dict(model_state)
+        rest = torch.load(os.path.join(d, "optim.pt"), map_location="cpu", weights_only=True)
+        opt.load_state_dict(rest["optimizer"])
+        sched.load_state_dict(rest["scheduler"])
+        scaler.load_state_dict(rest["scaler"])
+        with open(os.path.join(d, "state.json")) as f:
+            return json.load(f)
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg = Config.from_dict(loop_config["config"])
+    vocab, run_id, uri = loop_config["vocab"], loop_config["mlflow_run_id"], loop_config["tracking_uri"]
+    t = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, t.cpus_per_worker))
+    torch.manual_seed(t.seed)
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+    amp_dtype = torch.float16 if (on_gpu and t.amp) else None
+    tgt_tok = toklib.load_tokenizer(loop_config["tgt_tokenizer"])
+
+    raw = build_model(cfg.model, vocab["src_vocab_size"], vocab["tgt_vocab_size"], vocab["joint_vocab"],
+                      vocab["pad_id"], vocab["bos_id"], vocab["eos_id"]).to(device)
+    opt = torch.optim.AdamW(raw.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=on_gpu)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, t.warmup_steps))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is not None)
+    state = {"step": 0, "epoch": 0, "best_bleu": -1.0, "evals_since_best": 0, "elapsed_s": 0.0,
+             "mlflow_run_id": run_id, "stop": ""}
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        state = _load_checkpoint(ckpt, raw, opt, sched, scaler)
+        if rank == 0:
+            print(f"[train] resumed from {ckpt.path} at step {state['step']}, epoch {state['epoch']}", flush=True)
+            if state.get("mlflow_run_id") != run_id:
+                print(f"[train] note: checkpoint belongs to MLflow run {state.get('mlflow_run_id')}, logging to {run_id}")
+        state["mlflow_run_id"] = run_id
+    model = ray.train.torch.prepare_model(raw)
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    best_dir = loop_config["best_dir"]
+    meta = bundle_meta(cfg.model, vocab, cfg.data)
+
+    def log(values: dict[str, float]) -> None:
+        if rank == 0:
+            tracking.log_metrics(uri, run_id, values, state["step"])
+
+    def validate_and_report() -> None:
+        res = evaluate(raw, val_shard, cfg, tgt_tok, device, t.eval_beam_size)
+        val = {"val_loss": res["loss"], "val_ppl": math.exp(min(res["loss"], 50.0)), "val_bleu": res["bleu"],
+               "val_chrf": res["chrf"], "epoch": state["epoch"]}
+        improved = res["bleu"] > state["best_bleu"]
+        if improved:
+            state["best_bleu"], state["evals_since_best"] = res["bleu"], 0
+        else:
+            state["evals_since_best"] += 1
+        state["elapsed_s"] = time.time() - t_start
+        ckpt_dir = None
+        if rank == 0:
+            log(val)
+            if improved:
+                save_bundle(best_dir, raw, meta, loop_config["src_tokenizer"], loop_config["tgt_tokenizer"])
+            ckpt_dir = _save_checkpoint(raw, opt, sched, scaler, state)
+            print(f"[train] step {state['step']} epoch {state['epoch']}: val_loss {res['loss']:.3f} "
+                  f"val_bleu {res['bleu']:.2f}{' (best)' if improved else ''}", flush=True)
+        checkpoint = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
+        ray.train.report({**val, "step": state["step"], "best_val_bleu": state["best_bleu"]}, checkpoint=checkpoint)
+
+    t_start = time.time() - state["elapsed_s"]
+    budget_s = t.max_minutes * 60.0
+    mega_rows = max(256, t.sort_window * t.batch_tokens // 24)
+    dummy = collate([np.array([vocab["eos_id"]])], [np.array([vocab["eos_id"]])], [-1],
+                    vocab["pad_id"], vocab["bos_id"], vocab["eos_id"]).to(device)
+    win = {"loss": 0.0, "tokens": 0.0, "padded": 0.0, "wait": 0.0, "start": time.time()}
+    model.train()
+    while state["epoch"] < t.max_epochs and not state["stop"]:
+        rng = np.random.default_rng(t.seed * 100_003 + state["epoch"] * 101 + rank)
+        batches = token_batches(train_shard.iter_batches(batch_size=mega_rows, batch_format="numpy", prefetch_batches=2),
+                                t.batch_tokens, vocab["pad_id"], vocab["bos_id"], vocab["eos_id"], rng, pin=on_gpu)
+        epoch_done = False
+        while not epoch_done:
+            micro: list[Batch | None] = []
+            t_wait = time.time()
+            for _ in range(t.accumulate):
+                micro.append(next(batches, None))
+            win["wait"] += time.time() - t_wait
+            real = [b for b in micro if b is not None]
+            over = rank == 0 and budget_s > 0 and time.time() - t_start >= budget_s
+            has, stop, tokens, padded = _all_reduce(
+                [float(bool(real)), float(over), float(sum(b.real_tokens for b in real)),
+                 float(sum(b.padded_tokens for b in real))], device)
+            if stop:
+                state["stop"] = "max_minutes"
+                break
+            if not has:
+                epoch_done = True
+                break
+            opt.zero_grad(set_to_none=True)
+            for b in micro:
+                weight = 1.0 if b is not None else 0.0
+                batch = b.to(device) if b is not None else dummy
+                win["loss"] += train_step(model, batch, weight, tokens, world, t.label_smoothing, scaler, amp_dtype)
+            scaler.unscale_(opt)
+            if t.clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_(raw.parameters(), t.clip_norm)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            state["step"] += 1
+            win["tokens"] += tokens
+            win["padded"] += padded
+            if state["step"] % LOG_EVERY == 0:
+                loss_total = _all_reduce([win["loss"]], device)[0]
+                elapsed = time.time() - win["start"]
+                log({"train_loss": loss_total / max(win["tokens"], 1.0), "lr": sched.get_last_lr()[0],
+                     "train_tokens_per_s": win["tokens"] / max(elapsed, 1e-9),
+                     "padding_fraction": 1.0 - win["tokens"] / max(win["padded"], 1.0),
+                     "data_wait_fraction": win["wait"] / max(elapsed, 1e-9)})
+                win = {"loss": 0.0, "tokens": 0.0, "padded": 0.0, "wait": 0.0, "start": time.time()}
+            if t.eval_every and state["step"] % t.eval_every == 0:
+                validate_and_report()
+        if epoch_done:
+            state["epoch"] += 1
+        if t.early_stopping and state["evals_since_best"] >= t.early_stopping:
+            state["stop"] = "early_stopping"
+        if epoch_done and (not t.eval_every or state["step"] % t.eval_every):
+            validate_and_report()
+        elif state["stop"] == "max_minutes":
+            validate_and_report()  # the budget ran out mid-epoch: keep what was learned
+    if rank == 0:
+        print(f"[train] finished: {state['step']} steps, {state['epoch']} epochs, best val_bleu "
+              f"{state['best_bleu']:.2f}, stop reason: {state['stop'] or 'max_epochs'}", flush=True)

@@ -1,0 +1,207 @@
+"""The training driver: preprocess, open the MLflow run, fit a TorchTrainer, test, log.
+
+``RAY_ADDRESS`` set = join that cluster; otherwise start a local Ray. Running again
+with the same ``train.run_name`` resumes: Ray Train hands the workers the latest
+checkpoint and the MLflow run with that name is reopened.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import numpy as np
+import ray
+
+from .. import metrics, tracking
+from ..config import Config
+from ..data.preprocess import preprocess, read_tokenizers
+from ..data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from ..inference import BUNDLE_FILES, Translator
+
+
+def init_ray(min_cpus: int = 1) -> None:
+    """Join ``RAY_ADDRESS`` or start a local Ray (once per process)."""
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # Logical CPUs above the training workers' share leave room for Ray Data's read
+        # tasks; without it, workers holding every CPU would starve their own input.
+        # The dashboard serves Ray's state API, which Ray Train's cleanup polls; 127.0.0.1 only.
+        ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus + 1), dashboard_host="127.0.0.1", log_to_driver=True)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def storage_uri(path: str) -> str:
+    """Ray needs an absolute local path or a URI; check it can be written now, not later."""
+    uri = path if "://" in path else str(Path(path).expanduser().resolve())
+    fs, root = fsspec.core.url_to_fs(uri)
+    probe = f"{root}/.write-probe-{os.getpid()}"
+    try:
+        fs.makedirs(root, exist_ok=True)
+        with fs.open(probe, "wb") as f:
+            f.write(b"ok")
+        fs.rm(probe)
+    except OSError as e:
+        raise PermissionError(f"train.storage_path '{path}' cannot be written: {e}") from e
+    return uri
+
+
+def _exactly_once_data_config():
+    from ray.train import DataConfig
+
+    class ExactlyOnce(DataConfig):
+        """Ray Train's default split (equal=True) may drop up to world_size-1 rows an
+        epoch; the loop already copes with unequal shards, so split without dropping."""
+
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            out = [{} for _ in range(world_size)]
+            for name, ds in datasets.items():
+                ds = ds.copy(ds)
+                ds.context.execution_options = self._resolve_execution_options(name)
+                for i, split in enumerate(ds.streaming_split(world_size, equal=False)):
+                    out[i][name] = split
+            return out
+
+    return ExactlyOnce()
+
+
+class _TranslateBatch:
+    """Ray Data actor: translate the ``src`` text column with a model bundle (its own
+    tokenizer, so any model can be scored on any preprocessed split)."""
+
+    def __init__(self, bundle: str, beam_size: int, length_penalty: float):
+        import torch
+
+        self.tr = Translator.load(bundle, "cuda" if torch.cuda.is_available() else "cpu")
+        self.beam_size, self.length_penalty = beam_size, length_penalty
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        hyps = self.tr.translate(list(batch["src"]), self.beam_size, self.length_penalty)
+        return {"id": batch["id"], "src": batch["src"], "tgt": batch["tgt"], "hyp": np.array(hyps, dtype=object)}
+
+
+def translate_split(bundle: str, split_dir: str, beam_size: int, length_penalty: float) -> dict[str, list]:
+    """Translate a preprocessed split on an actor pool; rows come back in id order."""
+    n = max(1, min(4, int(ray.available_resources().get("CPU", 1))))
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    ds = ray.data.read_parquet(split_dir).select_columns(["id", "src", "tgt"]).map_batches(
+        _TranslateBatch, fn_constructor_args=(bundle, beam_size, length_penalty), batch_size=256,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n), num_gpus=1 if use_gpu else 0,
+        batch_format="numpy")
+    rows = sorted(ds.take_all(), key=lambda r: r["id"])
+    return {k: [r[k] for r in rows] for k in ("src", "tgt", "hyp")}
+
+
+def run_training(cfg: Config) -> dict[str, Any]:
+    t = cfg.train
+    uri, experiment = tracking.resolve(cfg.tracking)
+    tracking.check_reachable(uri)
+    storage = storage_uri(t.storage_path)
+    init_ray(t.num_workers * t.cpus_per_worker)
+    data_dir, manifest = preprocess(cfg.data)
+    run_name = t.run_name or f"{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    t.run_name = run_name
+    tags = {"ray.run_name": run_name, "pipeline.data_dir": data_dir}
+    commit = tracking.git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    run_id, resumed = tracking.open_run(uri, experiment, run_name, cfg.flat(), tags)
+    print(f"[train] MLflow run {run_id} ({'resumed' if resumed else 'new'}) in experiment '{experiment}' at "
+          f"{tracking.redact(uri)}", flush=True)
+    src_json, tgt_json = read_tokenizers(data_dir)
+    if not resumed:
+        tracking.log_text(uri, run_id, cfg.to_yaml(), "config.yaml")
+        for name in ("manifest.json", "src_tokenizer.json", "tgt_tokenizer.json"):
+            tracking.log_artifact(uri, run_id, _local_copy(f"{data_dir}/{name}"), "data")
+        drops = {f"data_dropped_{k}": v for k, v in manifest["dropped"].items()}
+        tracking.log_metrics(uri, run_id, {"data_rows_read": manifest["rows_read"],
+                                           "data_rows_kept": manifest["rows_kept"], **drops}, 0)
+    vocab = {k: manifest["tokenizer"][k] for k in ("src_vocab_size", "tgt_vocab_size", "joint_vocab")}
+    vocab.update(pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID)
+    best_dir = f"{storage}/{run_name}/best"
+
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .loop import train_loop
+
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": cfg.to_dict(), "vocab": vocab, "mlflow_run_id": run_id, "tracking_uri": uri,
+                           "src_tokenizer": src_json, "tgt_tokenizer": tgt_json, "best_dir": best_dir},
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                     resources_per_worker={"CPU": t.cpus_per_worker}),
+        run_config=RunConfig(name=run_name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=t.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets={s: ray.data.read_parquet(f"{data_dir}/{s}") for s in ("train", "val")},
+        dataset_config=_exactly_once_data_config(),
+    )
+    t0 = time.time()
+    try:
+        trainer.fit()
+    except BaseException:
+        tracking.end_run(uri, run_id, "FAILED")
+        raise
+    train_s = time.time() - t0
+    results: dict[str, Any] = {"run_id": run_id, "run_name": run_name, "tracking_uri": uri, "experiment": experiment,
+                               "best_dir": best_dir, "data_dir": data_dir, "train_seconds": round(train_s, 1)}
+    fs, best_root = fsspec.core.url_to_fs(best_dir)
+    if fs.exists(f"{best_root}/model.pt"):
+        results.update(_test_and_log(cfg, uri, run_id, best_dir, data_dir, manifest))
+    tracking.end_run(uri, run_id, "FINISHED")
+    return results
+
+
+def _local_copy(path: str, dest_dir: str | None = None) -> str:
+    """A local path for a file that may live on shared storage (a URI)."""
+    if "://" not in path:
+        return path
+    import tempfile
+
+    dest = os.path.join(dest_dir or tempfile.mkdtemp(), os.path.basename(path))
+    fsspec.open(path, "rb").fs.get(path, dest)
+    return dest
+
+
+def _test_and_log(cfg: Config, uri: str, run_id: str, best_dir: str, data_dir: str,
+                  manifest: dict[str, Any]) -> dict[str, Any]:
+    t = cfg.train
+    out: dict[str, Any] = {}
+    if manifest["splits"]["test"]["kept"]:
+        print(f"[test] decoding the test split with beam {t.test_beam_size}", flush=True)
+        res = translate_split(best_dir, f"{data_dir}/test", t.test_beam_size, t.length_penalty)
+        out = {"test_bleu": metrics.bleu(res["hyp"], res["tgt"]), "test_chrf": metrics.chrf(res["hyp"], res["tgt"])}
+        tracking.log_metrics(uri, run_id, out, 0)
+        k = min(t.num_samples, len(res["src"]))
+        picks = np.linspace(0, len(res["src"]) - 1, k).astype(int).tolist() if k else []
+        tracking.log_table(uri, run_id, {"source": [res["src"][i] for i in picks],
+                                         "reference": [res["tgt"][i] for i in picks],
+                                         "translation": [res["hyp"][i] for i in picks]}, "samples/test_translations.json")
+        print(f"[test] test_bleu {out['test_bleu']:.2f} test_chrf {out['test_chrf']:.2f}", flush=True)
+    local_best = _local_bundle(best_dir)
+    for name in BUNDLE_FILES:
+        tracking.log_artifact(uri, run_id, os.path.join(local_best, name), "best_checkpoint")
+    if cfg.tracking.log_model:
+        tr = Translator.load(local_best)
+        out["model_uri"] = tracking.log_model(uri, run_id, tr.model,
+                                              [os.path.join(local_best, n) for n in BUNDLE_FILES])
+    return out
+
+
+def _local_bundle(bundle: str) -> str:
+    if "://" not in bundle:
+        return bundle
+    import tempfile
+
+    dest = tempfile.mkdtemp()
+    for name in BUNDLE_FILES:
+        _local_copy(f"{bundle}/{name}", dest)
+    return dest

@@ -1,0 +1,64 @@
+"""Ray Data preprocessing on a real local Ray cluster."""
+
+import gzip
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import load_config
+from pipeline.data import tokenizer as toklib
+from pipeline.data.preprocess import preprocess, read_tokenizers
+from pipeline.data.readers import DataError
+from pipeline.data.synthetic import generate_pairs
+
+
+def count_lines(path):
+    with gzip.open(path, "rb") as f:
+        return sum(1 for _ in f)
+
+
+def test_multi30k_counts_match_line_counts(ray_session, multi30k, tmp_path, capsys):
+    cfg = load_config(["data=multi30k", f"data.root={multi30k}", f"data.output_dir={tmp_path}", "data.vocab_size=4000"]).data
+    out, m = preprocess(cfg)
+    expected = {s: count_lines(multi30k / f"{f}.en.gz") for s, f in
+                (("train", "train"), ("val", "val"), ("test", "test_2016_flickr"))}
+    assert expected == {"train": 29000, "val": 1014, "test": 1000}
+    assert {s: m["splits"][s]["kept"] + sum(m["splits"][s]["dropped"].values()) for s in expected} == expected
+    assert m["rows_read"] == sum(expected.values()) == m["rows_kept"] + sum(m["dropped"].values())
+    table = pq.read_table(f"{out}/val")
+    assert table.num_rows == m["splits"]["val"]["kept"]
+    src_json, tgt_json = read_tokenizers(out)
+    assert src_json == tgt_json and m["tokenizer"]["joint_vocab"]
+    row = table.slice(0, 1).to_pylist()[0]
+    assert toklib.decode(toklib.load_tokenizer(tgt_json), [row["tgt_ids"]]) == [row["tgt"]]
+    # Same inputs and config: reused, not recomputed.
+    out2, m2 = preprocess(cfg)
+    assert out2 == out and m2 == m and "reusing" in capsys.readouterr().out
+
+
+def write_jsonl(path, pairs):
+    path.write_text("".join(json.dumps({"en": s, "de": t}) + "\n" for s, t in pairs))
+
+
+def test_bad_rows_strict_and_skip_with_exact_counts(ray_session, tmp_path):
+    pairs = generate_pairs(400, seed=7)
+    write_jsonl(tmp_path / "a.jsonl", pairs[:200])
+    lines = (tmp_path / "a.jsonl").read_text().splitlines()
+    lines[10] = "{broken"
+    lines[20] = json.dumps({"en": "", "de": "leer"})
+    lines[30] = json.dumps({"en": "x " * 400, "de": "y"})
+    (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n")
+    write_jsonl(tmp_path / "b.jsonl", pairs[200:] + pairs[200:210])  # 10 exact duplicates
+    base = ["data=table", f"data.files={tmp_path}/*.jsonl", "data.src_column=en", "data.tgt_column=de",
+            f"data.output_dir={tmp_path}/out", "data.vocab_size=300", "data.max_chars=300",
+            "data.val_fraction=0.1", "data.test_fraction=0.1", "data.dedup=true"]
+    with pytest.raises(DataError, match=r"a\.jsonl:11: malformed JSON"):
+        preprocess(load_config(base).data)
+    out, m = preprocess(load_config(base + ["data.on_bad_rows=skip"]).data)
+    assert m["rows_read"] == 410
+    assert m["dropped"]["malformed"] == 1 and m["dropped"]["empty"] == 1 and m["dropped"]["too_long_chars"] == 1
+    assert m["dropped"]["duplicate"] >= 10
+    assert m["rows_read"] == m["rows_kept"] + sum(m["dropped"].values())
+    kept = sum(pq.read_table(f"{out}/{s}").num_rows for s in ("train", "val", "test"))
+    assert kept == m["rows_kept"] and m["splits"]["val"]["kept"] > 0 and m["splits"]["test"]["kept"] > 0

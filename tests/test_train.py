@@ -1,0 +1,93 @@
+"""End to end on a real local Ray cluster and a real MLflow store: 2-worker training,
+resume, the MLflow record, and using the logged model."""
+
+import json
+import subprocess
+import sys
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import load_config
+from pipeline.inference import Translator
+from pipeline.train.run import run_training
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(ray_session, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    overrides = ["data=demo_text", "model=small", f"data.root={tmp}/demo", "data.demo_size=4000", "data.vocab_size=500",
+                 f"data.output_dir={tmp}/data", f"train.storage_path={tmp}/ray", "train.run_name=e2e",
+                 "train.num_workers=2", "train.max_epochs=1", "train.batch_tokens=600", "train.test_beam_size=2",
+                 "train.lr=0.01", "train.warmup_steps=20",
+                 f"tracking.tracking_uri={uri}", "tracking.experiment=e2e-test"]
+    first = run_training(load_config(overrides))
+    steps_first = _metric_steps(uri, first["run_id"], "val_bleu")
+    # Same run name again with one more epoch: resumes from the checkpoint into the same MLflow run.
+    second = run_training(load_config(overrides + ["train.max_epochs=4"]))
+    return {"uri": uri, "tmp": tmp, "first": first, "second": second, "steps_first": steps_first}
+
+
+def _metric_steps(uri, run_id, key):
+    return [m.step for m in MlflowClient(uri).get_metric_history(run_id, key)]
+
+
+def test_resume_continues_step_count_in_same_run(trained):
+    first, second = trained["first"], trained["second"]
+    assert second["run_id"] == first["run_id"]
+    steps = _metric_steps(trained["uri"], first["run_id"], "val_bleu")
+    assert len(trained["steps_first"]) == 1 and len(steps) == 4
+    assert steps == sorted(set(steps)) and steps[0] == trained["steps_first"][0] > 0
+    train_steps = _metric_steps(trained["uri"], first["run_id"], "train_loss")
+    assert train_steps == sorted(set(train_steps)), "no duplicate or out-of-order steps"
+
+
+def test_mlflow_run_has_params_metrics_artifacts(trained):
+    c = MlflowClient(trained["uri"])
+    run = c.get_run(trained["first"]["run_id"])
+    assert run.info.status == "FINISHED"
+    p = run.data.params
+    assert p["model.hidden_size"] == "128" and p["train.num_workers"] == "2" and p["data.name"] == "demo_text"
+    assert set(load_config([]).flat()) <= set(p)
+    for key in ("train_loss", "lr", "val_loss", "val_ppl", "val_bleu", "train_tokens_per_s", "padding_fraction",
+                "test_bleu", "test_chrf", "data_rows_read"):
+        assert key in run.data.metrics, key
+    assert 0 <= run.data.metrics["padding_fraction"] < 0.5
+    assert run.data.metrics["train_tokens_per_s"] > 0
+    assert run.data.tags["ray.run_name"] == "e2e"
+    top = {a.path for a in c.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "data", "best_checkpoint", "samples"} <= top
+    assert {a.path for a in c.list_artifacts(run.info.run_id, "best_checkpoint")} >= {
+        "best_checkpoint/model.pt", "best_checkpoint/model.json"}
+    local = c.download_artifacts(run.info.run_id, "samples/test_translations.json", str(trained["tmp"]))
+    table = json.load(open(local))
+    assert table["columns"] == ["source", "reference", "translation"] and len(table["data"]) == 5
+
+
+def test_model_learned_something(trained):
+    run = MlflowClient(trained["uri"]).get_run(trained["second"]["run_id"])
+    assert run.data.metrics["test_bleu"] > 5.0, run.data.metrics  # a random model scores ~0
+
+
+def test_logged_model_loads_and_translates(trained):
+    model_uri = trained["second"]["model_uri"]
+    mlflow.set_tracking_uri(trained["uri"])
+    module = mlflow.pytorch.load_model(model_uri)
+    bundle = Translator.load(trained["second"]["best_dir"])
+    src = torch.tensor([[5, 6, 7, 8]])
+    assert module.greedy(src, torch.tensor([4]), 10) == bundle.model.greedy(src, torch.tensor([4]), 10)
+    sentences = "the small dog sees the red house .\nthe woman runs quickly .\n"
+    env_uri = {"MLFLOW_TRACKING_URI": trained["uri"]}
+    outs = []
+    for location in (model_uri, trained["second"]["best_dir"]):
+        proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "translate", "--model", location, "--beam", "2"],
+                              input=sentences, capture_output=True, text=True, timeout=300,
+                              env={**__import__("os").environ, **env_uri})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outs.append(proc.stdout.splitlines())
+    assert len(outs[0]) == 2 and all(outs[0]) and outs[0] == outs[1]
