@@ -4,8 +4,12 @@
     pipeline train [key=value ...]      preprocess if needed, train, test, log to MLflow
     pipeline preprocess [key=value ...] only the Ray Data preprocessing
     pipeline config [key=value ...]     print the resolved config
+    pipeline tune [key=value ...]       a Ray Tune sweep of Ray Train runs
+    pipeline report --sweep NAME        a sweep's plots and summary from MLflow
     pipeline translate --model M        stdin -> stdout
     pipeline evaluate --model M [...]   BLEU and chrF on a split
+    pipeline submit [--address URL] -- train ...   run a command as a job on a Ray cluster
+    pipeline jobs status|logs|stop ID   follow a submitted job
     pipeline download multi30k DIR      fetch the public Multi30k files
 """
 
@@ -39,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, help in (("demo", "train end to end on the embedded demo corpus (data=demo_text, a few minutes on a CPU)"),
                        ("train", "preprocess (if needed), train on Ray Train, test, and log everything to MLflow"),
                        ("preprocess", "run the Ray Data preprocessing only and print the manifest"),
+                       ("tune", "a Ray Tune sweep: each trial a Ray Train run, MLflow parent + child runs"),
                        ("config", "print the resolved config as YAML")):
         c = cmd(name, help)
         c.add_argument("overrides", nargs="*", help="config overrides: key=value")
@@ -55,6 +60,19 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--beam", type=int, default=4)
     c.add_argument("--length-penalty", type=float, default=0.6)
     c.add_argument("overrides", nargs="*", help="config overrides: key=value")
+    c = cmd("report", "write a sweep's review (PNG plots + Markdown summary) from MLflow")
+    c.add_argument("--sweep", required=True, help="the sweep's name (tune.name, printed by pipeline tune)")
+    c.add_argument("--out", default=None, help="output folder (default: reports/SWEEP)")
+    c.add_argument("overrides", nargs="*", help="tracking overrides, e.g. tracking.experiment=NAME")
+    c = cmd("submit", "submit a pipeline command to a Ray cluster as a Ray job: pipeline submit -- train ...")
+    c.add_argument("--address", default=None, help="the cluster's dashboard/jobs URL (default: RAY_ADDRESS)")
+    c.add_argument("--wait", dest="wait", action="store_true", default=True, help="stream the logs and exit with the job's outcome (default)")
+    c.add_argument("--no-wait", dest="wait", action="store_false", help="print the job id and return")
+    c.add_argument("job", nargs=argparse.REMAINDER, help="-- then the pipeline command and its overrides")
+    c = cmd("jobs", "status, logs or stop of a submitted job")
+    c.add_argument("action", choices=["status", "logs", "stop"])
+    c.add_argument("job_id")
+    c.add_argument("--address", default=None, help="default: RAY_ADDRESS")
     c = cmd("download", "download a public corpus (needs internet)")
     c.add_argument("corpus", choices=["multi30k"])
     c.add_argument("dest", help="destination folder")
@@ -77,10 +95,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _user_error(e: BaseException) -> BaseException | None:
+    from .cluster import ClusterError
     from .data.readers import DataError
     from .tracking import TrackingError
 
-    known = (ConfigError, DataError, TrackingError, FileNotFoundError, PermissionError, ConnectionError)
+    known = (ConfigError, DataError, TrackingError, ClusterError, FileNotFoundError, PermissionError, ConnectionError)
     seen = set()
     while e is not None and id(e) not in seen:  # Ray wraps worker errors; find ours inside
         seen.add(id(e))
@@ -96,6 +115,15 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         download_multi30k(args.dest)
         return 0
+    if args.command == "submit":
+        from .cluster import submit
+
+        job = args.job[1:] if args.job[:1] == ["--"] else args.job
+        return submit(job, args.address, args.wait)
+    if args.command == "jobs":
+        from .cluster import jobs
+
+        return jobs(args.action, args.job_id, args.address)
     if args.command == "translate":
         from .inference import Translator
 
@@ -130,6 +158,25 @@ def _dispatch(args: argparse.Namespace) -> int:
         res = translate_split(args.model, f"{out}/{args.split}", args.beam, args.length_penalty)
         print(json.dumps({"split": args.split, "sentences": len(res["hyp"]), "bleu": round(metrics.bleu(res["hyp"], res["tgt"]), 2),
                           "chrf": round(metrics.chrf(res["hyp"], res["tgt"]), 2)}))
+        return 0
+    if args.command == "report":
+        from .report import write_report
+        from .tracking import resolve
+
+        uri, experiment = resolve(cfg.tracking)
+        for path in write_report(uri, experiment, args.sweep, args.out or f"reports/{args.sweep}"):
+            print(path)
+        return 0
+    if args.command == "tune":
+        from .tune import format_table, run_sweep
+
+        res = run_sweep(cfg)
+        metric = cfg.tune.metric or "val_bleu"
+        print(f"\n== sweep {res['sweep']} ==\n{format_table(res['trials'], metric)}")
+        if res.get("registered_model"):
+            print(f"champion: {res['best']['run_name']} -> models:/{res['registered_model']}@champion "
+                  f"(version {res['registered_version']}); test_bleu {res.get('test_bleu', float('nan')):.2f}")
+        print(f"review: pipeline report --sweep {res['sweep']}")
         return 0
     from .train.run import run_training
 

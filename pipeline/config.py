@@ -85,6 +85,8 @@ class TrainConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: int = 1
+    gpus_per_worker: float = 1.0  # < 1 lets small models share a GPU (e.g. sweep trials)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     max_epochs: int = 20
     max_minutes: float = 0.0  # wall-clock budget for training; 0 = none
     max_failures: int = 0
@@ -118,18 +120,36 @@ class TrackingConfig:
 
 
 @dataclass
+class TuneConfig:
+    name: str = ""  # "" = a fresh timestamped sweep; the same name resumes it
+    # Dotted config key -> a list of values (grid / choice), or one distribution:
+    # {"loguniform": [lo, hi]}, {"uniform": [lo, hi]}, {"randint": [lo, hi]}.
+    space: dict = field(default_factory=dict)
+    search: Literal["grid", "random", "optuna"] = "grid"
+    num_samples: int = 1  # grid: repeats of the grid; random/optuna: trials
+    scheduler: Literal["asha", "none"] = "asha"
+    metric: str = ""  # "" = the task's validation metric (val_bleu)
+    mode: Literal["max", "min"] = "max"
+    grace_period: int = 1  # validations before ASHA may stop a trial
+    reduction_factor: int = 2
+    max_concurrent_trials: int = 0  # 0 = as many as the cluster's resources fit
+    register_as: str = ""  # registered model name for the best trial; "" = "<experiment>-<data>"
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def flat(self) -> dict[str, Any]:
+    def flat(self, groups: tuple[str, ...] = ("data", "model", "train", "tracking")) -> dict[str, Any]:
         """Dotted keys (``model.hidden_size``) to values, as logged to MLflow."""
-        return {f"{g}.{k}": v for g, sub in self.to_dict().items() for k, v in sub.items()}
+        return {f"{g}.{k}": v for g, sub in self.to_dict().items() if g in groups for k, v in sub.items()}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -185,6 +205,9 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
                 return float(value)
             except ValueError:
                 pass
+    elif typ is dict:
+        if isinstance(value, dict):
+            return dict(value)
     elif typ is str:
         if isinstance(value, str):
             return value
@@ -195,6 +218,10 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
 
 def set_key(cfg: Config, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
+    if len(parts) > 2 and parts[:2] == ["tune", "space"]:
+        key = ".".join(parts[2:])
+        cfg.tune.space[key] = check_space_entry(cfg, key, value)
+        return
     if len(parts) != 2:
         raise ConfigError(f"config keys look like group.key (e.g. model.hidden_size), got '{dotted}'")
     group, key = parts
@@ -202,6 +229,39 @@ def set_key(cfg: Config, dotted: str, value: Any) -> None:
     sub = getattr(cfg, group)
     _check_key(key, sub, f"{group}.")
     setattr(sub, key, _coerce(dotted, value, _field_types(sub)[key]))
+
+
+DISTRIBUTIONS = ("loguniform", "uniform", "randint")
+
+
+def check_space_entry(cfg: Config, key: str, value: Any) -> Any:
+    """A search-space entry must name a real config key and give values of its type."""
+    parts = key.split(".")
+    if len(parts) != 2 or parts[0] == "tune":
+        raise ConfigError(f"tune.space.{key}: search over group.key config keys (e.g. tune.space.model.hidden_size)")
+    _check_key(parts[0], cfg, "")
+    sub = getattr(cfg, parts[0])
+    _check_key(parts[1], sub, f"{parts[0]}.")
+    typ = _field_types(sub)[parts[1]]
+    where = f"tune.space.{key}"
+    if isinstance(value, list):
+        if not value:
+            raise ConfigError(f"{where}: the list of values is empty")
+        return [_coerce(where, v, typ) for v in value]
+    if isinstance(value, dict) and len(value) == 1:
+        (dist, bounds), = value.items()
+        if dist not in DISTRIBUTIONS:
+            raise ConfigError(f"{where}: unknown distribution '{dist}'; use one of {', '.join(DISTRIBUTIONS)} or a list")
+        if not (isinstance(bounds, list) and len(bounds) == 2 and all(isinstance(b, (int, float)) for b in bounds)
+                and bounds[0] < bounds[1]):
+            raise ConfigError(f"{where}: {dist} needs [low, high] with low < high, got {bounds!r}")
+        if dist == "loguniform" and bounds[0] <= 0:
+            raise ConfigError(f"{where}: loguniform needs low > 0, got {bounds!r}")
+        if typ not in (int, float):
+            raise ConfigError(f"{where}: a {dist} distribution needs a numeric key; {key} is {typ.__name__}")
+        return {dist: [_coerce(where, b, typ) for b in bounds]}
+    raise ConfigError(f"{where} must be a list of values ([256, 512]) or a distribution "
+                      f"({{loguniform: [1e-4, 1e-2]}}), got {value!r}")
 
 
 def options(group: str) -> list[str]:
@@ -296,6 +356,14 @@ def validate(cfg: Config) -> None:
         need(bool(d.files), "data=table needs data.files (globs of .tsv, .jsonl or .parquet files)")
     if d.name == "multi30k":
         need(bool(d.root), "data=multi30k needs data.root (a folder with {split}.{lang}[.gz] files)")
+    tu = cfg.tune
+    for key, value in tu.space.items():
+        check_space_entry(cfg, key, value)
+    if tu.search == "grid":
+        need(all(isinstance(v, list) for v in tu.space.values()),
+             "tune.search=grid needs lists of values in tune.space (distributions need search=random or optuna)")
+    need(tu.num_samples >= 1, f"tune.num_samples must be >= 1, got {tu.num_samples}")
+    need(tu.grace_period >= 1 and tu.reduction_factor >= 2, "tune.grace_period must be >= 1 and tune.reduction_factor >= 2")
 
 
 def config_hash(obj: Any) -> str:

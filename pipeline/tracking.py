@@ -57,6 +57,15 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def _artifact_root(uri: str, experiment: str) -> str | None:
+    """A local SQLite store keeps its artifacts beside the database file, not in
+    whatever directory the first run happened to start in (MLflow's ./mlruns)."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        return (db.parent / "mlruns" / experiment).as_uri()
+    return None
+
+
 def git_commit() -> str | None:
     if os.environ.get("PIPELINE_GIT_COMMIT"):
         return os.environ["PIPELINE_GIT_COMMIT"]
@@ -76,7 +85,7 @@ def open_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], t
     """
     c = client(uri)
     exp = c.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else c.create_experiment(experiment)
+    exp_id = exp.experiment_id if exp else c.create_experiment(experiment, artifact_location=_artifact_root(uri, experiment))
     found = c.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
     if found:
         run = found[0]
@@ -153,3 +162,14 @@ def log_model(uri: str, run_id: str, model: Any, extra_files: list[str]) -> str:
         info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
                                         extra_files=extra_files, pip_requirements=["torch", "tokenizers"])
     return info.model_uri
+
+
+def register_champion(uri: str, model_uri: str, name: str, alias: str = "champion") -> str:
+    """Register a logged model under ``name`` and point the alias at the new version."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    version = mlflow.register_model(model_uri, name).version
+    client(uri).set_registered_model_alias(name, alias, version)
+    return str(version)

@@ -62,3 +62,23 @@ def test_bad_rows_strict_and_skip_with_exact_counts(ray_session, tmp_path):
     assert m["rows_read"] == m["rows_kept"] + sum(m["dropped"].values())
     kept = sum(pq.read_table(f"{out}/{s}").num_rows for s in ("train", "val", "test"))
     assert kept == m["rows_kept"] and m["splits"]["val"]["kept"] > 0 and m["splits"]["test"]["kept"] > 0
+
+
+def test_gzip_shard_pairs_by_uri(ray_session, multi30k, tmp_path):
+    """Many shards per side, gzip, given as file:// URI globs: read in parallel, counted exactly."""
+    src = gzip.open(multi30k / "val.en.gz", "rt", encoding="utf-8").read().splitlines()
+    tgt = gzip.open(multi30k / "val.de.gz", "rt", encoding="utf-8").read().splitlines()
+    bounds = [0, 300, 650, len(src)]
+    for i in range(3):
+        for side, lines in (("en", src), ("de", tgt)):
+            with gzip.open(tmp_path / f"shard{i}.{side}.gz", "wt", encoding="utf-8") as f:
+                f.write("\n".join(lines[bounds[i] : bounds[i + 1]]) + "\n")
+    cfg = load_config(["data=pairs", f"data.src_files=file://{tmp_path}/shard*.en.gz",
+                       f"data.tgt_files=file://{tmp_path}/shard*.de.gz", f"data.output_dir={tmp_path}/out",
+                       "data.vocab_size=500", "data.val_fraction=0.1", "data.test_fraction=0.1"]).data
+    out, m = preprocess(cfg)
+    assert m["rows_read"] == len(src) == 1014
+    assert m["rows_read"] == m["rows_kept"] + sum(m["dropped"].values())
+    assert len(m["inputs"]) == 6
+    ids = pq.read_table(f"{out}/train").column("id").to_pylist()
+    assert len(set(ids)) == len(ids) == m["splits"]["train"]["kept"]

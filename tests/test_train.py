@@ -91,3 +91,14 @@ def test_logged_model_loads_and_translates(trained):
         assert proc.returncode == 0, proc.stderr[-2000:]
         outs.append(proc.stdout.splitlines())
     assert len(outs[0]) == 2 and all(outs[0]) and outs[0] == outs[1]
+
+
+def test_evaluate_command_scores_the_model(trained):
+    tmp = trained["tmp"]
+    args = ["evaluate", "--model", trained["second"]["best_dir"], "--split", "test", "--beam", "1",
+            "data=demo_text", f"data.root={tmp}/demo", "data.demo_size=4000", "data.vocab_size=500",
+            f"data.output_dir={tmp}/data"]
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["split"] == "test" and res["sentences"] > 50 and res["bleu"] > 5.0

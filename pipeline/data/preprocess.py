@@ -18,6 +18,7 @@ import time
 import unicodedata
 import zlib
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -135,7 +136,9 @@ def _fingerprint(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def output_dir(cfg: DataConfig, tasks: list[dict[str, Any]]) -> str:
     keyed = {k: v for k, v in asdict(cfg).items() if k != "output_dir"}
     h = config_hash({"config": keyed, "inputs": _fingerprint(tasks)})
-    return f"{cfg.output_dir.rstrip('/')}/{cfg.name}-{cfg.src_lang}-{cfg.tgt_lang}-{h}"
+    # Absolute: Ray workers read it from other working directories (and other nodes).
+    base = cfg.output_dir if "://" in cfg.output_dir else str(Path(cfg.output_dir).expanduser().resolve())
+    return f"{base.rstrip('/')}/{cfg.name}-{cfg.src_lang}-{cfg.tgt_lang}-{h}"
 
 
 def ensure_demo_corpus(cfg: DataConfig) -> None:

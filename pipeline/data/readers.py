@@ -16,6 +16,7 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
+import os
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -29,10 +30,15 @@ class DataError(ValueError):
     """Bad input data; the message names the file (and line) at fault."""
 
 
+def absolute(path: str) -> str:
+    """Local paths made absolute: read tasks run in other processes (and directories)."""
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
 def expand(patterns: str) -> list[str]:
     """Comma-separated globs -> sorted file list; a pattern matching nothing is an error."""
     files: list[str] = []
-    for pattern in [p.strip() for p in patterns.split(",") if p.strip()]:
+    for pattern in [absolute(p.strip()) for p in patterns.split(",") if p.strip()]:
         fs, _ = fsspec.core.url_to_fs(pattern)
         matched = sorted(fs.glob(pattern)) if any(ch in pattern for ch in "*?[") else (
             [pattern] if fs.exists(pattern) else [])
@@ -54,13 +60,14 @@ def list_tasks(cfg: Any) -> list[dict[str, Any]]:
     if cfg.name in ("multi30k", "demo_text"):
         if not _exists(cfg.root):
             raise DataError(f"data.root '{cfg.root}' does not exist")
+        root = absolute(cfg.root)
         splits = [("train", cfg.train_split), ("val", cfg.val_split), ("test", cfg.test_split)]
         for split, prefix in splits:
             if not prefix:
                 continue
             pair = []
             for lang in (cfg.src_lang, cfg.tgt_lang):
-                base = f"{cfg.root.rstrip('/')}/{prefix}.{lang}"
+                base = f"{root.rstrip('/')}/{prefix}.{lang}"
                 found = [p for p in (base + ".gz", base) if _exists(p)]
                 if not found:
                     raise DataError(f"missing file {base}[.gz] (data.root={cfg.root}, split '{prefix}', language '{lang}')")

@@ -133,6 +133,7 @@ def _load_checkpoint(ckpt: Any, model: Seq2Seq, opt: Any, sched: Any, scaler: An
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -164,6 +165,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 print(f"[train] note: checkpoint belongs to MLflow run {state.get('mlflow_run_id')}, logging to {run_id}")
         state["mlflow_run_id"] = run_id
     model = ray.train.torch.prepare_model(raw)
+    nodes = _all_gather(ray.get_runtime_context().get_node_id())
+    if rank == 0:
+        tracking.set_tags(uri, run_id, {"ray.worker_nodes": ",".join(sorted(set(nodes))),
+                                        "ray.num_worker_nodes": str(len(set(nodes)))})
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     best_dir = loop_config["best_dir"]
@@ -185,7 +190,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         state["elapsed_s"] = time.time() - t_start
         ckpt_dir = None
         if rank == 0:
-            log(val)
+            log({**val, "best_val_bleu": state["best_bleu"]})
             if improved:
                 save_bundle(best_dir, raw, meta, loop_config["src_tokenizer"], loop_config["tgt_tokenizer"])
             ckpt_dir = _save_checkpoint(raw, opt, sched, scaler, state)

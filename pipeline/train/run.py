@@ -17,6 +17,7 @@ import numpy as np
 import ray
 
 from .. import metrics, tracking
+from ..cluster import check_multi_node
 from ..config import Config
 from ..data.preprocess import preprocess, read_tokenizers
 from ..data.tokenizer import BOS_ID, EOS_ID, PAD_ID
@@ -99,23 +100,44 @@ def translate_split(bundle: str, split_dir: str, beam_size: int, length_penalty:
     return {k: [r[k] for r in rows] for k in ("src", "tgt", "hyp")}
 
 
-def run_training(cfg: Config) -> dict[str, Any]:
+def prepare(cfg: Config) -> dict[str, Any]:
+    """Checks and preprocessing shared by a training run and every trial of a sweep."""
     t = cfg.train
     uri, experiment = tracking.resolve(cfg.tracking)
     tracking.check_reachable(uri)
     storage = storage_uri(t.storage_path)
     init_ray(t.num_workers * t.cpus_per_worker)
+    check_multi_node(storage, cfg.data.output_dir, uri)
     data_dir, manifest = preprocess(cfg.data)
-    run_name = t.run_name or f"{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    src_json, tgt_json = read_tokenizers(data_dir)
+    vocab = {k: manifest["tokenizer"][k] for k in ("src_vocab_size", "tgt_vocab_size", "joint_vocab")}
+    vocab.update(pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID)
+    return {"uri": uri, "experiment": experiment, "storage": storage, "data_dir": data_dir, "manifest": manifest,
+            "src_json": src_json, "tgt_json": tgt_json, "vocab": vocab}
+
+
+def run_training(cfg: Config) -> dict[str, Any]:
+    prep = prepare(cfg)
+    run_name = cfg.train.run_name or f"{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return fit_run(cfg, prep, run_name)
+
+
+def fit_run(cfg: Config, prep: dict[str, Any], run_name: str, parent_run_id: str | None = None,
+            in_tune: bool = False) -> dict[str, Any]:
+    """One MLflow run + one TorchTrainer fit. A sweep's trial passes its parent run and
+    ``in_tune`` (metrics go to Tune too; the test split is left to the sweep's champion)."""
+    t = cfg.train
     t.run_name = run_name
+    uri, experiment, data_dir, manifest = prep["uri"], prep["experiment"], prep["data_dir"], prep["manifest"]
     tags = {"ray.run_name": run_name, "pipeline.data_dir": data_dir}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
     commit = tracking.git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
     run_id, resumed = tracking.open_run(uri, experiment, run_name, cfg.flat(), tags)
     print(f"[train] MLflow run {run_id} ({'resumed' if resumed else 'new'}) in experiment '{experiment}' at "
           f"{tracking.redact(uri)}", flush=True)
-    src_json, tgt_json = read_tokenizers(data_dir)
     if not resumed:
         tracking.log_text(uri, run_id, cfg.to_yaml(), "config.yaml")
         for name in ("manifest.json", "src_tokenizer.json", "tgt_tokenizer.json"):
@@ -123,22 +145,27 @@ def run_training(cfg: Config) -> dict[str, Any]:
         drops = {f"data_dropped_{k}": v for k, v in manifest["dropped"].items()}
         tracking.log_metrics(uri, run_id, {"data_rows_read": manifest["rows_read"],
                                            "data_rows_kept": manifest["rows_kept"], **drops}, 0)
-    vocab = {k: manifest["tokenizer"][k] for k in ("src_vocab_size", "tgt_vocab_size", "joint_vocab")}
-    vocab.update(pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID)
-    best_dir = f"{storage}/{run_name}/best"
+    best_dir = f"{prep['storage']}/{run_name}/best"
 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from .loop import train_loop
 
+    callbacks = []
+    if in_tune:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks.append(TuneReportCallback())
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": cfg.to_dict(), "vocab": vocab, "mlflow_run_id": run_id, "tracking_uri": uri,
-                           "src_tokenizer": src_json, "tgt_tokenizer": tgt_json, "best_dir": best_dir},
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                     resources_per_worker={"CPU": t.cpus_per_worker}),
-        run_config=RunConfig(name=run_name, storage_path=storage,
+        train_loop_config={"config": cfg.to_dict(), "vocab": prep["vocab"], "mlflow_run_id": run_id,
+                           "tracking_uri": uri, "src_tokenizer": prep["src_json"], "tgt_tokenizer": prep["tgt_json"],
+                           "best_dir": best_dir},
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, placement_strategy=t.placement_strategy,
+                                     resources_per_worker={"CPU": t.cpus_per_worker,
+                                                           **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}),
+        run_config=RunConfig(name=run_name, storage_path=prep["storage"], callbacks=callbacks,
                              failure_config=FailureConfig(max_failures=t.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         datasets={s: ray.data.read_parquet(f"{data_dir}/{s}") for s in ("train", "val")},
@@ -148,14 +175,16 @@ def run_training(cfg: Config) -> dict[str, Any]:
     try:
         trainer.fit()
     except BaseException:
-        tracking.end_run(uri, run_id, "FAILED")
+        # A trial that Tune stops (ASHA) lands here too: the sweep driver, which knows
+        # stopped from failed, closes its run; a plain run failed.
+        if not in_tune:
+            tracking.end_run(uri, run_id, "FAILED")
         raise
-    train_s = time.time() - t0
     results: dict[str, Any] = {"run_id": run_id, "run_name": run_name, "tracking_uri": uri, "experiment": experiment,
-                               "best_dir": best_dir, "data_dir": data_dir, "train_seconds": round(train_s, 1)}
+                               "best_dir": best_dir, "data_dir": data_dir, "train_seconds": round(time.time() - t0, 1)}
     fs, best_root = fsspec.core.url_to_fs(best_dir)
-    if fs.exists(f"{best_root}/model.pt"):
-        results.update(_test_and_log(cfg, uri, run_id, best_dir, data_dir, manifest))
+    if not in_tune and fs.exists(f"{best_root}/model.pt"):
+        results.update(test_and_log(cfg, uri, run_id, best_dir, data_dir, manifest))
     tracking.end_run(uri, run_id, "FINISHED")
     return results
 
@@ -171,7 +200,7 @@ def _local_copy(path: str, dest_dir: str | None = None) -> str:
     return dest
 
 
-def _test_and_log(cfg: Config, uri: str, run_id: str, best_dir: str, data_dir: str,
+def test_and_log(cfg: Config, uri: str, run_id: str, best_dir: str, data_dir: str,
                   manifest: dict[str, Any]) -> dict[str, Any]:
     t = cfg.train
     out: dict[str, Any] = {}

@@ -1,0 +1,158 @@
+"""Ray clusters: job submission through the Ray Jobs SDK, and the checks a multi-node
+cluster needs before training (storage every node can see, a shared MLflow store).
+
+``pipeline submit -- train data=... `` sends the project as the job's ``working_dir``
+with the MLflow variables and the git commit as environment variables; Ray's token
+authentication stays on (the token comes from ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``
+or ``~/.ray/auth_token``, never from the command line).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+
+def _token_auth_env() -> None:
+    """Clients of a token-auth cluster need RAY_AUTH_MODE=token before Ray is imported;
+    turn it on whenever a token is at hand (the token itself is never printed or passed)."""
+    token_path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if os.environ.get("RAY_AUTH_TOKEN") or token_path.exists():
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
+_token_auth_env()
+import ray  # noqa: E402
+
+from . import tracking  # noqa: E402
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# Never upload these with the job: history, environments, data, local stores, caches.
+# gitignore syntax: a leading "/" anchors at the project root (conf/data/ must travel).
+EXCLUDES = ["/.git", "/.venv", "/data", "/artifacts", "/ray_results", "/mlruns", "/mlartifacts", "/mlflow.db",
+            "/reports", "/outputs", "__pycache__", "*.pyc", ".pytest_cache", ".ruff_cache", "/.devwhl", "/.whl",
+            "*.egg-info"]
+
+
+class ClusterError(RuntimeError):
+    """The cluster cannot run the job as configured; the message says what to change."""
+
+
+def _address(address: str | None) -> str:
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise ClusterError("no cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS")
+    if not address.startswith(("http://", "https://")):
+        address = "http://" + address
+    return address
+
+
+def _client(address: str | None):
+    from ray.job_submission import JobSubmissionClient
+
+    address = _address(address)
+    try:
+        return JobSubmissionClient(address)
+    except Exception as e:  # noqa: BLE001 - the SDK raises several types for one cause
+        raise ClusterError(f"cannot reach the Ray cluster at {address}: {e}") from e
+
+
+def submit(command: list[str], address: str | None = None, wait: bool = True) -> int:
+    """Submit ``pipeline <command>`` as a Ray job; with ``wait``, stream its logs and
+    return 0 when it succeeded, 1 otherwise."""
+    if not command:
+        raise ClusterError("nothing to submit: pipeline submit -- train data=demo_text ...")
+    if command[0] == "pipeline":
+        command = command[1:]
+    client = _client(address)
+    env = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME") if os.environ.get(k)}
+    commit = tracking.git_commit()
+    if commit:
+        env["PIPELINE_GIT_COMMIT"] = commit
+    entrypoint = "python -m pipeline.cli " + shlex.join(command)
+    job_id = client.submit_job(
+        entrypoint=entrypoint, submission_id=f"pipeline-{command[0]}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
+        runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": EXCLUDES, "env_vars": env},
+        metadata={"pipeline.command": command[0]})
+    print(f"submitted job {job_id} to {_address(address)}: {entrypoint}", flush=True)
+    if not wait:
+        print(f"follow it: pipeline jobs logs {job_id}   status: pipeline jobs status {job_id}")
+        return 0
+    return _follow(client, job_id)
+
+
+def _follow(client: Any, job_id: str) -> int:
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+
+    asyncio.run(tail())
+    status = client.get_job_status(job_id)
+    while not status.is_terminal():
+        time.sleep(1)
+        status = client.get_job_status(job_id)
+    print(f"job {job_id}: {status.value}", flush=True)
+    return 0 if status.value == "SUCCEEDED" else 1
+
+
+def jobs(action: str, job_id: str, address: str | None = None) -> int:
+    client = _client(address)
+    if action == "status":
+        info = client.get_job_info(job_id)
+        print(f"{job_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
+        return 0
+    if action == "logs":
+        print(client.get_job_logs(job_id), end="")
+        return 0
+    if action == "stop":
+        print(f"{job_id}: stop {'requested' if client.stop_job(job_id) else 'not needed (already ended)'}")
+        return 0
+    raise ClusterError(f"unknown jobs action '{action}' (status, logs, stop)")
+
+
+def alive_nodes() -> list[dict[str, Any]]:
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+@ray.remote(num_cpus=0)
+def _can_see(path: str) -> bool:
+    fs, p = fsspec.core.url_to_fs(path)
+    return fs.exists(p)
+
+
+def check_multi_node(storage: str, data_output: str, tracking_uri: str) -> None:
+    """On a cluster of several nodes, every path the workers read or write must be
+    visible from every node, and MLflow must not be a node-local SQLite file."""
+    nodes = alive_nodes()
+    if len(nodes) < 2:
+        return
+    if tracking_uri.startswith("sqlite:") or tracking_uri.startswith("file:") or "://" not in tracking_uri:
+        raise ClusterError(f"this Ray cluster has {len(nodes)} nodes but MLflow is the node-local store "
+                           f"{tracking.redact(tracking_uri)}: use a tracking server (MLFLOW_TRACKING_URI=http://...)")
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    for key, path in (("train.storage_path", storage), ("data.output_dir", data_output)):
+        if "://" in path and not path.startswith("file://"):
+            continue  # object stores (s3://, gs://, ...) are shared by construction
+        fs, root = fsspec.core.url_to_fs(path)
+        fs.makedirs(root, exist_ok=True)
+        probe = f"{root}/.shared-probe-{uuid.uuid4().hex}"
+        fs.touch(probe)
+        try:
+            seen = ray.get([_can_see.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                            .remote(probe) for n in nodes])
+        finally:
+            fs.rm(probe)
+        blind = [n["NodeManagerAddress"] for n, ok in zip(nodes, seen) if not ok]
+        if blind:
+            raise ClusterError(f"{key}={path} is not shared storage: node(s) {', '.join(blind)} cannot see it. "
+                               f"On a multi-node cluster use a shared mount (NFS) or a URI such as s3://bucket/path")

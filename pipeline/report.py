@@ -1,0 +1,110 @@
+"""Reviewing a sweep from MLflow: the trials table, a heatmap of the validation metric over
+two searched keys (hidden size x depth by default), learning curves, the early-stopped
+trials. ``pipeline report --sweep NAME`` writes them as PNG files and a Markdown summary;
+``notebooks/review_sweep.ipynb`` shows the same figures from these functions.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+
+from . import tracking
+from .tune import summarize
+
+
+def load_sweep(uri: str, experiment: str, sweep: str) -> dict[str, Any]:
+    c = tracking.client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        raise FileNotFoundError(f"no MLflow experiment '{experiment}' at {tracking.redact(uri)}")
+    found = c.search_runs([exp.experiment_id], filter_string=f"tags.`{tracking.RUN_NAME_TAG}` = '{sweep}'", max_results=1)
+    if not found or found[0].data.tags.get("pipeline.kind") != "sweep":
+        raise FileNotFoundError(f"no sweep named '{sweep}' in experiment '{experiment}'")
+    parent = found[0]
+    metric = parent.data.params.get("tune.metric", "val_bleu")
+    mode = parent.data.params.get("tune.mode", "max")
+    rows = summarize(uri, parent.info.run_id, metric, mode)
+    curves = {r["run_name"]: [(m.step, m.value) for m in sorted(c.get_metric_history(r["run_id"], metric),
+                                                                 key=lambda m: m.step)] for r in rows}
+    return {"parent": parent, "metric": metric, "mode": mode, "rows": rows, "curves": curves,
+            "space": json.loads(parent.data.params.get("tune.space", "{}"))}
+
+
+def heatmap(sweep: dict[str, Any], x: str = "model.hidden_size", y: str = "model.num_layers"):
+    """Best metric per (x, y) cell; the best trial of a cell when others share it."""
+    rows, metric = sweep["rows"], sweep["metric"]
+    xs = sorted({r["params"].get(x) for r in rows}, key=str)
+    ys = sorted({r["params"].get(y) for r in rows}, key=str)
+    grid = [[float("nan")] * len(xs) for _ in ys]
+    for r in rows:
+        i, j = ys.index(r["params"].get(y)), xs.index(r["params"].get(x))
+        cur = grid[i][j]
+        if cur != cur or (r["best"] > cur if sweep["mode"] == "max" else r["best"] < cur):
+            grid[i][j] = r["best"]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(xs), 1.4 + 1.0 * len(ys)))
+    im = ax.imshow(grid, cmap="viridis", origin="lower", aspect="auto")
+    ax.set_xticks(range(len(xs)), [str(v) for v in xs])
+    ax.set_yticks(range(len(ys)), [str(v) for v in ys])
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    for i in range(len(ys)):
+        for j in range(len(xs)):
+            if grid[i][j] == grid[i][j]:
+                ax.text(j, i, f"{grid[i][j]:.1f}", ha="center", va="center", color="white", fontsize=10)
+    fig.colorbar(im, ax=ax, label=metric)
+    ax.set_title(f"{metric} by {x} x {y}")
+    fig.tight_layout()
+    return fig
+
+
+def learning_curves(sweep: dict[str, Any]):
+    fig, ax = plt.subplots(figsize=(7, 4))
+    stopped = {r["run_name"] for r in sweep["rows"] if r["early_stopped"]}
+    for name, points in sweep["curves"].items():
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, marker="o", linestyle="--" if name in stopped else "-",
+                    label=name + (" (stopped early)" if name in stopped else ""))
+    ax.set_xlabel("step")
+    ax.set_ylabel(sweep["metric"])
+    ax.set_title("validation curves")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def markdown(sweep: dict[str, Any]) -> str:
+    rows, metric = sweep["rows"], sweep["metric"]
+    keys = list(rows[0]["params"]) if rows else []
+    out = [f"# Sweep {sweep['parent'].data.tags.get(tracking.RUN_NAME_TAG)}", "",
+           f"{len(rows)} trials, search space `{json.dumps(sweep['space'])}`, ranked by {metric} ({sweep['mode']}).", "",
+           "| rank | " + " | ".join(keys) + f" | {metric} | validations | status |",
+           "|" + " --- |" * (len(keys) + 4)]
+    for i, r in enumerate(rows, 1):
+        status = "stopped early" if r["early_stopped"] else r["status"].lower()
+        out.append(f"| {i} | " + " | ".join(str(r["params"][k]) for k in keys) +
+                   f" | {r['best']:.2f} | {r['validations']} | {status} |")
+    if rows:
+        out += ["", f"Best: `{rows[0]['run_name']}` (MLflow run `{rows[0]['run_id']}`)."]
+    return "\n".join(out) + "\n"
+
+
+def write_report(uri: str, experiment: str, sweep_name: str, out_dir: str) -> list[Path]:
+    sweep = load_sweep(uri, experiment, sweep_name)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    keys = list(sweep["space"])
+    x, y = ("model.hidden_size", "model.num_layers") if {"model.hidden_size", "model.num_layers"} <= set(keys) else (
+        (keys + keys)[:2] if keys else ("model.hidden_size", "model.num_layers"))
+    for name, fig in (("heatmap.png", heatmap(sweep, x, y)), ("learning_curves.png", learning_curves(sweep))):
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        paths.append(out / name)
+    (out / "summary.md").write_text(markdown(sweep))
+    paths.append(out / "summary.md")
+    return paths

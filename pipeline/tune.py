@@ -1,0 +1,185 @@
+"""Ray Tune sweeps: every trial is a full Ray Train run, tracked as an MLflow child run.
+
+The Train V2 pattern: a Tune *function* trainable builds and fits a TorchTrainer whose
+reports reach Tune through ``TuneReportCallback``, so ASHA can stop bad trials on the
+validation metric. The sweep is one MLflow parent run; each trial a child
+(``mlflow.parentRunId``) named ``<sweep>-<trial id>``, so re-running an interrupted sweep
+(same ``tune.name``) resumes the unfinished trials into the same children. At the end
+the best trial is tested, its model logged and registered with the alias ``champion``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import ray
+
+from . import tracking
+from .config import Config, ConfigError, set_key, validate
+from .train.run import fit_run, prepare, test_and_log
+
+EARLY_STOPPED_TAG = "tune.early_stopped"
+
+
+def search_space(space: dict[str, Any], search: str) -> dict[str, Any]:
+    from ray import tune
+
+    dists = {"loguniform": tune.loguniform, "uniform": tune.uniform, "randint": tune.randint}
+    out: dict[str, Any] = {}
+    for key, value in space.items():
+        if isinstance(value, list):
+            out[key] = tune.grid_search(value) if search == "grid" else tune.choice(value)
+        else:
+            (dist, (low, high)), = value.items()
+            out[key] = dists[dist](low, high)
+    return out
+
+
+def trial_config(base: dict[str, Any], params: dict[str, Any]) -> Config:
+    cfg = Config.from_dict(base)
+    for key, value in params.items():
+        set_key(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def _run_trial(params: dict[str, Any], base: dict[str, Any], prep: dict[str, Any], sweep: str, parent_run_id: str) -> None:
+    import ray.tune
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    fit_run(trial_config(base, params), prep, f"{sweep}-{trial_id}", parent_run_id, in_tune=True)
+
+
+def concurrent_trials(cfg: Config) -> int:
+    """Trials that fit at once: each needs its workers' CPUs (and GPUs); one CPU stays
+    free for Ray Data's read tasks, or trials would starve each other's input."""
+    if cfg.tune.max_concurrent_trials:
+        return cfg.tune.max_concurrent_trials
+    t, res = cfg.train, ray.cluster_resources()
+    n = int((res.get("CPU", 1) - 1) // (t.num_workers * t.cpus_per_worker))
+    if t.use_gpu:
+        n = min(n, int(res.get("GPU", 0) // (t.num_workers * t.gpus_per_worker)))
+    return max(1, n)
+
+
+def run_sweep(cfg: Config) -> dict[str, Any]:
+    from ray import tune
+
+    tc = cfg.tune
+    if not tc.space:
+        raise ConfigError("tune.space is empty: give values, e.g. tune.space.model.hidden_size=[256,512], "
+                          "or pick a prepared sweep, e.g. tune=hidden_depth")
+    prep = prepare(cfg)
+    uri, experiment, storage = prep["uri"], prep["experiment"], prep["storage"]
+    sweep = tc.name or f"sweep-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    metric = tc.metric or "val_bleu"
+    params = {"tune.space": json.dumps(tc.space), "tune.search": tc.search, "tune.scheduler": tc.scheduler,
+              "tune.num_samples": tc.num_samples, "tune.metric": metric, "tune.mode": tc.mode, **cfg.flat()}
+    parent_id, resumed = tracking.open_run(uri, experiment, sweep, params, {"pipeline.kind": "sweep"})
+    print(f"[tune] sweep '{sweep}' ({'resumed' if resumed else 'new'}): MLflow parent run {parent_id}", flush=True)
+
+    trainable = tune.with_resources(
+        tune.with_parameters(_run_trial, base=cfg.to_dict(), prep=prep, sweep=sweep, parent_run_id=parent_id),
+        {"CPU": 0.01})  # the trial driver only waits on its TorchTrainer, whose workers hold the CPUs (0 is refused)
+    path = f"{storage}/{sweep}"
+    if tune.Tuner.can_restore(path):
+        print(f"[tune] resuming from {path}: finished trials are kept, unfinished ones continue", flush=True)
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, restart_errored=True)
+    else:
+        scheduler = None
+        if tc.scheduler == "asha":
+            from ray.tune.schedulers import ASHAScheduler
+
+            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(cfg.train.max_epochs, tc.grace_period),
+                                      grace_period=tc.grace_period, reduction_factor=tc.reduction_factor)
+        search_alg = None
+        if tc.search == "optuna":
+            from ray.tune.search.optuna import OptunaSearch
+
+            search_alg = OptunaSearch()
+        n = concurrent_trials(cfg)
+        print(f"[tune] {tc.search} search, scheduler {tc.scheduler}, up to {n} trial(s) at once", flush=True)
+        tuner = tune.Tuner(
+            trainable, param_space=search_space(tc.space, tc.search),
+            tune_config=tune.TuneConfig(metric=metric, mode=tc.mode, num_samples=tc.num_samples, scheduler=scheduler,
+                                        search_alg=search_alg, max_concurrent_trials=n),
+            run_config=tune.RunConfig(name=sweep, storage_path=storage, verbose=1))
+    grid = tuner.fit()
+    failed = {f"{sweep}-{r.metrics.get('trial_id', '')}": str(r.error) for r in grid if r.error}
+    rows = summarize(uri, parent_id, metric, tc.mode, failed)
+    if not rows:
+        tracking.end_run(uri, parent_id, "FAILED")
+        raise RuntimeError(f"no trial of sweep '{sweep}' produced a result; errors: {list(failed.values())[:1]}")
+    best = rows[0]
+    out: dict[str, Any] = {"sweep": sweep, "parent_run_id": parent_id, "trials": rows, "best": best,
+                           "tracking_uri": uri, "experiment": experiment}
+    best_cfg = trial_config(cfg.to_dict(), best["params"])
+    best_dir = f"{storage}/{best['run_name']}/best"
+    tested = test_and_log(best_cfg, uri, best["run_id"], best_dir, prep["data_dir"], prep["manifest"])
+    out.update(tested)
+    if tested.get("model_uri"):
+        name = tc.register_as or f"{experiment}-{cfg.data.name}"
+        out["registered_model"] = name
+        out["registered_version"] = tracking.register_champion(uri, tested["model_uri"], name)
+    tracking.log_table(uri, parent_id, {k: [r.get(k) for r in rows] for k in rows[0] if k != "params"} |
+                       {"params": [json.dumps(r["params"]) for r in rows]}, "trials.json")
+    tracking.log_metrics(uri, parent_id, {f"best_{metric}": best["best"], **{k: v for k, v in tested.items()
+                                                                              if k.startswith("test_")}}, 0)
+    tracking.set_tags(uri, parent_id, {"best_trial_run_id": best["run_id"], "best_trial": best["run_name"]})
+    tracking.end_run(uri, parent_id, "FINISHED" if not failed else "FAILED")
+    return out
+
+
+def summarize(uri: str, parent_id: str, metric: str, mode: str,
+              failed: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Child runs of a sweep, ranked by the best value of ``metric``. Children still
+    RUNNING once Tune is done either failed (``failed``: run name -> error) or were
+    stopped by the scheduler: close them as FAILED, or as KILLED with the early-stop tag."""
+    c = tracking.client(uri)
+    parent = c.get_run(parent_id)
+    children = c.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
+                             max_results=10_000)
+    space_keys = list(json.loads(parent.data.params.get("tune.space", "{}")))
+    rows = []
+    for ch in children:
+        rid = ch.info.run_id
+        name = ch.data.tags.get(tracking.RUN_NAME_TAG, ch.info.run_name)
+        if ch.info.status == "RUNNING" and failed is not None:
+            if name in failed:
+                c.set_terminated(rid, "FAILED")
+            elif ch.data.metrics.get("epoch", 0) >= int(ch.data.params.get("train.max_epochs", 0)):
+                c.set_terminated(rid, "FINISHED")  # Tune stopped it at max_t, after its last epoch
+            else:
+                c.set_tag(rid, EARLY_STOPPED_TAG, "true")
+                c.set_terminated(rid, "KILLED")
+            ch = c.get_run(rid)
+        history = [m.value for m in c.get_metric_history(rid, metric)]
+        if not history:
+            continue
+        rows.append({"run_name": name, "run_id": rid,
+                     "params": {k: _typed(ch.data.params.get(k)) for k in space_keys},
+                     "best": max(history) if mode == "max" else min(history), "validations": len(history),
+                     "status": ch.info.status, "early_stopped": ch.data.tags.get(EARLY_STOPPED_TAG) == "true"})
+    rows.sort(key=lambda r: r["best"], reverse=mode == "max")
+    return rows
+
+
+def _typed(text: str | None) -> Any:
+    try:
+        return json.loads(text) if text is not None else None
+    except ValueError:
+        return text
+
+
+def format_table(rows: list[dict[str, Any]], metric: str) -> str:
+    keys = list(rows[0]["params"]) if rows else []
+    head = ["rank", *keys, metric, "validations", "status", "trial"]
+    lines = [head]
+    for i, r in enumerate(rows, 1):
+        status = "stopped early" if r["early_stopped"] else r["status"].lower()
+        lines.append([str(i), *(str(r["params"][k]) for k in keys), f"{r['best']:.2f}", str(r["validations"]),
+                      status, r["run_name"]])
+    widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in lines)

@@ -1,0 +1,161 @@
+"""Sweeps on a real local Ray cluster with a real MLflow store: a 2x2 grid with ASHA,
+the parent/child record, the champion alias, the report and the review notebook, and a
+sweep whose driver is killed and then resumed."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import ConfigError, load_config
+from pipeline.tune import run_sweep
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+
+
+def base_overrides(tmp, uri, experiment):
+    return ["data=demo_text", "model=small", f"data.root={tmp}/demo", "data.demo_size=3000", "data.vocab_size=400",
+            f"data.output_dir={tmp}/data", f"train.storage_path={tmp}/ray", "train.num_workers=1",
+            "train.batch_tokens=600", "train.lr=0.01", "train.warmup_steps=20", "train.test_beam_size=1",
+            f"tracking.tracking_uri={uri}", f"tracking.experiment={experiment}"]
+
+
+@pytest.fixture(scope="module")
+def sweep(ray_session, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tune")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    cfg = load_config(base_overrides(tmp, uri, "sweeps") + [
+        "tune.name=grid", "tune.search=grid", "tune.space.model.hidden_size=[8,96]", "tune.space.model.num_layers=[1,2]",
+        "train.max_epochs=3", "tune.scheduler=asha", "tune.grace_period=1", "tune.reduction_factor=2",
+        "tune.max_concurrent_trials=1", "tune.register_as=demo-champion"])
+    res = run_sweep(cfg)
+    return {"uri": uri, "tmp": tmp, "res": res}
+
+
+def children_of(uri, parent_id):
+    c = MlflowClient(uri)
+    exp = c.get_run(parent_id).info.experiment_id
+    return c.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+
+
+def test_grid_leaves_one_parent_and_four_children(sweep):
+    uri, res = sweep["uri"], sweep["res"]
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name("sweeps").experiment_id
+    parents = [r for r in c.search_runs([exp]) if r.data.tags.get("pipeline.kind") == "sweep"]
+    assert len(parents) == 1 and parents[0].info.run_id == res["parent_run_id"]
+    kids = children_of(uri, res["parent_run_id"])
+    assert len(kids) == 4
+    combos = sorted((int(k.data.params["model.hidden_size"]), int(k.data.params["model.num_layers"])) for k in kids)
+    assert combos == [(8, 1), (8, 2), (96, 1), (96, 2)]
+    for k in kids:
+        assert "val_bleu" in k.data.metrics and "train_loss" in k.data.metrics
+        assert k.info.status in ("FINISHED", "KILLED")
+    assert parents[0].data.params["tune.search"] == "grid"
+    assert json.loads(parents[0].data.params["tune.space"]) == {"model.hidden_size": [8, 96], "model.num_layers": [1, 2]}
+
+
+def test_asha_stopped_at_least_one_trial(sweep):
+    kids = children_of(sweep["uri"], sweep["res"]["parent_run_id"])
+    stopped = [k for k in kids if k.data.tags.get("tune.early_stopped") == "true"]
+    assert stopped, [(k.data.params["model.hidden_size"], k.info.status) for k in kids]
+    hist = MlflowClient(sweep["uri"]).get_metric_history
+    assert all(len(hist(k.info.run_id, "val_bleu")) < 3 for k in stopped)
+
+
+def test_champion_alias_on_best_trial(sweep):
+    res, c = sweep["res"], MlflowClient(sweep["uri"])
+    ranked = sorted(res["trials"], key=lambda r: -r["best"])
+    assert res["best"]["run_id"] == ranked[0]["run_id"]
+    mv = c.get_model_version_by_alias("demo-champion", "champion")
+    assert mv.run_id == ranked[0]["run_id"]
+    best_bleu = max(m.value for m in c.get_metric_history(mv.run_id, "val_bleu"))
+    for k in children_of(sweep["uri"], res["parent_run_id"]):
+        assert max(m.value for m in c.get_metric_history(k.info.run_id, "val_bleu")) <= best_bleu
+    assert "test_bleu" in c.get_run(mv.run_id).data.metrics
+
+
+def test_report_writes_pngs(sweep):
+    out = sweep["tmp"] / "report"
+    p = subprocess.run([sys.executable, "-m", "pipeline.cli", "report", "--sweep", "grid", "--out", str(out),
+                        f"tracking.tracking_uri={sweep['uri']}", "tracking.experiment=sweeps"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    from PIL import Image
+
+    for name in ("heatmap.png", "learning_curves.png"):
+        img = Image.open(out / name)
+        assert img.size[0] > 200 and img.size[1] > 150
+        assert len(set(img.convert("RGB").resize((50, 50)).getdata())) > 10  # not a blank canvas
+    summary = (out / "summary.md").read_text()
+    assert summary.count("\n| ") >= 5 and "stopped early" in summary
+
+
+def test_review_notebook_executes(sweep):
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(REPO / "notebooks" / "review_sweep.ipynb", as_version=4)
+    params = next(c for c in nb.cells if c.cell_type == "code" and c.source.startswith("# Parameters"))
+    params.source = (f"TRACKING_URI = {sweep['uri']!r}\nEXPERIMENT = 'sweeps'\nSWEEP = 'grid'\n"
+                     "EXAMPLES = ['the small dog sees the red house .', 'a woman runs quickly .']")
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(sweep["tmp"])}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert sum(1 for o in outputs if "image/png" in o.get("data", {})) >= 2
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "champion: demo-champion" in text and "->" in text
+
+
+def test_invalid_search_space_is_named():
+    with pytest.raises(ConfigError, match="tune.space.model.hiden_size: .*unknown config key 'model.hiden_size'|unknown config key 'model.hiden_size'"):
+        load_config(["tune.space.model.hiden_size=[1,2]"])
+    with pytest.raises(ConfigError, match="tune.space.train.lr: loguniform needs low > 0"):
+        load_config(["tune.space.train.lr={loguniform: [0, 1]}", "tune.search=random"])
+    with pytest.raises(ConfigError, match="tune.search=grid needs lists"):
+        load_config(["tune.space.train.lr={uniform: [0.001, 0.01]}"])
+    with pytest.raises(ConfigError, match="model.hidden_size must be of type int"):
+        load_config(["tune.space.model.hidden_size=[32, big]"])
+
+
+def test_killed_sweep_resumes_without_duplicates(ray_session, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = [sys.executable, "-m", "pipeline.cli", "tune", *base_overrides(tmp_path, uri, "resume"),
+            "tune.name=killed", "tune.space.model.hidden_size=[32,64]", "tune.scheduler=none",
+            "tune.max_concurrent_trials=1", "train.max_epochs=2"]
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    c = MlflowClient(uri)
+    deadline = time.time() + 400
+    try:
+        while time.time() < deadline:  # kill the driver once the first trial has logged a training step
+            exp = c.get_experiment_by_name("resume") if Path(f"{tmp_path}/mlflow.db").exists() else None
+            runs = c.search_runs([exp.experiment_id]) if exp else []
+            if any("train_loss" in r.data.metrics for r in runs if r.data.tags.get("mlflow.parentRunId")):
+                break
+            assert proc.poll() is None, "the sweep ended before it could be interrupted"
+            time.sleep(2)
+        else:
+            pytest.fail("no trial started within 400 s")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from" in done.stdout
+    exp = c.get_experiment_by_name("resume").experiment_id
+    parents = [r for r in c.search_runs([exp]) if r.data.tags.get("pipeline.kind") == "sweep"]
+    assert len(parents) == 1
+    kids = children_of(uri, parents[0].info.run_id)
+    names = [k.data.tags["pipeline.run_name"] for k in kids]
+    assert len(kids) == 2 and len(set(names)) == 2, names
+    assert all(k.info.status == "FINISHED" for k in kids)
+    steps = [m.step for m in c.get_metric_history(kids[0].info.run_id, "val_bleu")]
+    assert steps == sorted(set(steps))
