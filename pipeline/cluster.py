@@ -20,19 +20,16 @@ from typing import Any
 
 import fsspec
 
+from . import tracking
+
 
 def _token_auth_env() -> None:
-    """Clients of a token-auth cluster need RAY_AUTH_MODE=token before Ray is imported;
-    turn it on whenever a token is at hand (the token itself is never printed or passed)."""
+    """Job clients of a token-auth cluster need RAY_AUTH_MODE=token before Ray is
+    imported (Ray reads it once): turn it on whenever a token is at hand. Only the
+    submit/jobs commands call this, first thing; the token itself is never printed."""
     token_path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
     if os.environ.get("RAY_AUTH_TOKEN") or token_path.exists():
         os.environ.setdefault("RAY_AUTH_MODE", "token")
-
-
-_token_auth_env()
-import ray  # noqa: E402
-
-from . import tracking  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Never upload these with the job: history, environments, data, local stores, caches.
@@ -56,6 +53,7 @@ def _address(address: str | None) -> str:
 
 
 def _client(address: str | None):
+    _token_auth_env()
     from ray.job_submission import JobSubmissionClient
 
     address = _address(address)
@@ -119,11 +117,6 @@ def jobs(action: str, job_id: str, address: str | None = None) -> int:
     raise ClusterError(f"unknown jobs action '{action}' (status, logs, stop)")
 
 
-def alive_nodes() -> list[dict[str, Any]]:
-    return [n for n in ray.nodes() if n.get("Alive")]
-
-
-@ray.remote(num_cpus=0)
 def _can_see(path: str) -> bool:
     fs, p = fsspec.core.url_to_fs(path)
     return fs.exists(p)
@@ -132,7 +125,9 @@ def _can_see(path: str) -> bool:
 def check_multi_node(storage: str, data_output: str, tracking_uri: str) -> None:
     """On a cluster of several nodes, every path the workers read or write must be
     visible from every node, and MLflow must not be a node-local SQLite file."""
-    nodes = alive_nodes()
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) < 2:
         return
     if tracking_uri.startswith("sqlite:") or tracking_uri.startswith("file:") or "://" not in tracking_uri:
@@ -148,7 +143,8 @@ def check_multi_node(storage: str, data_output: str, tracking_uri: str) -> None:
         probe = f"{root}/.shared-probe-{uuid.uuid4().hex}"
         fs.touch(probe)
         try:
-            seen = ray.get([_can_see.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+            can_see = ray.remote(num_cpus=0)(_can_see)
+            seen = ray.get([can_see.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
                             .remote(probe) for n in nodes])
         finally:
             fs.rm(probe)
