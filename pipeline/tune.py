@@ -21,6 +21,9 @@ from .config import Config, ConfigError, set_key, validate
 from .train.run import fit_run, prepare, test_and_log
 
 EARLY_STOPPED_TAG = "tune.early_stopped"
+# A trial's driver only waits on its TorchTrainer, whose workers hold the CPUs; Tune
+# refuses 0, so it asks for a sliver.
+TRIAL_DRIVER_CPU = 0.01
 
 
 def search_space(space: dict[str, Any], search: str) -> dict[str, Any]:
@@ -58,7 +61,7 @@ def concurrent_trials(cfg: Config) -> int:
     if cfg.tune.max_concurrent_trials:
         return cfg.tune.max_concurrent_trials
     t, res = cfg.train, ray.cluster_resources()
-    n = int((res.get("CPU", 1) - 1) // (t.num_workers * t.cpus_per_worker))
+    n = int((res.get("CPU", 1) - 1) // (t.num_workers * t.cpus_per_worker + TRIAL_DRIVER_CPU))
     if t.use_gpu:
         n = min(n, int(res.get("GPU", 0) // (t.num_workers * t.gpus_per_worker)))
     return max(1, n)
@@ -82,7 +85,7 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
 
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, base=cfg.to_dict(), prep=prep, sweep=sweep, parent_run_id=parent_id),
-        {"CPU": 0.01})  # the trial driver only waits on its TorchTrainer, whose workers hold the CPUs (0 is refused)
+        {"CPU": TRIAL_DRIVER_CPU})
     path = f"{storage}/{sweep}"
     if tune.Tuner.can_restore(path):
         print(f"[tune] resuming from {path}: finished trials are kept, unfinished ones continue", flush=True)
@@ -92,7 +95,9 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
         if tc.scheduler == "asha":
             from ray.tune.schedulers import ASHAScheduler
 
-            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(cfg.train.max_epochs, tc.grace_period),
+            # max_t past the last epoch: a trial that runs its course ends on its own (and
+            # closes its MLflow run then) rather than being stopped by the scheduler.
+            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(cfg.train.max_epochs, tc.grace_period) + 1,
                                       grace_period=tc.grace_period, reduction_factor=tc.reduction_factor)
         search_alg = None
         if tc.search == "optuna":

@@ -23,9 +23,10 @@ def ray_session():
     """A real local Ray cluster, started once (startup costs seconds on 2 cores)."""
     import ray
 
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, dashboard_host="127.0.0.1", log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    from pipeline.train.run import init_ray
+
+    # The same local cluster `pipeline tune` starts for 1-worker trials on this 2-core
+    # machine (3 logical CPUs), so resource starvation shows up here as for users.
+    init_ray(min_cpus=1)
     yield ray
     ray.shutdown()

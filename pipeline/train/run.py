@@ -32,10 +32,11 @@ def init_ray(min_cpus: int = 1) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        # Logical CPUs above the training workers' share leave room for Ray Data's read
-        # tasks; without it, workers holding every CPU would starve their own input.
+        # Logical CPUs above the training workers' share leave room for Ray Data's tasks
+        # (whole-CPU file listing) and a sweep's trial drivers; without them, workers
+        # holding every CPU would starve their own input.
         # The dashboard serves Ray's state API, which Ray Train's cleanup polls; 127.0.0.1 only.
-        ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus + 1), dashboard_host="127.0.0.1", log_to_driver=True)
+        ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus + 2), dashboard_host="127.0.0.1", log_to_driver=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
@@ -168,7 +169,10 @@ def fit_run(cfg: Config, prep: dict[str, Any], run_name: str, parent_run_id: str
         run_config=RunConfig(name=run_name, storage_path=prep["storage"], callbacks=callbacks,
                              failure_config=FailureConfig(max_failures=t.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        datasets={s: ray.data.read_parquet(f"{data_dir}/{s}") for s in ("train", "val")},
+        # Reads take a quarter CPU: the workers hold whole CPUs, and a sweep's trial driver
+        # a sliver more, so whole-CPU read tasks could wait forever on a small cluster.
+        datasets={s: ray.data.read_parquet(f"{data_dir}/{s}", ray_remote_args={"num_cpus": 0.25})
+                  for s in ("train", "val")},
         dataset_config=_exactly_once_data_config(),
     )
     t0 = time.time()
