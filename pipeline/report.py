@@ -45,7 +45,7 @@ def heatmap(sweep: dict[str, Any], x: str = "model.hidden_size", y: str = "model
         cur = grid[i][j]
         if cur != cur or (r["best"] > cur if sweep["mode"] == "max" else r["best"] < cur):
             grid[i][j] = r["best"]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(xs), 1.4 + 1.0 * len(ys)))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 + 1.3 * len(xs)), 1.4 + 1.0 * len(ys)))
     im = ax.imshow(grid, cmap="viridis", origin="lower", aspect="auto")
     ax.set_xticks(range(len(xs)), [str(v) for v in xs])
     ax.set_yticks(range(len(ys)), [str(v) for v in ys])
@@ -56,7 +56,7 @@ def heatmap(sweep: dict[str, Any], x: str = "model.hidden_size", y: str = "model
             if grid[i][j] == grid[i][j]:
                 ax.text(j, i, f"{grid[i][j]:.1f}", ha="center", va="center", color="white", fontsize=10)
     fig.colorbar(im, ax=ax, label=metric)
-    ax.set_title(f"{metric} by {x} x {y}")
+    ax.set_title(f"best {metric} per cell")  # the axes name the keys
     fig.tight_layout()
     return fig
 

@@ -93,7 +93,7 @@ def test_report_writes_pngs(sweep):
     for name in ("heatmap.png", "learning_curves.png"):
         img = Image.open(out / name)
         assert img.size[0] > 200 and img.size[1] > 150
-        assert len(set(img.convert("RGB").resize((50, 50)).getdata())) > 10  # not a blank canvas
+        assert len(img.convert("RGB").resize((50, 50)).getcolors(2500)) > 10  # not a blank canvas
     summary = (out / "summary.md").read_text()
     assert summary.count("\n| ") >= 5 and "stopped early" in summary
 
