@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import tempfile
-import unicodedata
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,6 @@ from .data import tokenizer as toklib
 from .models import Seq2Seq, build_model
 
 BUNDLE_FILES = ("model.pt", "model.json", "src_tokenizer.json", "tgt_tokenizer.json")
-_SPACE = re.compile(r"\s+")
 
 
 def bundle_meta(model_cfg: ModelConfig, vocab: dict[str, Any], data_cfg: Any) -> dict[str, Any]:
@@ -79,10 +76,7 @@ class Translator:
 
     def clean(self, text: str) -> str:
         t = self.meta.get("text", {})
-        if t.get("normalization", "NFC") != "none":
-            text = unicodedata.normalize(t.get("normalization", "NFC"), text)
-        text = _SPACE.sub(" ", text).strip()
-        return text.lower() if t.get("lowercase") else text
+        return toklib.clean_text(text, t.get("normalization", "NFC"), bool(t.get("lowercase")))
 
     def translate(self, sentences: list[str], beam_size: int = 4, length_penalty: float = 0.6,
                   batch_size: int = 64) -> list[str]:

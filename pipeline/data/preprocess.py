@@ -13,9 +13,7 @@ mtimes, so the same inputs and config reuse it.
 from __future__ import annotations
 
 import json
-import re
 import time
-import unicodedata
 import zlib
 from dataclasses import asdict
 from pathlib import Path
@@ -32,22 +30,14 @@ from .readers import DataError, list_tasks, read_tasks
 
 SPLITS = ("train", "val", "test")
 OUTPUT_COLUMNS = ["id", "src_ids", "tgt_ids", "src_len", "tgt_len", "src", "tgt"]
-_SPACE = re.compile(r"\s+")
 
 
 def _clean_batch(batch: dict[str, np.ndarray], cfg: dict[str, Any]) -> dict[str, np.ndarray]:
     """Normalise and filter by characters; assign a split where the files gave none."""
-    form = None if cfg["normalization"] == "none" else cfg["normalization"]
     src_out, tgt_out, split_out, reason_out = [], [], [], []
     for src, tgt, split, reason in zip(batch["src"], batch["tgt"], batch["split"], batch["reason"]):
         if not reason:
-            pair = []
-            for text in (src, tgt):
-                if form:
-                    text = unicodedata.normalize(form, text)
-                text = _SPACE.sub(" ", text).strip()
-                pair.append(text.lower() if cfg["lowercase"] else text)
-            src, tgt = pair
+            src, tgt = (toklib.clean_text(x, cfg["normalization"], cfg["lowercase"]) for x in (src, tgt))
             if not src or not tgt:
                 reason = "empty"
             elif max(len(src), len(tgt)) > cfg["max_chars"]:

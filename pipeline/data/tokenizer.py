@@ -7,11 +7,23 @@ text exactly (detokenised BLEU needs that). Special ids are fixed: 0 pad, 1 unk,
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from collections.abc import Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
+_SPACE = re.compile(r"\s+")
+
+
+def clean_text(text: str, normalization: str, lowercase: bool) -> str:
+    """The one text cleaning, shared by preprocessing and inference so that a model
+    sees at translation time exactly what it saw in training."""
+    if normalization != "none":
+        text = unicodedata.normalize(normalization, text)
+    text = _SPACE.sub(" ", text).strip()
+    return text.lower() if lowercase else text
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = range(4)
 
 
