@@ -4,9 +4,11 @@
     pipeline train [key=value ...]      preprocess if needed, train, test, log to MLflow
     pipeline preprocess [key=value ...] only the Ray Data preprocessing
     pipeline config [key=value ...]     print the resolved config
+    pipeline doctor [key=value ...]     preflight checks for a run with that config
     pipeline tune [key=value ...]       a Ray Tune sweep of Ray Train runs
     pipeline report --sweep NAME        a sweep's plots and summary from MLflow
     pipeline translate --model M        stdin -> stdout
+    pipeline caption --model M CLIP...  captions of video clips
     pipeline evaluate --model M [...]   BLEU and chrF on a split
     pipeline submit [--address URL] -- train ...   run a command as a job on a Ray cluster
     pipeline jobs status|logs|stop ID   follow a submitted job
@@ -19,7 +21,7 @@ import argparse
 import json
 import sys
 
-from .config import ConfigError, load_config
+from .config import ConfigError, default_metric, load_config
 
 EXAMPLES = """overrides: group=option (data=multi30k) or group.key=value (model.hidden_size=512);
 `pipeline config` lists every key. Examples:
@@ -44,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
                        ("train", "preprocess (if needed), train on Ray Train, test, and log everything to MLflow"),
                        ("preprocess", "run the Ray Data preprocessing only and print the manifest"),
                        ("tune", "a Ray Tune sweep: each trial a Ray Train run, MLflow parent + child runs"),
-                       ("config", "print the resolved config as YAML")):
+                       ("config", "print the resolved config as YAML"),
+                       ("doctor", "preflight: data readable, storage writable, MLflow and Ray reachable, resources")):
         c = cmd(name, help)
         c.add_argument("overrides", nargs="*", help="config overrides: key=value")
         if name == "preprocess":
@@ -54,7 +57,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--beam", type=int, default=4, help="beam size (1 = greedy)")
     c.add_argument("--length-penalty", type=float, default=0.6)
     c.add_argument("--batch-size", type=int, default=64)
-    c = cmd("evaluate", "BLEU and chrF of a model on a split of a corpus (config overrides pick the corpus)")
+    c = cmd("caption", "caption video clips (mp4, ... or .npy features) with a trained captioning model")
+    c.add_argument("clips", nargs="+", help="video files (local paths or URIs), or .npy feature files")
+    c.add_argument("--model", required=True, help="model bundle folder (ray_results/RUN/best) or MLflow model URI")
+    c.add_argument("--beam", type=int, default=4, help="beam size (1 = greedy)")
+    c.add_argument("--length-penalty", type=float, default=0.6)
+    c.add_argument("--backbone", default="", help="the TorchScript backbone, for a model trained on frozen features")
+    c = cmd("evaluate", "BLEU and chrF (text) or CIDEr-D, BLEU-4, ROUGE-L (video) of a model on a split of a corpus")
     c.add_argument("--model", required=True, help="model bundle folder or MLflow model URI")
     c.add_argument("--split", default="test", choices=["train", "val", "test"])
     c.add_argument("--beam", type=int, default=4)
@@ -99,7 +108,10 @@ def _user_error(e: BaseException) -> BaseException | None:
     from .data.readers import DataError
     from .tracking import TrackingError
 
-    known = (ConfigError, DataError, TrackingError, ClusterError, FileNotFoundError, PermissionError, ConnectionError)
+    from .inference import BundleError
+
+    known = (ConfigError, DataError, TrackingError, ClusterError, BundleError, FileNotFoundError, PermissionError,
+             ConnectionError)
     seen = set()
     while e is not None and id(e) not in seen:  # Ray wraps worker errors; find ours inside
         seen.add(id(e))
@@ -132,6 +144,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         for out in tr.translate(lines, args.beam, args.length_penalty, args.batch_size):
             print(out)
         return 0
+    if args.command == "caption":
+        from .inference import Captioner
+
+        cap = Captioner.load(args.model)
+        for path, text in zip(args.clips, cap.caption(cap.load_clips(args.clips, args.backbone), args.beam,
+                                                       args.length_penalty)):
+            print(f"{path}\t{text}")
+        return 0
     overrides = list(args.overrides)
     if args.command == "demo":
         overrides = DEMO_OVERRIDES + overrides
@@ -139,6 +159,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "config":
         print(cfg.to_yaml(), end="")
         return 0
+    if args.command == "doctor":
+        from .doctor import doctor
+
+        return 0 if doctor(cfg) else 1
     if args.command == "preprocess":
         from .data.preprocess import preprocess
         from .train.run import init_ray
@@ -151,13 +175,20 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "evaluate":
         from . import metrics
         from .data.preprocess import preprocess
+        from .config import is_video
         from .train.run import init_ray, translate_split
 
         init_ray()
         out, manifest = preprocess(cfg.data)
-        res = translate_split(args.model, f"{out}/{args.split}", args.beam, args.length_penalty)
-        print(json.dumps({"split": args.split, "sentences": len(res["hyp"]), "bleu": round(metrics.bleu(res["hyp"], res["tgt"]), 2),
-                          "chrf": round(metrics.chrf(res["hyp"], res["tgt"]), 2)}))
+        video = is_video(cfg)
+        res = translate_split(args.model, f"{out}/{args.split}", args.beam, args.length_penalty, video)
+        if video:
+            scores = {k: round(v, 4) for k, v in metrics.caption_scores(res["hyp"], res["tgt"], with_meteor=True).items()}
+            print(json.dumps({"split": args.split, "videos": len(res["hyp"]), **scores}))
+        else:
+            print(json.dumps({"split": args.split, "sentences": len(res["hyp"]),
+                              "bleu": round(metrics.bleu(res["hyp"], res["tgt"]), 2),
+                              "chrf": round(metrics.chrf(res["hyp"], res["tgt"]), 2)}))
         return 0
     if args.command == "report":
         from .report import write_report
@@ -171,11 +202,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .tune import format_table, run_sweep
 
         res = run_sweep(cfg)
-        metric = cfg.tune.metric or "val_bleu"
+        metric = cfg.tune.metric or default_metric(cfg)
         print(f"\n== sweep {res['sweep']} ==\n{format_table(res['trials'], metric)}")
         if res.get("registered_model"):
+            tests = " ".join(f"{k} {v:.3f}" for k, v in res.items() if k.startswith("test_") and isinstance(v, float))
             print(f"champion: {res['best']['run_name']} -> models:/{res['registered_model']}@champion "
-                  f"(version {res['registered_version']}); test_bleu {res.get('test_bleu', float('nan')):.2f}")
+                  f"(version {res['registered_version']}); {tests}")
         print(f"review: pipeline report --sweep {res['sweep']}")
         return 0
     from .train.run import run_training
@@ -190,15 +222,18 @@ def _summary(res: dict) -> str:
 
     lines = ["", "== done ==", f"MLflow run:   {res['run_id']} (experiment '{res['experiment']}', run name {res['run_name']})",
              f"tracking URI: {redact(res['tracking_uri'])}"]
-    for k in ("test_bleu", "test_chrf"):
-        if k in res:
-            lines.append(f"{k}:    {res[k]:.2f}")
+    for k, v in res.items():
+        if k.startswith("test_") and isinstance(v, float):
+            lines.append(f"{k + ':':<13} {v:.3f}")
     lines.append(f"best model:   {res['best_dir']}")
     if res.get("model_uri"):
         lines.append(f"MLflow model: {res['model_uri']}")
     lines.append(f"look at it:   mlflow ui --backend-store-uri {redact(res['tracking_uri'])}   "
                  f"(then open http://127.0.0.1:5000)")
-    lines.append(f"translate:    echo 'a sentence' | pipeline translate --model {res['best_dir']}")
+    if res.get("video"):
+        lines.append(f"caption:      pipeline caption --model {res['best_dir']} CLIP.mp4 ...")
+    else:
+        lines.append(f"translate:    echo 'a sentence' | pipeline translate --model {res['best_dir']}")
     return "\n".join(lines)
 
 

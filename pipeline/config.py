@@ -33,7 +33,9 @@ class ConfigError(ValueError):
 class DataConfig:
     # Which reader: a generated demo corpus, the Multi30k raw layout
     # ({split}.{lang}[.gz]), globs of aligned shard pairs, or TSV/JSONL/Parquet tables.
-    name: Literal["demo_text", "multi30k", "pairs", "table"] = "demo_text"
+    # Video-caption corpora: the generated demo (MSR-VTT layout), MSR-VTT, MSVD, or
+    # precomputed frame features (.npy per video or Parquet) with captions in either layout.
+    name: Literal["demo_text", "multi30k", "pairs", "table", "demo_video", "msrvtt", "msvd", "video_features"] = "demo_text"
     root: str = "artifacts/demo_text"
     src_lang: str = "en"
     tgt_lang: str = "de"
@@ -48,6 +50,20 @@ class DataConfig:
     files: str = ""
     src_column: str = "src"
     tgt_column: str = "tgt"
+    # Video: clips in videos_dir ("" = ROOT/videos), captions in captions_file ("" = the
+    # layout's default: ROOT/train_val_videodatainfo.json or ROOT/captions.txt). For
+    # video_features, data.files globs the .npy / .parquet feature files.
+    videos_dir: str = ""
+    captions_file: str = ""
+    num_frames: int = 8  # K frames sampled per clip: uniformly, or at data.fps from the start
+    fps: float = 0.0  # 0 = K frames spread uniformly over the clip
+    frame_size: int = 64  # frames resized to frame_size x frame_size
+    # cnn: decoded frames are stored and a small CNN is trained end to end with the
+    # captioner; frozen: a TorchScript backbone (data.backbone, a file the user gives)
+    # turns frames into features once, on an actor pool, cached.
+    frame_encoder: Literal["cnn", "frozen"] = "cnn"
+    backbone: str = ""
+    feature_cache: str = "artifacts/feature_cache"  # "" = no cache
     # Cleaning and filtering.
     normalization: Literal["NFC", "NFKC", "none"] = "NFC"
     lowercase: bool = False
@@ -78,6 +94,7 @@ class ModelConfig:
     attention: Literal["dot", "general", "mlp"] = "general"
     input_feeding: bool = False
     tie_embeddings: bool = True
+    cnn_channels: int = 32  # video, frame_encoder=cnn: width of the per-frame CNN
 
 
 @dataclass
@@ -128,7 +145,7 @@ class TuneConfig:
     search: Literal["grid", "random", "optuna"] = "grid"
     num_samples: int = 1  # grid: repeats of the grid; random/optuna: trials
     scheduler: Literal["asha", "none"] = "asha"
-    metric: str = ""  # "" = the task's validation metric (val_bleu)
+    metric: str = ""  # "" = the task's validation metric (val_bleu for text, val_cider for video)
     mode: Literal["max", "min"] = "max"
     grace_period: int = 1  # validations before ASHA may stop a trial
     reduction_factor: int = 2
@@ -168,6 +185,16 @@ class Config:
 
 
 GROUPS = [f.name for f in dataclasses.fields(Config)]
+VIDEO_DATA = ("demo_video", "msrvtt", "msvd", "video_features")
+
+
+def is_video(cfg: "Config") -> bool:
+    return cfg.data.name in VIDEO_DATA
+
+
+def default_metric(cfg: "Config") -> str:
+    """The validation metric that picks the best checkpoint and ranks sweep trials."""
+    return "val_cider" if is_video(cfg) else "val_bleu"
 
 
 def _field_types(obj: Any) -> dict[str, Any]:
@@ -278,16 +305,21 @@ def _load_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _apply_option(cfg: Config, group: str, option: str) -> None:
+def _apply_option(cfg: Config, group: str, option: str) -> list[tuple[str, Any]]:
+    """Set the option's own keys; return the keys it sets in other groups (a recipe, e.g.
+    data=demo_video picks a model and batch size), applied after every group's option."""
     path = CONF_DIR / group / f"{option}.yaml"
     if not path.exists():
         raise ConfigError(f"no option '{option}' for config group '{group}'; choose one of: {', '.join(options(group))}")
+    others = []
     for key, value in _load_yaml(path).items():
-        if key in GROUPS:  # an option may also set keys of other groups (e.g. a recipe)
-            for k, v in (value or {}).items():
-                set_key(cfg, f"{key}.{k}", v)
+        if key in GROUPS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: '{key}' must be a mapping of {key} keys")
+            others += [(f"{key}.{k}", v) for k, v in value.items()]
         else:
             set_key(cfg, f"{group}.{key}", value)
+    return others
 
 
 def parse_value(text: str) -> Any:
@@ -301,6 +333,7 @@ def load_config(overrides: list[str] | None = None) -> Config:
     """Compose defaults, chosen options and ``key=value`` overrides into a validated Config."""
     overrides = overrides or []
     choices: dict[str, str] = {}
+    picked: set[str] = set()
     for group, option in _load_yaml(CONF_DIR / "config.yaml").get("defaults", {}).items():
         choices[group] = option
     dotted: list[tuple[str, Any]] = []
@@ -311,15 +344,20 @@ def load_config(overrides: list[str] | None = None) -> Config:
         key = key.strip()
         if key in GROUPS:
             choices[key] = text
+            picked.add(key)
         elif "." in key:
             dotted.append((key, parse_value(text)))
         else:
             raise ConfigError(f"unknown config group '{key}'; groups: {', '.join(GROUPS)} (or set a key: group.key=value)")
     cfg = Config()
+    recipe: list[tuple[str, Any]] = []
     for group, option in choices.items():
         if group not in GROUPS:
             raise ConfigError(f"conf/config.yaml names unknown group '{group}'")
-        _apply_option(cfg, group, option)
+        recipe += _apply_option(cfg, group, option)
+    for key, value in recipe:  # over the other groups' defaults, but not over an option the user picked
+        if key.split(".")[0] not in picked:
+            set_key(cfg, key, value)
     for key, value in dotted:
         set_key(cfg, key, value)
     validate(cfg)
@@ -350,6 +388,14 @@ def validate(cfg: Config) -> None:
     need(d.vocab_size >= 100, f"data.vocab_size must be >= 100, got {d.vocab_size}")
     need(1 <= d.min_tokens <= d.max_tokens, f"need 1 <= data.min_tokens <= data.max_tokens, got {d.min_tokens}, {d.max_tokens}")
     need(0 <= d.val_fraction < 0.5 and 0 <= d.test_fraction < 0.5, "data.val_fraction and data.test_fraction must be in [0, 0.5)")
+    if d.name in VIDEO_DATA:
+        need(d.num_frames >= 1 and d.frame_size >= 8 and d.fps >= 0,
+             f"need data.num_frames >= 1, data.frame_size >= 8, data.fps >= 0; got {d.num_frames}, {d.frame_size}, {d.fps}")
+        need(d.frame_encoder == "cnn" or bool(d.backbone),
+             "data.frame_encoder=frozen needs data.backbone (a TorchScript file: frames (N, 3, H, W) -> features (N, D))")
+    if d.name == "video_features":
+        need(bool(d.files and d.captions_file),
+             "data=video_features needs data.files (globs of .npy or .parquet feature files) and data.captions_file")
     if d.name == "pairs":
         need(bool(d.src_files and d.tgt_files), "data=pairs needs data.src_files and data.tgt_files (globs)")
     if d.name == "table":

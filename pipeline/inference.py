@@ -25,9 +25,18 @@ from .models import Seq2Seq, build_model
 BUNDLE_FILES = ("model.pt", "model.json", "src_tokenizer.json", "tgt_tokenizer.json")
 
 
+class BundleError(ValueError):
+    """A model used for what it was not trained for (a captioner given text, ...)."""
+
+
 def bundle_meta(model_cfg: ModelConfig, vocab: dict[str, Any], data_cfg: Any) -> dict[str, Any]:
-    return {"model": asdict(model_cfg), **vocab,
+    """model.json: what it takes to rebuild the model and feed it as in training (text
+    cleaning; for video the frame sampling, and the ``video`` input entry of the manifest)."""
+    meta = {"model": asdict(model_cfg), **vocab,
             "text": {"normalization": data_cfg.normalization, "lowercase": data_cfg.lowercase}}
+    if vocab.get("video"):
+        meta["sampling"] = {k: getattr(data_cfg, k) for k in ("num_frames", "fps", "frame_size", "frame_encoder")}
+    return meta
 
 
 def save_bundle(dest: str, model: torch.nn.Module, meta: dict[str, Any], src_json: str, tgt_json: str) -> None:
@@ -43,6 +52,31 @@ def save_bundle(dest: str, model: torch.nn.Module, meta: dict[str, Any], src_jso
         fs.mv(f"{root}/{name}.tmp", f"{root}/{name}")
 
 
+def _locate(location: str) -> tuple[Any, str, dict[str, Any]]:
+    """A bundle folder (local or URI), or an MLflow model URI (runs:/, models:/) -> (fs, root, meta)."""
+    if location.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
+        import mlflow.artifacts
+
+        local = mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tempfile.mkdtemp())
+        found = list(Path(local).rglob("model.json"))
+        if not found:
+            raise FileNotFoundError(f"{location} has no model.json: not a model logged by this project")
+        location = str(found[0].parent)
+    fs, root = fsspec.core.url_to_fs(location)
+    missing = [n for n in BUNDLE_FILES if not fs.exists(f"{root}/{n}")]
+    if missing:
+        raise FileNotFoundError(f"{location} is not a model bundle: missing {', '.join(missing)}")
+    return fs, root, json.loads(fs.cat_file(f"{root}/model.json"))
+
+
+def load_model(fs: Any, root: str, meta: dict[str, Any]) -> Seq2Seq:
+    model = build_model(ModelConfig(**meta["model"]), meta["src_vocab_size"], meta["tgt_vocab_size"],
+                        meta["joint_vocab"], meta["pad_id"], meta["bos_id"], meta["eos_id"], meta.get("video"))
+    state = torch.load(io.BytesIO(fs.cat_file(f"{root}/model.pt")), map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return model
+
+
 class Translator:
     """A loaded bundle: ``translate(["a sentence", ...])`` -> translations."""
 
@@ -54,25 +88,15 @@ class Translator:
     @classmethod
     def load(cls, location: str, device: str = "cpu") -> "Translator":
         """A bundle folder (local or URI), or an MLflow model URI (runs:/, models:/)."""
-        if location.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
-            import mlflow.artifacts
-
-            local = mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tempfile.mkdtemp())
-            found = list(Path(local).rglob("model.json"))
-            if not found:
-                raise FileNotFoundError(f"{location} has no model.json: not a model logged by this project")
-            location = str(found[0].parent)
-        fs, root = fsspec.core.url_to_fs(location)
-        missing = [n for n in BUNDLE_FILES if not fs.exists(f"{root}/{n}")]
-        if missing:
-            raise FileNotFoundError(f"{location} is not a model bundle: missing {', '.join(missing)}")
-        meta = json.loads(fs.cat_file(f"{root}/model.json"))
-        model = build_model(ModelConfig(**meta["model"]), meta["src_vocab_size"], meta["tgt_vocab_size"],
-                            meta["joint_vocab"], meta["pad_id"], meta["bos_id"], meta["eos_id"])
-        state = torch.load(io.BytesIO(fs.cat_file(f"{root}/model.pt")), map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
-        return cls(model, meta, fs.cat_file(f"{root}/src_tokenizer.json").decode(),
+        fs, root, meta = _locate(location)
+        cls._check_kind(meta, location)
+        return cls(load_model(fs, root, meta), meta, fs.cat_file(f"{root}/src_tokenizer.json").decode(),
                    fs.cat_file(f"{root}/tgt_tokenizer.json").decode(), device)
+
+    @staticmethod
+    def _check_kind(meta: dict[str, Any], location: str) -> None:
+        if meta.get("video"):
+            raise BundleError(f"{location} is a video captioning model: use `pipeline caption`, not translate")
 
     def clean(self, text: str) -> str:
         t = self.meta.get("text", {})
@@ -83,6 +107,48 @@ class Translator:
         ids = toklib.encode(self.src_tok, [self.clean(s) for s in sentences])
         out = decode_ids(self.model, ids, beam_size, length_penalty, batch_size, self.device)
         return toklib.decode(self.tgt_tok, out)
+
+
+class Captioner(Translator):
+    """A loaded video bundle: ``caption_files(["clip.mp4", ...])`` or ``caption(clips)``.
+
+    Clips are decoded and sampled exactly as in preprocessing (``model.json``'s sampling);
+    a model trained on frozen-backbone features needs that backbone again (``backbone=``);
+    one trained on precomputed features takes ``.npy`` feature files.
+    """
+
+    @staticmethod
+    def _check_kind(meta: dict[str, Any], location: str) -> None:
+        if not meta.get("video"):
+            raise BundleError(f"{location} is a text model: use `pipeline translate`, not caption")
+
+    def caption(self, clips: list[Any], beam_size: int = 4, length_penalty: float = 0.6,
+                batch_size: int = 32) -> list[str]:
+        out = decode_clips(self.model, clips, beam_size, length_penalty, batch_size, self.device)
+        return toklib.decode(self.tgt_tok, out)
+
+    def load_clips(self, paths: list[str], backbone: str = "") -> list[Any]:
+        import numpy as np
+
+        from .data.video import FrozenBackbone, decode_clip
+
+        s, kind = self.meta["sampling"], self.meta["video"]["kind"]
+        net = None
+        if kind == "features" and s["frame_encoder"] == "frozen":
+            if not backbone:
+                raise BundleError("this model was trained on frozen-backbone features: pass the same --backbone file")
+            net = FrozenBackbone(backbone, "", "", "")
+        clips = []
+        for path in paths:
+            if path.endswith(".npy"):
+                clips.append(np.load(path, allow_pickle=False).astype(np.float16))
+                continue
+            if kind == "features" and net is None:
+                raise BundleError(f"{path}: this model was trained on precomputed features; give .npy feature files")
+            with fsspec.open(path, "rb") as f:
+                frames = decode_clip(f.read(), s["num_frames"], s["frame_size"], s["fps"], path)
+            clips.append(net.features(frames) if net is not None else frames)
+        return clips
 
 
 def decode_ids(model: Seq2Seq, src_ids: list[list[int]], beam_size: int, length_penalty: float,
@@ -111,4 +177,21 @@ def decode_ids(model: Seq2Seq, src_ids: list[list[int]], beam_size: int, length_
             hyps = model.beam_search(src, src_lens, max_len, beam_size, length_penalty)
         for i, h in zip(idx, hyps):
             out[i] = h
+    return out
+
+
+def decode_clips(model: Seq2Seq, clips: list[Any], beam_size: int, length_penalty: float, batch_size: int,
+                 device: torch.device, max_len: int = 40) -> list[list[int]]:
+    """Batched greedy or beam search over clips (frames or features arrays), in input order."""
+    from .data.video import pad_clips
+
+    model.eval()
+    out: list[list[int]] = []
+    for start in range(0, len(clips), batch_size):
+        src, lens = pad_clips(clips[start : start + batch_size])
+        src_t, lens = torch.from_numpy(src).to(device), torch.from_numpy(lens)
+        if beam_size == 1:
+            out += model.greedy(src_t, lens, max_len)
+        else:
+            out += model.beam_search(src_t, lens, max_len, beam_size, length_penalty)
     return out

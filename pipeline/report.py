@@ -108,3 +108,29 @@ def write_report(uri: str, experiment: str, sweep_name: str, out_dir: str) -> li
     (out / "summary.md").write_text(markdown(sweep))
     paths.append(out / "summary.md")
     return paths
+
+
+def contact_sheet(items: list[dict[str, Any]], path: str, max_frames: int = 6) -> str:
+    """Clips as strips of frames, each titled with the predicted caption and the references.
+    ``items``: {"video_id", "frames" (K, H, W, 3) uint8 or None, "hyp", "refs"}."""
+    import textwrap
+
+    import numpy as np
+
+    n = max(1, len(items))
+    fig, axes = plt.subplots(n, 1, figsize=(12, 2.6 * n), squeeze=False)
+    for ax, item in zip(axes[:, 0], items):
+        ax.axis("off")
+        frames = item["frames"]
+        if frames is not None:
+            picks = np.linspace(0, len(frames) - 1, min(max_frames, len(frames))).astype(int)
+            gap = np.full((frames.shape[1], max(2, frames.shape[2] // 16), 3), 255, dtype=np.uint8)
+            strip = np.concatenate([x for i in picks for x in (frames[i], gap)][:-1], axis=1)
+            ax.imshow(strip)
+        refs = "; ".join(item["refs"][:3])
+        ax.set_title("\n".join(textwrap.wrap(f"{item['video_id']}  predicted: {item['hyp']}", 120)
+                               + textwrap.wrap(f"references: {refs}", 120)), loc="left", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path

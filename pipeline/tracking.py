@@ -121,6 +121,13 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> 
     client(uri).log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
 
+def last_step(uri: str, run_id: str, key: str) -> int:
+    """The highest step logged for ``key`` (-1 when none): a restarted worker group re-runs
+    steps past its checkpoint and must not log them twice."""
+    history = client(uri).get_metric_history(run_id, key)
+    return max((m.step for m in history), default=-1)
+
+
 def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
     c = client(uri)
     for k, v in tags.items():

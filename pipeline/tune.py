@@ -17,7 +17,7 @@ from typing import Any
 import ray
 
 from . import tracking
-from .config import Config, ConfigError, set_key, validate
+from .config import Config, ConfigError, default_metric, set_key, validate
 from .train.run import fit_run, prepare, test_and_log
 
 EARLY_STOPPED_TAG = "tune.early_stopped"
@@ -77,7 +77,7 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
     prep = prepare(cfg)
     uri, experiment, storage = prep["uri"], prep["experiment"], prep["storage"]
     sweep = tc.name or f"sweep-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    metric = tc.metric or "val_bleu"
+    metric = tc.metric or default_metric(cfg)
     params = {"tune.space": json.dumps(tc.space), "tune.search": tc.search, "tune.scheduler": tc.scheduler,
               "tune.num_samples": tc.num_samples, "tune.metric": metric, "tune.mode": tc.mode, **cfg.flat()}
     parent_id, resumed = tracking.open_run(uri, experiment, sweep, params, {"pipeline.kind": "sweep"})

@@ -11,6 +11,8 @@ import yaml
 
 from pipeline.data.download import MULTI30K_FILES, download_multi30k
 
+REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
+
 
 def run(*args, **kw):
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=120, **kw)
@@ -65,3 +67,23 @@ def test_download_from_a_server_and_offline_error(tmp_path):
         server.shutdown()
     with pytest.raises(ConnectionError, match="are you offline"):
         download_multi30k(str(tmp_path / "x"), base=f"http://127.0.0.1:{server.server_port}", timeout=2)
+
+
+def test_doctor_reports_each_check(tmp_path):
+    ok = run("doctor", "data=multi30k", f"data.root={REPO / '..' / 'shared' / 'data' / 'multi30k'}",
+             f"train.storage_path={tmp_path}/ray", f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db",
+             "train.num_workers=1")
+    assert ok.returncode == 0, ok.stdout + ok.stderr[-2000:]
+    lines = {line.split()[1]: line for line in ok.stdout.splitlines() if line.startswith(("ok", "FAIL"))}
+    assert set(lines) == {"data", "storage", "mlflow", "ray"} and all(v.startswith("ok") for v in lines.values())
+    assert "3 input file(s)" in lines["data"] and "CPUs" in lines["ray"]
+    (tmp_path / "afile").write_text("x")
+    bad = run("doctor", "data=multi30k", f"data.root={tmp_path}/missing", f"train.storage_path={tmp_path}/afile/ray",
+              "tracking.tracking_uri=http://127.0.0.1:9", "train.use_gpu=true", "train.num_workers=1")
+    assert bad.returncode == 1
+    fails = [line for line in bad.stdout.splitlines() if line.startswith("FAIL")]
+    assert len(fails) == 4, bad.stdout
+    text = "\n".join(fails)
+    assert f"data.root '{tmp_path}/missing' does not exist" in text
+    assert "train.storage_path" in text and "cannot be written" in text
+    assert "127.0.0.1:9" in text and "needs 1 GPUs; the cluster has 0" in text

@@ -20,6 +20,8 @@ def test_every_yaml_option_loads(group):
             overrides += ["data.src_files=a", "data.tgt_files=b"]
         if group == "data" and opt == "table":
             overrides += ["data.files=a.tsv"]
+        if group == "data" and opt == "video_features":
+            overrides += ["data.files=feats/*.npy", "data.captions_file=captions.txt"]
         assert isinstance(load_config(overrides), Config)
 
 
@@ -27,12 +29,15 @@ def test_every_yaml_option_loads(group):
     (["model.hidden=3"], "unknown config key 'model.hidden'; valid keys: model.embedding_size, model.hidden_size"),
     (["model.hidden_size=abc"], "model.hidden_size must be of type int, got 'abc'"),
     (["train.use_gpu=3"], "train.use_gpu must be of type bool"),
-    (["data=nope"], "no option 'nope' for config group 'data'; choose one of: demo_text, multi30k, pairs, table"),
+    (["data=nope"], "no option 'nope' for config group 'data'; choose one of: demo_text, demo_video, msrvtt, msvd, multi30k"),
     (["model.attention=luong"], "model.attention='luong' is not a valid choice; choose one of: dot, general, mlp"),
     (["modl.hidden_size=3"], "unknown config key 'modl'; valid keys: data, model, train, tracking"),
     (["hidden_size"], "must look like key=value"),
     (["model.hidden_size=255"], "positive even number"),
     (["data=pairs"], "data=pairs needs data.src_files and data.tgt_files"),
+    (["data=video_features"], "data=video_features needs data.files"),
+    (["data=demo_video", "data.frame_encoder=frozen"], "data.frame_encoder=frozen needs data.backbone"),
+    (["data=msrvtt", "data.num_frames=0"], "need data.num_frames >= 1"),
 ])
 def test_bad_config_is_named(override, message):
     with pytest.raises(ConfigError) as e:

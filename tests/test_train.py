@@ -2,6 +2,7 @@
 resume, the MLflow record, and using the logged model."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def trained(ray_session, tmp_path_factory):
+def trained(ray_session, tmp_path_factory, request):
     tmp = tmp_path_factory.mktemp("train")
     uri = f"sqlite:///{tmp}/mlflow.db"
     overrides = ["data=demo_text", "model=small", f"data.root={tmp}/demo", "data.demo_size=4000", "data.vocab_size=500",
@@ -26,11 +27,52 @@ def trained(ray_session, tmp_path_factory):
                  "train.num_workers=2", "train.max_epochs=1", "train.batch_tokens=600", "train.test_beam_size=2",
                  "train.lr=0.01", "train.warmup_steps=20",
                  f"tracking.tracking_uri={uri}", "tracking.experiment=e2e-test"]
-    first = run_training(load_config(overrides))
-    steps_first = _metric_steps(uri, first["run_id"], "val_bleu")
-    # Same run name again with one more epoch: resumes from the checkpoint into the same MLflow run.
-    second = run_training(load_config(overrides + ["train.max_epochs=4"]))
-    return {"uri": uri, "tmp": tmp, "first": first, "second": second, "steps_first": steps_first}
+    # Fake secrets in the environment, as a cluster's MLflow and object-store credentials
+    # would be: test_no_secret_leaks scans everything the runs wrote for them.
+    saved = {k: os.environ.get(k) for k in FAKE_SECRETS}
+    os.environ.update(FAKE_SECRETS)
+    try:
+        first = run_training(load_config(overrides))
+        steps_first = _metric_steps(uri, first["run_id"], "val_bleu")
+        # Same run name again with one more epoch: resumes from the checkpoint into the same MLflow run.
+        second = run_training(load_config(overrides + ["train.max_epochs=4"]))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    output = capfd_text(request)
+    return {"uri": uri, "tmp": tmp, "first": first, "second": second, "steps_first": steps_first, "output": output}
+
+
+FAKE_SECRETS = {"MLFLOW_TRACKING_PASSWORD": "fake-mlflow-pw-7d1f3a", "AWS_SECRET_ACCESS_KEY": "fake-aws-key-9c2e4b",
+                "AWS_ACCESS_KEY_ID": "FAKEAKIA0000SECRET"}
+
+
+def capfd_text(request) -> str:
+    capman = request.config.pluginmanager.getplugin("capturemanager")
+    out, err = capman.read_global_capture() if capman else ("", "")
+    if capman:  # put it back for pytest's own report
+        import sys as _sys
+
+        _sys.stdout.write(out)
+        _sys.stderr.write(err)
+    return out + err
+
+
+def test_no_secret_leaks_into_mlflow_checkpoints_or_output(trained):
+    """Secret values from the environment are in no param, tag, metric, artifact,
+    checkpoint or printed line (the MLflow store and the Ray storage are scanned as bytes)."""
+    hits = []
+    for path in trained["tmp"].rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            hits += [f"{path}: {k}" for k, v in FAKE_SECRETS.items() if v.encode() in data]
+    hits += [f"output: {k}" for k, v in FAKE_SECRETS.items() if v in trained["output"]]
+    assert not hits, hits
+    params = MlflowClient(trained["uri"]).get_run(trained["first"]["run_id"]).data.params
+    assert len(params) > 50  # the scan looked at a store with the run's params in it
 
 
 def _metric_steps(uri, run_id, key):
@@ -102,3 +144,15 @@ def test_evaluate_command_scores_the_model(trained):
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["split"] == "test" and res["sentences"] > 50 and res["bleu"] > 5.0
+
+
+def test_checkpoint_of_another_config_is_refused_naming_keys(trained):
+    tmp = trained["tmp"]
+    overrides = ["data=demo_text", "model=small", f"data.root={tmp}/demo", "data.demo_size=4000", "data.vocab_size=500",
+                 f"data.output_dir={tmp}/data", f"train.storage_path={tmp}/ray", "train.run_name=e2e",
+                 "train.num_workers=1", "train.max_epochs=5", "model.hidden_size=64",
+                 f"tracking.tracking_uri={trained['uri']}", "tracking.experiment=e2e-test"]
+    with pytest.raises(Exception) as info:
+        run_training(load_config(overrides))
+    text = str(info.value)
+    assert "does not fit this model config; mismatched keys" in text and "decoder.lstm.weight_ih_l0" in text

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from ..config import DataConfig, config_hash
+from ..config import VIDEO_DATA, DataConfig, config_hash
 from . import tokenizer as toklib
 from .readers import DataError, list_tasks, read_tasks
 
@@ -123,9 +123,9 @@ def _fingerprint(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def output_dir(cfg: DataConfig, tasks: list[dict[str, Any]]) -> str:
-    keyed = {k: v for k, v in asdict(cfg).items() if k != "output_dir"}
-    h = config_hash({"config": keyed, "inputs": _fingerprint(tasks)})
+def output_dir(cfg: DataConfig, inputs: list[dict[str, Any]]) -> str:
+    keyed = {k: v for k, v in asdict(cfg).items() if k not in ("output_dir", "feature_cache")}
+    h = config_hash({"config": keyed, "inputs": inputs})
     # Absolute: Ray workers read it from other working directories (and other nodes).
     base = cfg.output_dir if "://" in cfg.output_dir else str(Path(cfg.output_dir).expanduser().resolve())
     return f"{base.rstrip('/')}/{cfg.name}-{cfg.src_lang}-{cfg.tgt_lang}-{h}"
@@ -166,8 +166,12 @@ def preprocess(cfg: DataConfig, force: bool = False) -> tuple[str, dict[str, Any
     """Run (or reuse) preprocessing; returns (output folder, manifest)."""
     t0 = time.time()
     ensure_demo_corpus(cfg)
+    if cfg.name in VIDEO_DATA:
+        from .video_preprocess import preprocess_video
+
+        return preprocess_video(cfg, force)
     tasks = list_tasks(cfg)
-    out = output_dir(cfg, tasks)
+    out = output_dir(cfg, _fingerprint(tasks))
     manifest = None if force else read_manifest(out)
     if manifest is not None:
         print(f"[preprocess] reusing {out} ({manifest['rows_kept']} pairs kept of {manifest['rows_read']})", flush=True)
@@ -215,16 +219,13 @@ def preprocess(cfg: DataConfig, force: bool = False) -> tuple[str, dict[str, Any
         if counts[split].get("kept"):
             (encoded.filter(expr=_kept_in(split)).select_columns(OUTPUT_COLUMNS)
              .write_parquet(f"{out}/{split}"))
-    for side, text in (("src", src_json), ("tgt", tgt_json)):
-        with fsspec.open(f"{out}/{side}_tokenizer.json", "w") as f:
-            f.write(text)
+    write_tokenizers(out, src_json, tgt_json)
 
     dropped: dict[str, int] = {}
     for per in counts.values():
         for reason, n in per.items():
             if reason != "kept":
                 dropped[reason] = dropped.get(reason, 0) + n
-    src_tok, tgt_tok = toklib.load_tokenizer(src_json), toklib.load_tokenizer(tgt_json)
     manifest = {
         "format": 1,
         "data_config": asdict(cfg),
@@ -235,18 +236,34 @@ def preprocess(cfg: DataConfig, force: bool = False) -> tuple[str, dict[str, Any
         "dropped": dropped,
         "splits": {s: {"kept": counts[s].get("kept", 0),
                        "dropped": {r: n for r, n in counts[s].items() if r != "kept"}} for s in SPLITS},
-        "tokenizer": {"kind": cfg.tokenizer, "joint_vocab": cfg.joint_vocab,
-                      "src_vocab_size": src_tok.get_vocab_size(), "tgt_vocab_size": tgt_tok.get_vocab_size(),
-                      "src_sha256": config_hash(src_json), "tgt_sha256": config_hash(tgt_json),
-                      "pad_id": toklib.PAD_ID, "bos_id": toklib.BOS_ID, "eos_id": toklib.EOS_ID},
+        "tokenizer": tokenizer_info(cfg, src_json, tgt_json),
         "seconds": round(time.time() - t0, 2),
     }
+    return out, write_manifest(out, manifest)
+
+
+def tokenizer_info(cfg: DataConfig, src_json: str, tgt_json: str) -> dict[str, Any]:
+    src_tok, tgt_tok = toklib.load_tokenizer(src_json), toklib.load_tokenizer(tgt_json)
+    return {"kind": cfg.tokenizer, "joint_vocab": cfg.joint_vocab,
+            "src_vocab_size": src_tok.get_vocab_size(), "tgt_vocab_size": tgt_tok.get_vocab_size(),
+            "src_sha256": config_hash(src_json), "tgt_sha256": config_hash(tgt_json),
+            "pad_id": toklib.PAD_ID, "bos_id": toklib.BOS_ID, "eos_id": toklib.EOS_ID}
+
+
+def write_tokenizers(out: str, src_json: str, tgt_json: str) -> None:
+    for side, text in (("src", src_json), ("tgt", tgt_json)):
+        with fsspec.open(f"{out}/{side}_tokenizer.json", "w") as f:
+            f.write(text)
+
+
+def write_manifest(out: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Check the splits a run needs, then write manifest.json (last: it marks a complete output)."""
     for split in ("train", "val"):
         if not manifest["splits"][split]["kept"]:
             raise DataError(f"the {split} split is empty after preprocessing ({manifest['splits'][split]}); "
                             "check data.*_split / data.val_fraction and the filters")
-    with fsspec.open(f"{out}/manifest.json", "w") as f:  # written last: its presence marks a complete output
+    with fsspec.open(f"{out}/manifest.json", "w") as f:
         json.dump(manifest, f, indent=2)
     print(f"[preprocess] done in {manifest['seconds']}s: read {manifest['rows_read']}, kept {manifest['rows_kept']}, "
-          f"dropped {dropped or 0}", flush=True)
-    return out, manifest
+          f"dropped {manifest['dropped'] or 0}", flush=True)
+    return manifest

@@ -52,10 +52,60 @@ class Attention(nn.Module):
         return torch.bmm(torch.softmax(scores, dim=-1), enc_out)
 
 
-class Encoder(nn.Module):
-    def __init__(self, embedding: nn.Embedding, hidden_size: int, num_layers: int, dropout: float):
+class FrameInput(nn.Module):
+    """The video encoder's input module: per-frame vectors -> (B, K, E).
+
+    ``frames`` (B, K, H, W, 3) uint8 go through a small CNN trained end to end. Its last map
+    is read two ways: max-pooled over space, what is in the frame wherever it is (shape,
+    colour: the same detector everywhere), and average-pooled to a coarse grid, where it is
+    (motion is a change of place). ``features`` (B, K, D), precomputed or from a frozen
+    backbone, skip the CNN. Each step sees its frame vector and the change from the previous
+    frame: motion is a difference between frames, and handing it over directly spares the
+    LSTM from learning to subtract.
+    """
+
+    GRID = 4  # cells per side of the "where" read-out
+
+    def __init__(self, kind: str, embedding_size: int, dropout: float, feature_dim: int = 0, channels: int = 32):
         super().__init__()
-        self.embedding = embedding
+        self.kind = kind
+        if kind == "frames":
+            c = channels
+            def conv(cin: int, cout: int, k: int, stride: int = 1) -> list[nn.Module]:
+                # Batch norm: a CNN trained from scratch next to an LSTM learns in far fewer steps.
+                return [nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=False), nn.BatchNorm2d(cout),
+                        nn.ReLU(inplace=True)]
+
+            self.cnn = nn.Sequential(*conv(3, c // 2, 5, 2), *conv(c // 2, c, 3), nn.MaxPool2d(2),
+                                     *conv(c, c, 3), nn.MaxPool2d(2), *conv(c, c, 3))
+            self.where = nn.Sequential(nn.AdaptiveAvgPool2d(self.GRID), nn.Flatten())
+            self.what = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten())
+            feature_dim = c * (self.GRID * self.GRID + 1)
+            self.register_buffer("mean", torch.tensor([0.45, 0.45, 0.45]).view(1, 3, 1, 1), persistent=False)
+        elif kind != "features":
+            raise ValueError(f"unknown video input '{kind}' (frames, features)")
+        self.norm = nn.LayerNorm(feature_dim)
+        self.proj = nn.Linear(2 * feature_dim, embedding_size)
+        self.dropout = nn.Dropout(dropout)
+        self.embedding_dim = embedding_size
+
+    def forward(self, src: torch.Tensor) -> torch.Tensor:
+        b, k = src.shape[:2]
+        if self.kind == "frames":
+            x = src.reshape(b * k, *src.shape[2:]).permute(0, 3, 1, 2).float().div_(255.0) - self.mean
+            fmap = self.cnn(x)
+            f = torch.cat([self.what(fmap), self.where(fmap)], dim=-1).view(b, k, -1)
+        else:
+            f = src.float()
+        f = self.norm(f)
+        delta = torch.cat([torch.zeros_like(f[:, :1]), f[:, 1:] - f[:, :-1]], dim=1)
+        return torch.relu(self.proj(self.dropout(torch.cat([f, delta], dim=-1))))
+
+
+class Encoder(nn.Module):
+    def __init__(self, embedding: nn.Module, hidden_size: int, num_layers: int, dropout: float):
+        super().__init__()
+        self.embedding = embedding  # token embedding (text) or FrameInput (video)
         self.dropout = nn.Dropout(dropout)
         self.lstm = nn.LSTM(
             embedding.embedding_dim, hidden_size // 2, num_layers, batch_first=True,
@@ -63,7 +113,7 @@ class Encoder(nn.Module):
         )
 
     def forward(self, src: torch.Tensor, src_lens: torch.Tensor) -> tuple[torch.Tensor, LSTMState]:
-        """src (B, S), src_lens (B,) -> outputs (B, S, H), final (h, c) each (L, B, H)."""
+        """src (B, S) ids or (B, K, ...) frames, src_lens (B,) -> outputs (B, S, H), final (h, c) each (L, B, H)."""
         x = self.dropout(self.embedding(src))
         packed = pack_padded_sequence(x, src_lens.cpu(), batch_first=True, enforce_sorted=False)
         out, (h, c) = self.lstm(packed)
@@ -142,13 +192,16 @@ class Seq2Seq(nn.Module):
     def __init__(self, src_vocab_size: int, tgt_vocab_size: int, embedding_size: int, hidden_size: int,
                  num_layers: int, dropout: float, attention: str = "general", input_feeding: bool = False,
                  tie_embeddings: bool = True, joint_vocab: bool = False, pad_id: int = 0, bos_id: int = 2,
-                 eos_id: int = 3):
+                 eos_id: int = 3, src_input: nn.Module | None = None):
         super().__init__()
         if hidden_size % 2:
             raise ValueError(f"hidden_size must be even (bidirectional encoder), got {hidden_size}")
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
         tgt_embedding = nn.Embedding(tgt_vocab_size, embedding_size, padding_idx=pad_id)
-        if joint_vocab and src_vocab_size == tgt_vocab_size:
+        if src_input is not None:
+            src_embedding = nn.Identity()  # placeholder until after the init below
+            src_embedding.embedding_dim = src_input.embedding_dim
+        elif joint_vocab and src_vocab_size == tgt_vocab_size:
             src_embedding = tgt_embedding  # one vocabulary: share the table across both sides
         else:
             src_embedding = nn.Embedding(src_vocab_size, embedding_size, padding_idx=pad_id)
@@ -158,27 +211,37 @@ class Seq2Seq(nn.Module):
             nn.init.uniform_(p, -0.1, 0.1)
         with torch.no_grad():
             for emb in {id(src_embedding): src_embedding, id(tgt_embedding): tgt_embedding}.values():
-                emb.weight[pad_id].zero_()
+                if isinstance(emb, nn.Embedding):
+                    emb.weight[pad_id].zero_()
+        if src_input is not None:  # keeps PyTorch's own (fan-in scaled) init: a CNN needs it
+            self.encoder.embedding = src_input
 
     def encode(self, src: torch.Tensor, src_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, LSTMState]:
         enc_out, state = self.encoder(src, src_lens)
         src_mask = torch.arange(src.size(1), device=src.device).unsqueeze(0) < src_lens.to(src.device).unsqueeze(1)
         return enc_out, src_mask, state
 
-    def features(self, src: torch.Tensor, src_lens: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
-        """The generator's input features (B, T, E) under teacher forcing."""
-        enc_out, src_mask, state = self.encode(src, src_lens)
-        return self.decoder(tgt_in, enc_out, src_mask, state)
+    def features(self, src: torch.Tensor, src_lens: torch.Tensor, tgt_in: torch.Tensor,
+                 src_index: torch.Tensor | None = None) -> torch.Tensor:
+        """The generator's input features (B, T, E) under teacher forcing.
+
+        ``src_index`` (B,) maps each target to its row of ``src`` when sources repeat (a
+        video with several captions): each distinct source is encoded once.
+        """
+        enc_out, src_mask, (h, c) = self.encode(src, src_lens)
+        if src_index is not None:
+            enc_out, src_mask, h, c = enc_out[src_index], src_mask[src_index], h[:, src_index], c[:, src_index]
+        return self.decoder(tgt_in, enc_out, src_mask, (h, c))
 
     def forward(self, src: torch.Tensor, src_lens: torch.Tensor, tgt_in: torch.Tensor, tgt_out: torch.Tensor,
-                label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                label_smoothing: float = 0.0, src_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed cross-entropy over real target tokens, and their count.
 
         The loss is the forward pass so that DDP's wrapper sees it. Logits are computed
         only at non-pad positions: with length-bucketed batches that skips the padding,
         and the (N, V) projection is the largest tensor of the step.
         """
-        feats = self.features(src, src_lens, tgt_in)
+        feats = self.features(src, src_lens, tgt_in, src_index)
         real = tgt_out != self.pad_id
         logits = self.decoder.generator(feats[real])
         loss = F.cross_entropy(logits.float(), tgt_out[real], reduction="sum", label_smoothing=label_smoothing)
@@ -186,7 +249,7 @@ class Seq2Seq(nn.Module):
 
     @torch.no_grad()
     def greedy(self, src: torch.Tensor, src_lens: torch.Tensor, max_len: int) -> list[list[int]]:
-        """Batched greedy decoding -> token ids per sentence, without BOS/EOS."""
+        """Batched greedy decoding -> token ids per sentence (or clip), without BOS/EOS."""
         enc_out, src_mask, state = self.encode(src, src_lens)
         keys = self.decoder.attention.keys(enc_out)
         b = src.size(0)

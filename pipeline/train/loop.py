@@ -23,11 +23,11 @@ import torch
 import torch.distributed as dist
 
 from .. import metrics, tracking
-from ..config import Config
+from ..config import Config, default_metric, is_video
 from ..data import tokenizer as toklib
-from ..inference import bundle_meta, decode_ids, save_bundle
+from ..inference import bundle_meta, decode_clips, decode_ids, save_bundle
 from ..models import Seq2Seq, build_model
-from .batching import Batch, collate, token_batches
+from .batching import Batch, caption_batches, caption_pairs, collate, collate_clips, token_batches
 
 LOG_EVERY = 20  # optimizer steps between step-metric logs
 
@@ -50,7 +50,7 @@ def train_step(model: torch.nn.Module, batch: Batch, weight: float, global_token
     """
     device_type = batch.src.device.type
     with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        loss_sum, _ = model(batch.src, batch.src_lens, batch.tgt_in, batch.tgt_out, label_smoothing)
+        loss_sum, _ = model(batch.src, batch.src_lens, batch.tgt_in, batch.tgt_out, label_smoothing, batch.src_index)
     scaler.scale(loss_sum * (weight * world_size / max(global_tokens, 1.0))).backward()
     return float(loss_sum.detach()) * weight
 
@@ -79,29 +79,67 @@ def _shard_rows(shard: Any, columns: list[str]) -> dict[str, list]:
     return rows
 
 
+def _loss(model: Seq2Seq, batches: Any, device: torch.device) -> tuple[float, int]:
+    loss_sum, tokens = 0.0, 0
+    with torch.no_grad():
+        for b in batches:
+            b = b.to(device)
+            loss, n = model(b.src, b.src_lens, b.tgt_in, b.tgt_out, 0.0, b.src_index)
+            loss_sum, tokens = loss_sum + float(loss), tokens + int(n)
+    return loss_sum, tokens
+
+
+def _eval_text(model: Seq2Seq, rows: dict[str, list], cfg: Config, tgt_tok: Any, device: torch.device,
+               beam_size: int, with_loss: bool) -> dict[str, Any]:
+    chunks = range(0, len(rows["id"]), 64)
+    loss = _loss(model, (collate(rows["src_ids"][s : s + 64], rows["tgt_ids"][s : s + 64], rows["id"][s : s + 64],
+                                 model.pad_id, model.bos_id, model.eos_id) for s in chunks), device) if with_loss else (0.0, 0)
+    hyp_ids = decode_ids(model, [list(x) for x in rows["src_ids"]], beam_size, cfg.train.length_penalty, 64, device)
+    return {"id": rows["id"], "src": rows["src"], "ref": rows["tgt"], "hyp": toklib.decode(tgt_tok, hyp_ids),
+            "loss": loss[0], "tokens": loss[1]}
+
+
+def _eval_video(model: Seq2Seq, rows: dict[str, list], cfg: Config, tgt_tok: Any, device: torch.device,
+                beam_size: int, with_loss: bool) -> dict[str, Any]:
+    mb = {k: np.asarray(v, dtype=object) if k != "id" else np.asarray(v) for k, v in rows.items()}
+    loss = _loss(model, caption_batches(iter([mb]), 2000, model.pad_id, model.bos_id, model.eos_id), device) \
+        if with_loss else (0.0, 0)
+    clips = caption_pairs(mb)[0]
+    hyp_ids = decode_clips(model, clips, beam_size, cfg.train.length_penalty, 64, device)
+    return {"id": rows["id"], "src": rows["video_id"], "ref": [list(c) for c in rows["captions"]],
+            "hyp": toklib.decode(tgt_tok, hyp_ids), "loss": loss[0], "tokens": loss[1]}
+
+
 def evaluate(model: Seq2Seq, shard: Any, cfg: Config, tgt_tok: Any, device: torch.device, beam_size: int,
              with_loss: bool = True) -> dict[str, Any]:
-    """Loss and translations of this rank's shard, gathered from all ranks."""
-    rows = _shard_rows(shard, ["id", "src_ids", "tgt_ids", "src", "tgt"])
+    """Loss, outputs and metrics of this rank's shard, gathered from all ranks. Text: BLEU
+    and chrF (0-100); video: CIDEr-D, BLEU-4 and ROUGE-L (fractions) over all references."""
     model.eval()
-    loss_sum, tokens = 0.0, 0
-    if with_loss:
-        with torch.no_grad():
-            for start in range(0, len(rows["id"]), 64):
-                b = collate(rows["src_ids"][start : start + 64], rows["tgt_ids"][start : start + 64],
-                            rows["id"][start : start + 64], model.pad_id, model.bos_id, model.eos_id).to(device)
-                loss, n = model(b.src, b.src_lens, b.tgt_in, b.tgt_out)
-                loss_sum, tokens = loss_sum + float(loss), tokens + int(n)
-    hyp_ids = decode_ids(model, [list(x) for x in rows["src_ids"]], beam_size, cfg.train.length_penalty, 64, device)
-    local = {"id": rows["id"], "src": rows["src"], "ref": rows["tgt"], "hyp": toklib.decode(tgt_tok, hyp_ids),
-             "loss": loss_sum, "tokens": tokens}
+    if is_video(cfg):
+        rows = _shard_rows(shard, ["id", "video_id", "data", "shape", "dtype", "captions", "caption_ids"])
+        local = _eval_video(model, rows, cfg, tgt_tok, device, beam_size, with_loss)
+    else:
+        rows = _shard_rows(shard, ["id", "src_ids", "tgt_ids", "src", "tgt"])
+        local = _eval_text(model, rows, cfg, tgt_tok, device, beam_size, with_loss)
     parts = _all_gather(local)
     merged: dict[str, Any] = {k: [x for p in parts for x in p[k]] for k in ("id", "src", "ref", "hyp")}
     merged["loss"] = sum(p["loss"] for p in parts) / max(1, sum(p["tokens"] for p in parts))
-    merged["bleu"] = metrics.bleu(merged["hyp"], merged["ref"])
-    merged["chrf"] = metrics.chrf(merged["hyp"], merged["ref"])
+    if is_video(cfg):
+        merged.update(metrics.caption_scores(merged["hyp"], merged["ref"]))
+    else:
+        merged["bleu"] = metrics.bleu(merged["hyp"], merged["ref"])
+        merged["chrf"] = metrics.chrf(merged["hyp"], merged["ref"])
     model.train()
     return merged
+
+
+def val_metrics(res: dict[str, Any], video: bool) -> dict[str, float]:
+    out = {"val_loss": res["loss"], "val_ppl": math.exp(min(res["loss"], 50.0))}
+    if video:
+        out.update(val_cider=res["cider"], val_bleu4=res["bleu4"], val_rouge_l=res["rouge_l"])
+    else:
+        out.update(val_bleu=res["bleu"], val_chrf=res["chrf"])
+    return out
 
 
 def _save_checkpoint(model: Seq2Seq, opt: Any, sched: Any, scaler: Any, state: dict[str, Any]) -> str:
@@ -149,12 +187,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     amp_dtype = torch.float16 if (on_gpu and t.amp) else None
     tgt_tok = toklib.load_tokenizer(loop_config["tgt_tokenizer"])
 
+    video = vocab.get("video")
+    metric = default_metric(cfg)
     raw = build_model(cfg.model, vocab["src_vocab_size"], vocab["tgt_vocab_size"], vocab["joint_vocab"],
-                      vocab["pad_id"], vocab["bos_id"], vocab["eos_id"]).to(device)
+                      vocab["pad_id"], vocab["bos_id"], vocab["eos_id"], video).to(device)
     opt = torch.optim.AdamW(raw.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=on_gpu)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, t.warmup_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is not None)
-    state = {"step": 0, "epoch": 0, "best_bleu": -1.0, "evals_since_best": 0, "elapsed_s": 0.0,
+    state = {"step": 0, "epoch": 0, "best": -1.0, "evals_since_best": 0, "elapsed_s": 0.0,
              "mlflow_run_id": run_id, "stop": ""}
     ckpt = ray.train.get_checkpoint()
     if ckpt:
@@ -164,52 +204,66 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             if state.get("mlflow_run_id") != run_id:
                 print(f"[train] note: checkpoint belongs to MLflow run {state.get('mlflow_run_id')}, logging to {run_id}")
         state["mlflow_run_id"] = run_id
+        state.setdefault("best", state.pop("best_bleu", -1.0))  # checkpoints written before video support
     model = ray.train.torch.prepare_model(raw)
     nodes = _all_gather(ray.get_runtime_context().get_node_id())
+    logged_upto = -1
     if rank == 0:
         tracking.set_tags(uri, run_id, {"ray.worker_nodes": ",".join(sorted(set(nodes))),
                                         "ray.num_worker_nodes": str(len(set(nodes)))})
+        if ckpt:
+            # Steps between the checkpoint and a failure were logged once already; they
+            # are recomputed now, so their metrics are not logged again (no duplicate steps).
+            logged_upto = max(tracking.last_step(uri, run_id, k) for k in ("train_loss", "val_loss"))
+            tracking.set_tags(uri, run_id, {"pipeline.resumed_at": f"{time.time():.3f}",
+                                            "pipeline.resumed_from_step": str(state["step"])})
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     best_dir = loop_config["best_dir"]
     meta = bundle_meta(cfg.model, vocab, cfg.data)
 
     def log(values: dict[str, float]) -> None:
-        if rank == 0:
+        if rank == 0 and state["step"] > logged_upto:
             tracking.log_metrics(uri, run_id, values, state["step"])
 
     def validate_and_report() -> None:
         res = evaluate(raw, val_shard, cfg, tgt_tok, device, t.eval_beam_size)
-        val = {"val_loss": res["loss"], "val_ppl": math.exp(min(res["loss"], 50.0)), "val_bleu": res["bleu"],
-               "val_chrf": res["chrf"], "epoch": state["epoch"]}
-        improved = res["bleu"] > state["best_bleu"]
+        val = {**val_metrics(res, bool(video)), "epoch": state["epoch"]}
+        improved = val[metric] > state["best"]
         if improved:
-            state["best_bleu"], state["evals_since_best"] = res["bleu"], 0
+            state["best"], state["evals_since_best"] = val[metric], 0
         else:
             state["evals_since_best"] += 1
         state["elapsed_s"] = time.time() - t_start
         ckpt_dir = None
         if rank == 0:
-            log({**val, "best_val_bleu": state["best_bleu"]})
+            log({**val, f"best_{metric}": state["best"]})
             if improved:
                 save_bundle(best_dir, raw, meta, loop_config["src_tokenizer"], loop_config["tgt_tokenizer"])
             ckpt_dir = _save_checkpoint(raw, opt, sched, scaler, state)
             print(f"[train] step {state['step']} epoch {state['epoch']}: val_loss {res['loss']:.3f} "
-                  f"val_bleu {res['bleu']:.2f}{' (best)' if improved else ''}", flush=True)
+                  f"{metric} {val[metric]:.3f}{' (best)' if improved else ''}", flush=True)
         checkpoint = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
-        ray.train.report({**val, "step": state["step"], "best_val_bleu": state["best_bleu"]}, checkpoint=checkpoint)
+        ray.train.report({**val, "step": state["step"], f"best_{metric}": state["best"]}, checkpoint=checkpoint)
 
     t_start = time.time() - state["elapsed_s"]
     budget_s = t.max_minutes * 60.0
     mega_rows = max(256, t.sort_window * t.batch_tokens // 24)
-    dummy = collate([np.array([vocab["eos_id"]])], [np.array([vocab["eos_id"]])], [-1],
-                    vocab["pad_id"], vocab["bos_id"], vocab["eos_id"]).to(device)
+    specials = (vocab["pad_id"], vocab["bos_id"], vocab["eos_id"])
+    if video:  # a zero-weight step's input: one blank clip of the stored shape
+        blank = np.zeros(video["shape"], dtype=np.uint8 if video["kind"] == "frames" else np.float16)
+        dummy = collate_clips([blank], [np.array([vocab["eos_id"]])], [-1], *specials).to(device)
+        make_batches = caption_batches
+    else:
+        dummy = collate([np.array([vocab["eos_id"]])], [np.array([vocab["eos_id"]])], [-1], *specials).to(device)
+        make_batches = token_batches
     win = {"loss": 0.0, "tokens": 0.0, "padded": 0.0, "wait": 0.0, "start": time.time()}
     model.train()
     while state["epoch"] < t.max_epochs and not state["stop"]:
         rng = np.random.default_rng(t.seed * 100_003 + state["epoch"] * 101 + rank)
-        batches = token_batches(train_shard.iter_batches(batch_size=mega_rows, batch_format="numpy", prefetch_batches=2),
-                                t.batch_tokens, vocab["pad_id"], vocab["bos_id"], vocab["eos_id"], rng, pin=on_gpu)
+        rows_per_mega = mega_rows if not video else max(16, mega_rows // 8)  # a video row holds all its captions
+        batches = make_batches(train_shard.iter_batches(batch_size=rows_per_mega, batch_format="numpy", prefetch_batches=2),
+                               t.batch_tokens, *specials, rng, pin=on_gpu)
         epoch_done = False
         while not epoch_done:
             micro: list[Batch | None] = []
@@ -261,5 +315,5 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         elif state["stop"] == "max_minutes":
             validate_and_report()  # the budget ran out mid-epoch: keep what was learned
     if rank == 0:
-        print(f"[train] finished: {state['step']} steps, {state['epoch']} epochs, best val_bleu "
-              f"{state['best_bleu']:.2f}, stop reason: {state['stop'] or 'max_epochs'}", flush=True)
+        print(f"[train] finished: {state['step']} steps, {state['epoch']} epochs, best {metric} "
+              f"{state['best']:.3f}, stop reason: {state['stop'] or 'max_epochs'}", flush=True)

@@ -7,6 +7,7 @@ checkpoint and the MLflow run with that name is reopened.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -18,10 +19,10 @@ import ray
 
 from .. import metrics, tracking
 from ..cluster import check_multi_node
-from ..config import Config
+from ..config import Config, is_video
 from ..data.preprocess import preprocess, read_tokenizers
 from ..data.tokenizer import BOS_ID, EOS_ID, PAD_ID
-from ..inference import BUNDLE_FILES, Translator
+from ..inference import BUNDLE_FILES, Captioner, Translator
 
 
 def init_ray(min_cpus: int = 1) -> None:
@@ -89,16 +90,42 @@ class _TranslateBatch:
         return {"id": batch["id"], "src": batch["src"], "tgt": batch["tgt"], "hyp": np.array(hyps, dtype=object)}
 
 
-def translate_split(bundle: str, split_dir: str, beam_size: int, length_penalty: float) -> dict[str, list]:
-    """Translate a preprocessed split on an actor pool; rows come back in id order."""
+class _CaptionBatch:
+    """Ray Data actor: caption stored clips (frames or features) with a video bundle."""
+
+    def __init__(self, bundle: str, beam_size: int, length_penalty: float):
+        import torch
+
+        self.cap = Captioner.load(bundle, "cuda" if torch.cuda.is_available() else "cpu")
+        self.beam_size, self.length_penalty = beam_size, length_penalty
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from ..data.video import clip_array
+
+        clips = [clip_array(d, s, t) for d, s, t in zip(batch["data"], batch["shape"], batch["dtype"])]
+        hyps = self.cap.caption(clips, self.beam_size, self.length_penalty)
+        refs = [json.dumps([str(c) for c in caps]) for caps in batch["captions"]]  # a string column, not ragged lists
+        return {"id": batch["id"], "src": batch["video_id"], "tgt": np.array(refs, dtype=object),
+                "hyp": np.array(hyps, dtype=object)}
+
+
+def translate_split(bundle: str, split_dir: str, beam_size: int, length_penalty: float,
+                    video: bool = False) -> dict[str, list]:
+    """Translate (or caption) a preprocessed split on an actor pool; rows come back in id
+    order. Video: ``src`` is the video id and ``tgt`` the list of its reference captions."""
     n = max(1, min(4, int(ray.available_resources().get("CPU", 1))))
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    ds = ray.data.read_parquet(split_dir).select_columns(["id", "src", "tgt"]).map_batches(
-        _TranslateBatch, fn_constructor_args=(bundle, beam_size, length_penalty), batch_size=256,
+    columns, actor = (["id", "video_id", "data", "shape", "dtype", "captions"], _CaptionBatch) if video else \
+        (["id", "src", "tgt"], _TranslateBatch)
+    ds = ray.data.read_parquet(split_dir).select_columns(columns).map_batches(
+        actor, fn_constructor_args=(bundle, beam_size, length_penalty), batch_size=64 if video else 256,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n), num_gpus=1 if use_gpu else 0,
         batch_format="numpy")
     rows = sorted(ds.take_all(), key=lambda r: r["id"])
-    return {k: [r[k] for r in rows] for k in ("src", "tgt", "hyp")}
+    out = {k: [r[k] for r in rows] for k in ("src", "tgt", "hyp")}
+    if video:
+        out["tgt"] = [json.loads(refs) for refs in out["tgt"]]
+    return out
 
 
 def prepare(cfg: Config) -> dict[str, Any]:
@@ -113,6 +140,8 @@ def prepare(cfg: Config) -> dict[str, Any]:
     src_json, tgt_json = read_tokenizers(data_dir)
     vocab = {k: manifest["tokenizer"][k] for k in ("src_vocab_size", "tgt_vocab_size", "joint_vocab")}
     vocab.update(pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID)
+    if manifest.get("video"):
+        vocab["video"] = {k: manifest["video"][k] for k in ("kind", "shape", "feature_dim")}
     return {"uri": uri, "experiment": experiment, "storage": storage, "data_dir": data_dir, "manifest": manifest,
             "src_json": src_json, "tgt_json": tgt_json, "vocab": vocab}
 
@@ -143,9 +172,7 @@ def fit_run(cfg: Config, prep: dict[str, Any], run_name: str, parent_run_id: str
         tracking.log_text(uri, run_id, cfg.to_yaml(), "config.yaml")
         for name in ("manifest.json", "src_tokenizer.json", "tgt_tokenizer.json"):
             tracking.log_artifact(uri, run_id, _local_copy(f"{data_dir}/{name}"), "data")
-        drops = {f"data_dropped_{k}": v for k, v in manifest["dropped"].items()}
-        tracking.log_metrics(uri, run_id, {"data_rows_read": manifest["rows_read"],
-                                           "data_rows_kept": manifest["rows_kept"], **drops}, 0)
+        tracking.log_metrics(uri, run_id, data_metrics(manifest), 0)
     best_dir = f"{prep['storage']}/{run_name}/best"
 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -171,7 +198,7 @@ def fit_run(cfg: Config, prep: dict[str, Any], run_name: str, parent_run_id: str
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         # Reads take a quarter CPU: the workers hold whole CPUs, and a sweep's trial driver
         # a sliver more, so whole-CPU read tasks could wait forever on a small cluster.
-        datasets={s: ray.data.read_parquet(f"{data_dir}/{s}", ray_remote_args={"num_cpus": 0.25})
+        datasets={s: ray.data.read_parquet(f"{data_dir}/{s}", num_cpus=0.25)
                   for s in ("train", "val")},
         dataset_config=_exactly_once_data_config(),
     )
@@ -185,12 +212,25 @@ def fit_run(cfg: Config, prep: dict[str, Any], run_name: str, parent_run_id: str
             tracking.end_run(uri, run_id, "FAILED")
         raise
     results: dict[str, Any] = {"run_id": run_id, "run_name": run_name, "tracking_uri": uri, "experiment": experiment,
-                               "best_dir": best_dir, "data_dir": data_dir, "train_seconds": round(time.time() - t0, 1)}
+                               "best_dir": best_dir, "data_dir": data_dir, "train_seconds": round(time.time() - t0, 1),
+                               "video": is_video(cfg)}
     fs, best_root = fsspec.core.url_to_fs(best_dir)
     if not in_tune and fs.exists(f"{best_root}/model.pt"):
         results.update(test_and_log(cfg, uri, run_id, best_dir, data_dir, manifest))
     tracking.end_run(uri, run_id, "FINISHED")
     return results
+
+
+def data_metrics(manifest: dict[str, Any]) -> dict[str, float]:
+    """The manifest's counts as MLflow metrics: rows (pairs or captions) read, kept and
+    dropped per reason; for video also clips and feature-cache hits."""
+    out = {"data_rows_read": manifest["rows_read"], "data_rows_kept": manifest["rows_kept"],
+           **{f"data_dropped_{k}": v for k, v in manifest["dropped"].items()}}
+    if "videos" in manifest:
+        out.update({"data_videos_read": manifest["videos"]["read"], "data_videos_kept": manifest["videos"]["kept"],
+                    "data_cache_hits": manifest["cache"]["hits"],
+                    **{f"data_videos_dropped_{k}": v for k, v in manifest["videos"]["dropped"].items()}})
+    return out
 
 
 def _local_copy(path: str, dest_dir: str | None = None) -> str:
@@ -210,20 +250,30 @@ def test_and_log(cfg: Config, uri: str, run_id: str, best_dir: str, data_dir: st
     out: dict[str, Any] = {}
     if manifest["splits"]["test"]["kept"]:
         print(f"[test] decoding the test split with beam {t.test_beam_size}", flush=True)
-        res = translate_split(best_dir, f"{data_dir}/test", t.test_beam_size, t.length_penalty)
-        out = {"test_bleu": metrics.bleu(res["hyp"], res["tgt"]), "test_chrf": metrics.chrf(res["hyp"], res["tgt"])}
+        res = translate_split(best_dir, f"{data_dir}/test", t.test_beam_size, t.length_penalty, is_video(cfg))
+        if is_video(cfg):
+            scores = metrics.caption_scores(res["hyp"], res["tgt"], with_meteor=True)
+            out = {f"test_{k}": v for k, v in scores.items()}
+        else:
+            out = {"test_bleu": metrics.bleu(res["hyp"], res["tgt"]), "test_chrf": metrics.chrf(res["hyp"], res["tgt"])}
         tracking.log_metrics(uri, run_id, out, 0)
         k = min(t.num_samples, len(res["src"]))
         picks = np.linspace(0, len(res["src"]) - 1, k).astype(int).tolist() if k else []
-        tracking.log_table(uri, run_id, {"source": [res["src"][i] for i in picks],
-                                         "reference": [res["tgt"][i] for i in picks],
-                                         "translation": [res["hyp"][i] for i in picks]}, "samples/test_translations.json")
-        print(f"[test] test_bleu {out['test_bleu']:.2f} test_chrf {out['test_chrf']:.2f}", flush=True)
+        if is_video(cfg):
+            tracking.log_table(uri, run_id, {"video_id": [res["src"][i] for i in picks],
+                                             "references": [" | ".join(res["tgt"][i]) for i in picks],
+                                             "caption": [res["hyp"][i] for i in picks]}, "samples/test_captions.json")
+            _log_contact_sheet(uri, run_id, data_dir, [res["src"][i] for i in picks], res, picks)
+        else:
+            tracking.log_table(uri, run_id, {"source": [res["src"][i] for i in picks],
+                                             "reference": [res["tgt"][i] for i in picks],
+                                             "translation": [res["hyp"][i] for i in picks]}, "samples/test_translations.json")
+        print("[test] " + " ".join(f"{k} {v:.3f}" for k, v in out.items()), flush=True)
     local_best = _local_bundle(best_dir)
     for name in BUNDLE_FILES:
         tracking.log_artifact(uri, run_id, os.path.join(local_best, name), "best_checkpoint")
     if cfg.tracking.log_model:
-        tr = Translator.load(local_best)
+        tr = (Captioner if is_video(cfg) else Translator).load(local_best)
         out["model_uri"] = tracking.log_model(uri, run_id, tr.model,
                                               [os.path.join(local_best, n) for n in BUNDLE_FILES])
     return out
@@ -238,3 +288,32 @@ def _local_bundle(bundle: str) -> str:
     for name in BUNDLE_FILES:
         _local_copy(f"{bundle}/{name}", dest)
     return dest
+
+
+def _log_contact_sheet(uri: str, run_id: str, data_dir: str, video_ids: list[str], res: dict[str, list],
+                       picks: list[int]) -> None:
+    """A PNG of a few test clips (frames in a row) with predicted and reference captions."""
+    import tempfile
+
+    from ..data.video import clip_array, decode_clip
+    from ..report import contact_sheet
+
+    from ray.data.expressions import col
+
+    rows = {r["video_id"]: r for r in ray.data.read_parquet(f"{data_dir}/test").filter(
+        expr=col("video_id").is_in(video_ids)).select_columns(["video_id", "path", "data", "shape", "dtype"]).take_all()}
+    items = []
+    for vid, i in zip(video_ids, picks):
+        r = rows[vid]
+        if r["dtype"] == "uint8":
+            frames = clip_array(r["data"], r["shape"], r["dtype"])
+        else:  # features: show the clip itself when its file is a video
+            try:
+                with fsspec.open(r["path"], "rb") as f:
+                    frames = decode_clip(f.read(), 6, 96, 0.0, r["path"])
+            except Exception:  # noqa: BLE001 - a .npy features file has no frames to show
+                frames = None
+        items.append({"video_id": vid, "frames": frames, "hyp": res["hyp"][i], "refs": res["tgt"][i]})
+    path = os.path.join(tempfile.mkdtemp(), "test_contact_sheet.png")
+    contact_sheet(items, path)
+    tracking.log_artifact(uri, run_id, path, "samples")

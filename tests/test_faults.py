@@ -1,0 +1,72 @@
+"""Faults survived, on real processes: a training worker SIGKILLed mid-epoch is restarted
+by Ray Train from the latest checkpoint, and MLflow keeps one run with step metrics that
+neither repeat nor skip."""
+
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import load_config
+from pipeline.train.loop import LOG_EVERY
+from pipeline.train.run import run_training
+
+pytestmark = pytest.mark.slow
+
+
+def _steps(c, run_id, key):
+    return [m.step for m in c.get_metric_history(run_id, key)]
+
+
+def _train_workers():
+    return [p for p in psutil.process_iter(["cmdline"]) if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+
+
+def test_worker_sigkill_mid_epoch_resumes_into_the_same_run(ray_session, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = load_config(["data=demo_text", "model=small", f"data.root={tmp_path}/demo", "data.demo_size=4000",
+                       "data.vocab_size=500", f"data.output_dir={tmp_path}/data", f"train.storage_path={tmp_path}/ray",
+                       "train.run_name=killed", "train.num_workers=2", "train.max_epochs=3", "train.batch_tokens=300",
+                       "train.max_failures=2", "train.test_beam_size=1", "tracking.log_model=false",
+                       f"tracking.tracking_uri={uri}", "tracking.experiment=faults"])
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(run_training(cfg)), daemon=True)
+    thread.start()
+    c = MlflowClient(uri)
+    killed_at = None
+    deadline = time.time() + 600
+    while time.time() < deadline and thread.is_alive():
+        time.sleep(1)
+        exp = c.get_experiment_by_name("faults")
+        runs = c.search_runs([exp.experiment_id]) if exp else []
+        if not runs:
+            continue
+        val, train = _steps(c, runs[0].info.run_id, "val_loss"), _steps(c, runs[0].info.run_id, "train_loss")
+        # Mid-epoch, after a checkpoint: the first validation is done and training went on.
+        if val and train and max(train) >= val[0] + LOG_EVERY:
+            workers = _train_workers()
+            assert workers, "no Ray Train worker process found"
+            os.kill(workers[-1].pid, signal.SIGKILL)
+            killed_at, steps_before = time.time(), max(train)
+            break
+    assert killed_at, "training never reached the point to kill a worker"
+    thread.join(timeout=900)
+    assert not thread.is_alive() and "run_id" in result, "the run did not complete after the worker was killed"
+    exp = c.get_experiment_by_name("faults")
+    runs = c.search_runs([exp.experiment_id])
+    assert len(runs) == 1 and runs[0].info.run_id == result["run_id"] and runs[0].info.status == "FINISHED"
+    run = runs[0]
+    resumed_at = float(run.data.tags["pipeline.resumed_at"])
+    print(f"\n[faults] worker killed at step {steps_before}; training resumed from step "
+          f"{run.data.tags['pipeline.resumed_from_step']} {resumed_at - killed_at:.1f} s after the kill")
+    assert 0 < int(run.data.tags["pipeline.resumed_from_step"]) <= steps_before
+    train = _steps(c, run.info.run_id, "train_loss")
+    assert train == list(range(LOG_EVERY, LOG_EVERY * len(train) + 1, LOG_EVERY)), "gaps or duplicate steps"
+    assert max(train) > steps_before  # it went on past the kill
+    val = _steps(c, run.info.run_id, "val_loss")
+    assert val == sorted(set(val)) and len(val) == 3  # one validation per epoch, each once
+    assert "test_bleu" in run.data.metrics
