@@ -125,6 +125,7 @@ class TrainConfig:
     length_penalty: float = 0.6
     early_stopping: int = 0  # validations without a better val_bleu before stopping; 0 = off
     num_samples: int = 5  # sample translations logged as a table
+    trace_examples: str = ""  # a folder (shared by the workers) to write every step's example ids to; "" = off
 
 
 @dataclass

@@ -1,6 +1,6 @@
 import numpy as np
 
-from pipeline.train.batching import collate, plan_batches, token_batches
+from pipeline.train.batching import caption_batches, collate, plan_batches, token_batches
 
 
 def rows(n, seed=0):
@@ -45,3 +45,35 @@ def test_collate_layout():
     assert b.tgt_in.tolist() == [[2, 9, 10, 0], [2, 11, 12, 13]]
     assert b.tgt_out.tolist() == [[9, 10, 3, 0], [11, 12, 13, 3]]
     assert b.real_tokens == 7 and b.padded_tokens == 8 and b.ids.tolist() == [7, 8]
+
+
+def test_skip_leaves_out_examples_trained_before_a_resume():
+    r = {k: (np.asarray(v) if isinstance(v, np.ndarray) else np.array(v, dtype=object)) for k, v in rows(400).items()}
+    skip = np.arange(0, 400, 3)
+    ids = [i for b in token_batches(iter([r]), 500, 0, 2, 3, skip=skip) for i in b.ids.tolist()]
+    assert sorted(ids) == [i for i in range(400) if i % 3]
+
+
+def video_rows(n, seed=0):
+    rng = np.random.default_rng(seed)
+    caps = [[rng.integers(4, 50, int(rng.integers(3, 12))) for _ in range(int(rng.integers(1, 7)))] for _ in range(n)]
+    data = [np.full((4, 8, 8, 3), i, np.uint8).tobytes() for i in range(n)]
+    return {"id": np.arange(n), "data": np.array(data, dtype=object), "dtype": np.array(["uint8"] * n, dtype=object),
+            "shape": np.array([np.array([4, 8, 8, 3])] * n, dtype=object), "caption_ids": np.array(caps, dtype=object)}
+
+
+def test_caption_batches_encode_each_clip_once_and_see_every_pair_once():
+    r = video_rows(60)
+    want = {i * 1024 + j for i in range(60) for j in range(len(r["caption_ids"][i]))}
+    seen = []
+    for b in caption_batches(iter([r]), 300, 0, 2, 3, np.random.default_rng(1)):
+        clips = b.src[:, 0, 0, 0, 0].tolist()
+        assert len(set(clips)) == len(clips)  # a clip appears once per batch, however many captions
+        for row, pair in enumerate(b.ids.tolist()):
+            assert clips[b.src_index[row]] == pair // 1024  # each caption points at its own clip
+        assert b.tgt_in.numel() <= 300 or len(clips) == 1
+        seen += b.ids.tolist()
+    assert sorted(seen) == sorted(want)
+    skip = np.array(sorted(want)[::4])
+    rest = [i for b in caption_batches(iter([r]), 300, 0, 2, 3, skip=skip) for i in b.ids.tolist()]
+    assert sorted(rest) == sorted(want - set(skip.tolist()))

@@ -79,9 +79,16 @@ def collate(src_ids: Sequence[np.ndarray], tgt_ids: Sequence[np.ndarray], ids: S
 
 
 def token_batches(mega_batches: Iterator[dict[str, np.ndarray]], batch_tokens: int, pad_id: int, bos_id: int,
-                  eos_id: int, rng: np.random.Generator | None = None, pin: bool = False) -> Iterator[Batch]:
-    """Mega-batches of rows (columns src_ids, tgt_ids, src_len, tgt_len, id) -> Batches."""
+                  eos_id: int, rng: np.random.Generator | None = None, pin: bool = False,
+                  skip: np.ndarray | None = None) -> Iterator[Batch]:
+    """Mega-batches of rows (columns src_ids, tgt_ids, src_len, tgt_len, id) -> Batches.
+    Rows whose id is in ``skip`` (trained on before a resume) are left out."""
     for mb in mega_batches:
+        if skip is not None and len(skip):
+            keep = ~np.isin(mb["id"], skip)
+            mb = {k: v[keep] for k, v in mb.items()}
+            if not keep.any():
+                continue
         for idx in plan_batches(np.asarray(mb["src_len"]), np.asarray(mb["tgt_len"]), batch_tokens, rng):
             yield collate([mb["src_ids"][i] for i in idx], [mb["tgt_ids"][i] for i in idx],
                           mb["id"][idx], pad_id, bos_id, eos_id, pin)
@@ -121,7 +128,8 @@ def caption_pairs(mb: dict[str, np.ndarray]) -> tuple[list[np.ndarray], np.ndarr
 
 
 def caption_batches(mega_batches: Iterator[dict[str, np.ndarray]], batch_tokens: int, pad_id: int, bos_id: int,
-                    eos_id: int, rng: np.random.Generator | None = None, pin: bool = False) -> Iterator[Batch]:
+                    eos_id: int, rng: np.random.Generator | None = None, pin: bool = False,
+                    skip: np.ndarray | None = None) -> Iterator[Batch]:
     """Mega-batches of video rows -> Batches of whole videos with all their captions.
 
     A clip is encoded once per batch however many captions it has (the encoder, a CNN
@@ -130,11 +138,14 @@ def caption_batches(mega_batches: Iterator[dict[str, np.ndarray]], batch_tokens:
     """
     for mb in mega_batches:
         clips, which, tgts, ids = caption_pairs(mb)
+        if skip is not None and len(skip):  # pairs trained on before a resume
+            keep = np.nonzero(~np.isin(ids, skip))[0]
+            which, tgts, ids = which[keep], [tgts[i] for i in keep], ids[keep]
         pairs_of = [np.nonzero(which == v)[0] for v in range(len(clips))]
         order = rng.permutation(len(clips)) if rng is not None else np.arange(len(clips))
         group: list[int] = []
         longest = 0
-        for v in list(order) + [None]:
+        for v in [v for v in order if len(pairs_of[v])] + [None]:
             if v is not None:
                 width = max((len(tgts[i]) + 1 for i in pairs_of[v]), default=1)
                 n_pairs = sum(len(pairs_of[g]) for g in group) + len(pairs_of[v])

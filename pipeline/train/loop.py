@@ -4,7 +4,10 @@ Every rank reads its shard of the Parquet splits with ``get_dataset_shard``, bat
 token budget, and takes data-parallel steps (DDP: gloo on CPU, NCCL on GPU). All ranks
 run the same number of steps: a rank whose shard ran out takes a zero-weight step so
 that the others finish theirs, and the loss is normalised by the global token count, so
-every example of an epoch counts exactly once. Validation (loss, BLEU) runs on every
+every example of an epoch counts exactly once. A checkpoint also records the ids of the
+examples trained on so far in the current epoch; a run resumed from it (a restarted
+worker group, or the same ``train.run_name`` again) skips them, so an interrupted epoch
+still sees each example exactly once. Validation (loss, BLEU or CIDEr-D) runs on every
 rank's shard of the val split and is gathered; rank 0 logs to MLflow and writes the
 checkpoints. The training *step* (:func:`train_step`) is plain torch.
 """
@@ -142,8 +145,16 @@ def val_metrics(res: dict[str, Any], video: bool) -> dict[str, float]:
     return out
 
 
-def _save_checkpoint(model: Seq2Seq, opt: Any, sched: Any, scaler: Any, state: dict[str, Any]) -> str:
+def _ids(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, np.int64)
+
+
+def _save_checkpoint(model: Seq2Seq, opt: Any, sched: Any, scaler: Any, state: dict[str, Any],
+                     seen: np.ndarray) -> str:
+    """model.pt, optim.pt, state.json, and seen_ids.npy: the example ids already trained on
+    in the current epoch (all ranks), so a resume mid-epoch trains on the rest only."""
     d = tempfile.mkdtemp(prefix="ckpt-")
+    np.save(os.path.join(d, "seen_ids.npy"), seen)
     torch.save(model.state_dict(), os.path.join(d, "model.pt"))
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict()},
                os.path.join(d, "optim.pt"))
@@ -167,7 +178,10 @@ def _load_checkpoint(ckpt: Any, model: Seq2Seq, opt: Any, sched: Any, scaler: An
         sched.load_state_dict(rest["scheduler"])
         scaler.load_state_dict(rest["scaler"])
         with open(os.path.join(d, "state.json")) as f:
-            return json.load(f)
+            state = json.load(f)
+        seen = os.path.join(d, "seen_ids.npy")
+        state["seen_ids"] = np.load(seen, allow_pickle=False) if os.path.exists(seen) else np.empty(0, np.int64)
+        return state
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
@@ -205,6 +219,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 print(f"[train] note: checkpoint belongs to MLflow run {state.get('mlflow_run_id')}, logging to {run_id}")
         state["mlflow_run_id"] = run_id
         state.setdefault("best", state.pop("best_bleu", -1.0))  # checkpoints written before video support
+    # Example ids of the current epoch trained on before the checkpoint: skipped now, so that
+    # each example of an interrupted epoch counts exactly once.
+    skip = state.pop("seen_ids", np.empty(0, np.int64))
+    seen: list[np.ndarray] = [skip] if rank == 0 else []
+    trace = t.trace_examples
     model = ray.train.torch.prepare_model(raw)
     nodes = _all_gather(ray.get_runtime_context().get_node_id())
     logged_upto = -1
@@ -235,12 +254,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         else:
             state["evals_since_best"] += 1
         state["elapsed_s"] = time.time() - t_start
+        seen_all = np.unique(np.concatenate(_all_gather(_ids(seen))))  # empty right after an epoch ends
         ckpt_dir = None
         if rank == 0:
             log({**val, f"best_{metric}": state["best"]})
             if improved:
                 save_bundle(best_dir, raw, meta, loop_config["src_tokenizer"], loop_config["tgt_tokenizer"])
-            ckpt_dir = _save_checkpoint(raw, opt, sched, scaler, state)
+            ckpt_dir = _save_checkpoint(raw, opt, sched, scaler, state, seen_all)
             print(f"[train] step {state['step']} epoch {state['epoch']}: val_loss {res['loss']:.3f} "
                   f"{metric} {val[metric]:.3f}{' (best)' if improved else ''}", flush=True)
         checkpoint = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
@@ -263,7 +283,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         rng = np.random.default_rng(t.seed * 100_003 + state["epoch"] * 101 + rank)
         rows_per_mega = mega_rows if not video else max(16, mega_rows // 8)  # a video row holds all its captions
         batches = make_batches(train_shard.iter_batches(batch_size=rows_per_mega, batch_format="numpy", prefetch_batches=2),
-                               t.batch_tokens, *specials, rng, pin=on_gpu)
+                               t.batch_tokens, *specials, rng, pin=on_gpu, skip=skip)
         epoch_done = False
         while not epoch_done:
             micro: list[Batch | None] = []
@@ -296,6 +316,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             state["step"] += 1
             win["tokens"] += tokens
             win["padded"] += padded
+            seen += [b.ids.numpy() for b in real]
+            if trace:  # an audit of exactly-once: every step's example ids, per rank and process
+                with open(os.path.join(trace, f"rank{rank}-{os.getpid()}.jsonl"), "a") as f:
+                    f.write(json.dumps({"epoch": state["epoch"], "step": state["step"],
+                                        "ids": [int(i) for b in real for i in b.ids]}) + "\n")
             if state["step"] % LOG_EVERY == 0:
                 loss_total = _all_reduce([win["loss"]], device)[0]
                 elapsed = time.time() - win["start"]
@@ -308,6 +333,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 validate_and_report()
         if epoch_done:
             state["epoch"] += 1
+            skip, seen = np.empty(0, np.int64), []
         if t.early_stopping and state["evals_since_best"] >= t.early_stopping:
             state["stop"] = "early_stopping"
         if epoch_done and (not t.eval_every or state["step"] % t.eval_every):

@@ -8,7 +8,7 @@ windows (a window holding a validation pass is an outlier the median ignores), w
 `data_wait_fraction`; for the bare loop tokens over its training time. Prints JSON and a
 one-line summary with the ratio pipeline / bare.
 
-    python bench/pipeline.py [--minutes 3] [overrides ...]   (default data=demo_text model=small)
+    python bench/end_to_end.py [--minutes 3] [overrides ...]   (default data=demo_text model=small)
 """
 
 from __future__ import annotations
