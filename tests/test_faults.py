@@ -93,3 +93,44 @@ def _assert_interrupted_epoch_exactly_once(trace, resumed_step, killed_pids):
     assert resumed_step > 0 and epoch >= 0
     assert set(counted.values()) == {1}, "an example of the interrupted epoch was trained on twice"
     assert set(counted) == whole, "an example of the interrupted epoch was never trained on"
+
+
+def test_killed_driver_rerun_resumes_into_the_same_run(ray_session, tmp_path):
+    """`pipeline train` SIGKILLed after its first checkpoint; the same command again resumes
+    from that checkpoint into the same MLflow run."""
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = [sys.executable, "-m", "pipeline.cli", "train", "data=demo_text", "model=small", f"data.root={tmp_path}/demo",
+            "data.demo_size=3000", "data.vocab_size=500", f"data.output_dir={tmp_path}/data",
+            f"train.storage_path={tmp_path}/ray", "train.run_name=driver", "train.num_workers=1", "train.max_epochs=2",
+            "train.batch_tokens=300", "train.eval_every=40", "train.test_beam_size=1", "tracking.log_model=false",
+            f"tracking.tracking_uri={uri}", "tracking.experiment=driver"]
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    c = MlflowClient(uri)
+    deadline = time.time() + 400
+    try:
+        while time.time() < deadline:  # kill the driver after a checkpoint, mid-training
+            exp = c.get_experiment_by_name("driver") if (tmp_path / "mlflow.db").exists() else None
+            runs = c.search_runs([exp.experiment_id]) if exp else []
+            if runs and _steps(c, runs[0].info.run_id, "val_loss") and \
+                    max(_steps(c, runs[0].info.run_id, "train_loss") or [0]) >= 40 + LOG_EVERY:
+                break
+            assert proc.poll() is None, "training ended before it could be interrupted"
+            time.sleep(1)
+        else:
+            pytest.fail("no checkpoint within 400 s")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = c.search_runs([c.get_experiment_by_name("driver").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run = runs[0]
+    assert int(run.data.tags["pipeline.resumed_from_step"]) >= 40
+    train = _steps(c, run.info.run_id, "train_loss")
+    assert train == list(range(LOG_EVERY, LOG_EVERY * len(train) + 1, LOG_EVERY)), "gaps or duplicate steps"
+    assert "test_bleu" in run.data.metrics
