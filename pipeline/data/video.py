@@ -407,9 +407,7 @@ def load_feature_files(batch: dict[str, np.ndarray], skip: bool) -> pa.Table:
                     raise err
                 rows.append(_error_row(vid, path, str(err)))
                 continue
-            arr = arr.astype(np.float16)
-            rows.append({"video_id": vid, "path": path, "data": arr.tobytes(), "shape": list(arr.shape),
-                         "dtype": "float16", "reason": "", "error": "", "cache_hit": False})
+            rows.append(_clip_row(vid, path, arr.astype(np.float16), False))
     return _table(rows)
 
 

@@ -45,7 +45,7 @@ def ensure_demo_video(cfg: DataConfig) -> None:
 
 
 def _fingerprint(cfg: DataConfig, corpus: dict[str, Any]) -> list[dict[str, Any]]:
-    """Sizes and mtimes of the annotation file and every clip (one listing, not a stat per file)."""
+    """Sizes and mtimes of the annotation file and every clip (one stat per file)."""
     out = []
     for path in sorted(set(corpus["sources"].values())) + ([absolute(cfg.captions_file)] if cfg.captions_file else []):
         fs, p = fsspec.core.url_to_fs(path)
