@@ -134,3 +134,29 @@ def test_killed_driver_rerun_resumes_into_the_same_run(ray_session, tmp_path):
     train = _steps(c, run.info.run_id, "train_loss")
     assert train == list(range(LOG_EVERY, LOG_EVERY * len(train) + 1, LOG_EVERY)), "gaps or duplicate steps"
     assert "test_bleu" in run.data.metrics
+
+
+def test_latest_checkpoint_is_found_by_listing_and_partial_uploads_are_passed_over(tmp_path):
+    """The resume's fallback when Ray's controller never recorded a checkpoint (driver killed
+    in that moment): the newest checkpoint folder whose files are all there."""
+    import numpy as np
+    import torch
+
+    from pipeline.train.loop import _save_checkpoint, latest_checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    run = tmp_path / "run"
+    run.mkdir()
+    assert latest_checkpoint(str(run)) is None and latest_checkpoint(str(tmp_path / "absent")) is None
+    for name, step in (("checkpoint_a", 40), ("checkpoint_b", 80), ("checkpoint_c", 120)):
+        os.rename(_save_checkpoint(model, opt, sched, scaler, {"step": step}, np.arange(3)), run / name)
+    assert latest_checkpoint(str(run)) == (120, str(run / "checkpoint_c"))
+    with open(run / "checkpoint_c" / "model.pt", "r+b") as f:  # an upload cut short
+        f.truncate(10)
+    assert latest_checkpoint(str(run)) == (80, str(run / "checkpoint_b"))
+    (run / "checkpoint_b" / "files.json").unlink()  # an upload that never got to its list
+    assert latest_checkpoint(str(run)) == (40, str(run / "checkpoint_a"))
+    assert latest_checkpoint(f"file://{run}")[0] == 40

@@ -82,3 +82,14 @@ def test_gzip_shard_pairs_by_uri(ray_session, multi30k, tmp_path):
     assert len(m["inputs"]) == 6
     ids = pq.read_table(f"{out}/train").column("id").to_pylist()
     assert len(set(ids)) == len(ids) == m["splits"]["train"]["kept"]
+    # An interrupted earlier run left a shard and no manifest: the rerun does not read it as data.
+    import shutil
+    from pathlib import Path
+
+    (Path(out) / "manifest.json").unlink()
+    stray = Path(out) / "train" / "part-stray.parquet"
+    shutil.copy(next((Path(out) / "val").glob("*.parquet")), stray)
+    out2, m2 = preprocess(cfg)
+    assert out2 == out and not stray.exists()
+    assert {s: m2["splits"][s] for s in m2["splits"]} == {s: m["splits"][s] for s in m["splits"]}
+    assert sum(pq.read_table(f"{out}/{s}").num_rows for s in ("train", "val", "test")) == m2["rows_kept"]

@@ -16,6 +16,20 @@ def test_round_trip_on_multi30k(multi30k):
         # Saved as JSON and loaded again: same ids.
         again = toklib.load_tokenizer(tok.to_str())
         assert toklib.encode(again, lines[:50]) == ids[:50]
+        # encode() uses encode_batch_fast: the same ids as the full encode_batch.
+        assert ids == [e.ids for e in tok.encode_batch(lines[:500], add_special_tokens=False)]
+
+
+def test_clean_text_collapses_every_unicode_space_like_the_regex():
+    import re
+    import sys
+
+    spaces = [chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace()]
+    assert len(spaces) > 20  # tabs, newlines, NBSP, ideographic space, ...
+    for c in spaces:
+        text = f"{c}a{c}{c}b c{c}"
+        assert toklib.clean_text(text, "none", False) == re.sub(r"\s+", " ", text).strip() == "a b c"
+    assert toklib.clean_text("  Ｆｕｌｌ\u00a0Width ", "NFKC", True) == "full width"
 
 
 def test_unknown_characters_map_to_unk():

@@ -34,6 +34,9 @@ def trained(ray_session, tmp_path_factory, request):
     try:
         first = run_training(load_config(overrides))
         steps_first = _metric_steps(uri, first["run_id"], "val_bleu")
+        # As if the driver had been killed in the moment between a worker uploading its
+        # checkpoint and Ray's controller recording it: the resume must find it by listing.
+        (tmp / "ray" / "e2e" / "checkpoint_manager_snapshot.json").unlink()
         # Same run name again with one more epoch: resumes from the checkpoint into the same MLflow run.
         second = run_training(load_config(overrides + ["train.max_epochs=4"]))
     finally:

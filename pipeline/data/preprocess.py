@@ -13,6 +13,7 @@ mtimes, so the same inputs and config reuse it.
 from __future__ import annotations
 
 import json
+import os
 import time
 import zlib
 from dataclasses import asdict
@@ -23,6 +24,7 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import ray
+from ray.data.datasource import Datasink
 
 from ..config import VIDEO_DATA, DataConfig, config_hash
 from . import tokenizer as toklib
@@ -78,33 +80,99 @@ def _dedup(ds: "ray.data.Dataset") -> "ray.data.Dataset":
             .map_groups(_first_of_group, batch_format="numpy").drop_columns(["pair_key"]))
 
 
-class Encode:
-    """Actor-pool UDF: tokenize both sides and drop rows outside the token-length limits."""
+def _tokenizer(json_text: str) -> "toklib.Tokenizer":
+    """Tokenizers loaded once per worker process (Ray reuses processes across tasks).
 
-    def __init__(self, src_json: str, tgt_json: str, min_tokens: int, max_tokens: int):
-        self.src_tok = toklib.load_tokenizer(src_json)
-        self.tgt_tok = toklib.load_tokenizer(tgt_json)
-        self.min_tokens, self.max_tokens = min_tokens, max_tokens
+    The tokenizer's thread pool is sized to the CPUs Ray gave the task (set before its first
+    use): Ray Data already runs one task per CPU, and a pool as wide as the machine in
+    each of them only makes the tasks take turns."""
+    if not _TOKENIZERS and ray.is_initialized() and "RAYON_NUM_THREADS" not in os.environ:
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
+        if cpus:
+            os.environ["RAYON_NUM_THREADS"] = str(max(1, int(cpus)))
+    key = config_hash(json_text)
+    if key not in _TOKENIZERS:
+        _TOKENIZERS.clear()
+        _TOKENIZERS[key] = toklib.load_tokenizer(json_text)
+    return _TOKENIZERS[key]
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        src_ids = toklib.encode(self.src_tok, list(batch["src"]))
-        tgt_ids = toklib.encode(self.tgt_tok, list(batch["tgt"]))
-        reasons = list(batch["reason"])
-        for i, (s, t) in enumerate(zip(src_ids, tgt_ids)):
-            if reasons[i]:
+
+_TOKENIZERS: dict[str, Any] = {}
+
+
+def encode_batch(batch: dict[str, np.ndarray], src_json: str, tgt_json: str, min_tokens: int,
+                 max_tokens: int) -> pa.Table:
+    """Ray Data UDF: tokenize both sides and drop rows outside the token-length limits.
+
+    A plain function, so Ray Data fuses it with the read and clean stages into one task per
+    input file: rows are never moved between processes before they are written."""
+    src_ids = toklib.encode(_tokenizer(src_json), list(batch["src"]))
+    tgt_ids = toklib.encode(_tokenizer(tgt_json), list(batch["tgt"]))
+    reasons = list(batch["reason"])
+    for i, (s, t) in enumerate(zip(src_ids, tgt_ids)):
+        if reasons[i]:
+            continue
+        longest, shortest = max(len(s), len(t)), min(len(s), len(t))
+        if longest > max_tokens:
+            reasons[i] = "too_long_tokens"
+        elif shortest < min_tokens:
+            reasons[i] = "too_short_tokens"
+    out = {k: pa.array(list(v)) for k, v in batch.items() if k != "reason"}
+    out.update(reason=pa.array(reasons, type=pa.string()),
+               src_ids=pa.array(src_ids, type=pa.list_(pa.int32())),
+               tgt_ids=pa.array(tgt_ids, type=pa.list_(pa.int32())),
+               src_len=pa.array([len(x) for x in src_ids], type=pa.int32()),
+               tgt_len=pa.array([len(x) for x in tgt_ids], type=pa.int32()))
+    return pa.table(out)
+
+
+class SplitSink(Datasink):
+    """Writes each block's kept rows to ``{out}/{split}/`` and returns its counts per (split,
+    reason): one streaming pass gives both the shards and the manifest's numbers.
+
+    File names come from the block's first row id, so a retried task rewrites the same
+    files instead of adding copies."""
+
+    def __init__(self, out: str):
+        self.out = out
+        self.counts: dict[str, dict[str, int]] = {s: {} for s in SPLITS}
+
+    def on_write_start(self, schema: Any = None) -> None:
+        fs, root = fsspec.core.url_to_fs(self.out)
+        for split in SPLITS:  # leftovers of an interrupted run would be read as data
+            if fs.exists(f"{root}/{split}"):
+                fs.rm(f"{root}/{split}", recursive=True)
+            fs.makedirs(f"{root}/{split}", exist_ok=True)
+
+    def write(self, blocks: Any, ctx: Any) -> dict[str, dict[str, int]]:
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+        from ray.data.block import BlockAccessor
+
+        counts: dict[str, dict[str, int]] = {}
+        fs, root = fsspec.core.url_to_fs(self.out)
+        for block in blocks:
+            table = BlockAccessor.for_block(block).to_arrow()
+            if not table.num_rows:
                 continue
-            longest, shortest = max(len(s), len(t)), min(len(s), len(t))
-            if longest > self.max_tokens:
-                reasons[i] = "too_long_tokens"
-            elif shortest < self.min_tokens:
-                reasons[i] = "too_short_tokens"
-        out = {k: pa.array(list(v)) for k, v in batch.items() if k != "reason"}
-        out.update(reason=pa.array(reasons, type=pa.string()),
-                   src_ids=pa.array(src_ids, type=pa.list_(pa.int32())),
-                   tgt_ids=pa.array(tgt_ids, type=pa.list_(pa.int32())),
-                   src_len=pa.array([len(x) for x in src_ids], type=pa.int32()),
-                   tgt_len=pa.array([len(x) for x in tgt_ids], type=pa.int32()))
-        return pa.table(out)
+            for row in table.group_by(["split", "reason"]).aggregate([([], "count_all")]).to_pylist():
+                per = counts.setdefault(row["split"], {})
+                reason = row["reason"] or "kept"
+                per[reason] = per.get(reason, 0) + row["count_all"]
+            first = int(pc.min(table["id"]).as_py())
+            for split in SPLITS:
+                kept = table.filter(pc.and_(pc.equal(table["reason"], ""), pc.equal(table["split"], split)))
+                if kept.num_rows:
+                    with fs.open(f"{root}/{split}/part-{first:020d}.parquet", "wb") as f:
+                        pq.write_table(kept.select(OUTPUT_COLUMNS), f)
+        return counts
+
+    def on_write_complete(self, write_result: Any) -> None:
+        for counts in write_result.write_returns:
+            for split, per in counts.items():
+                mine = self.counts.setdefault(split, {})
+                for reason, n in per.items():
+                    mine[reason] = mine.get(reason, 0) + n
 
 
 def _kept_in(split: str):
@@ -162,6 +230,28 @@ def read_tokenizers(out: str) -> tuple[str, str]:
     return texts[0], texts[1]
 
 
+def cleaned(cfg: DataConfig, tasks: list[dict[str, Any]]) -> "ray.data.Dataset":
+    """Read tasks -> rows -> cleaned rows with a split and a drop reason (lazy)."""
+    clean_cfg = {k: getattr(cfg, k) for k in ("normalization", "lowercase", "max_chars", "val_fraction", "test_fraction")}
+    return (ray.data.from_items(tasks, override_num_blocks=len(tasks))
+            .map_batches(read_tasks, fn_args=(cfg.src_column, cfg.tgt_column, cfg.on_bad_rows), batch_size=1)
+            .map_batches(_clean_batch, fn_args=(clean_cfg,), batch_format="numpy"))
+
+
+def encode_and_write(ds: "ray.data.Dataset", cfg: DataConfig, src_json: str, tgt_json: str,
+                     out: str) -> dict[str, dict[str, int]]:
+    """Encode and write the kept rows of each split under ``out`` in one streaming pass;
+    returns the counts per split and reason (``kept`` or why dropped)."""
+    sink = SplitSink(out)
+    # batch_size=None: whole blocks as the readers yield them. A row count here would make
+    # Ray Data bundle that many *input* rows (read tasks) into one task of the fused
+    # read->clean->encode->write operator, i.e. the whole corpus in one task.
+    (ds.map_batches(encode_batch, fn_args=(src_json, tgt_json, cfg.min_tokens, cfg.max_tokens), batch_size=None,
+                    batch_format="numpy")
+     .write_datasink(sink))
+    return sink.counts
+
+
 def preprocess(cfg: DataConfig, force: bool = False) -> tuple[str, dict[str, Any]]:
     """Run (or reuse) preprocessing; returns (output folder, manifest)."""
     t0 = time.time()
@@ -177,48 +267,34 @@ def preprocess(cfg: DataConfig, force: bool = False) -> tuple[str, dict[str, Any
         print(f"[preprocess] reusing {out} ({manifest['rows_kept']} pairs kept of {manifest['rows_read']})", flush=True)
         return out, manifest
     print(f"[preprocess] {len(tasks)} read task(s) -> {out}", flush=True)
-    clean_cfg = {k: getattr(cfg, k) for k in ("normalization", "lowercase", "max_chars", "val_fraction", "test_fraction")}
-    ds = (ray.data.from_items(tasks, override_num_blocks=len(tasks))
-          .map_batches(read_tasks, fn_args=(cfg.src_column, cfg.tgt_column, cfg.on_bad_rows), batch_size=1)
-          .map_batches(_clean_batch, fn_args=(clean_cfg,), batch_format="numpy"))
-    if cfg.dedup:
-        ds = _dedup(ds)
-    ds = ds.materialize()
+    ds = cleaned(cfg, tasks)
+    if cfg.dedup:  # an all-to-all shuffle: the one case that holds the corpus in Ray's object store
+        ds = _dedup(ds).materialize()
 
-    # Tokenizer: train on the kept training rows (up to tokenizer_max_lines), streamed.
+    # Tokenizer: trained on the first tokenizer_max_lines kept training pairs, streamed into
+    # the trainer (which keeps word counts, not text); the stream stops reading once it has them.
+    print(f"[preprocess] training a {cfg.tokenizer} tokenizer (vocab {cfg.vocab_size}, "
+          f"{'joint' if cfg.joint_vocab else 'separate'}) on up to {cfg.tokenizer_max_lines} training pairs", flush=True)
     train_text = ds.filter(expr=_kept_in("train")).select_columns(["src", "tgt"]).limit(cfg.tokenizer_max_lines)
-    sides: dict[str, list[str]] = {"src": [], "tgt": []}
-    for batch in train_text.iter_batches(batch_size=4096, batch_format="numpy"):
-        sides["src"].extend(batch["src"].tolist())
-        sides["tgt"].extend(batch["tgt"].tolist())
-    if not sides["src"]:
+    seen = [0]
+
+    def texts(sides: tuple[str, ...]):
+        for batch in train_text.iter_batches(batch_size=4096, batch_format="numpy"):
+            seen[0] += len(batch["src"])
+            for side in sides:
+                yield from batch[side].tolist()
+
+    if cfg.joint_vocab:
+        src_json = tgt_json = toklib.train_tokenizer(texts(("src", "tgt")), cfg.tokenizer, cfg.vocab_size).to_str()
+    else:
+        src_json = toklib.train_tokenizer(texts(("src",)), cfg.tokenizer, cfg.vocab_size).to_str()
+        tgt_json = toklib.train_tokenizer(texts(("tgt",)), cfg.tokenizer, cfg.vocab_size).to_str()
+    if not seen[0]:
         raise DataError(f"no usable training pairs in the corpus ({', '.join(t['src_path'] for t in tasks[:3])}...): "
                         "empty input, or every row was dropped by the filters")
-    print(f"[preprocess] training a {cfg.tokenizer} tokenizer (vocab {cfg.vocab_size}, "
-          f"{'joint' if cfg.joint_vocab else 'separate'}) on {len(sides['src'])} pairs", flush=True)
-    if cfg.joint_vocab:
-        tok = toklib.train_tokenizer(sides["src"] + sides["tgt"], cfg.tokenizer, cfg.vocab_size)
-        src_json = tgt_json = tok.to_str()
-    else:
-        src_json = toklib.train_tokenizer(sides["src"], cfg.tokenizer, cfg.vocab_size).to_str()
-        tgt_json = toklib.train_tokenizer(sides["tgt"], cfg.tokenizer, cfg.vocab_size).to_str()
-    del sides
 
-    n_actors = max(1, min(4, int(ray.cluster_resources().get("CPU", 1))))
-    encoded = ds.map_batches(
-        Encode, fn_constructor_args=(src_json, tgt_json, cfg.min_tokens, cfg.max_tokens),
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_actors), batch_size=2048,
-        batch_format="numpy").materialize()
-
-    counts: dict[str, dict[str, int]] = {s: {} for s in SPLITS}
-    for row in encoded.groupby(["split", "reason"]).count().take_all():
-        counts[row["split"]][row["reason"] or "kept"] = int(row["count()"])
-    fs, root = fsspec.core.url_to_fs(out)
-    fs.makedirs(root, exist_ok=True)
-    for split in SPLITS:
-        if counts[split].get("kept"):
-            (encoded.filter(expr=_kept_in(split)).select_columns(OUTPUT_COLUMNS)
-             .write_parquet(f"{out}/{split}"))
+    print("[preprocess] encoding and writing shards", flush=True)
+    counts = encode_and_write(ds, cfg, src_json, tgt_json, out)
     write_tokenizers(out, src_json, tgt_json)
 
     dropped: dict[str, int] = {}

@@ -160,7 +160,47 @@ def _save_checkpoint(model: Seq2Seq, opt: Any, sched: Any, scaler: Any, state: d
                os.path.join(d, "optim.pt"))
     with open(os.path.join(d, "state.json"), "w") as f:
         json.dump(state, f)
+    sizes = {n: os.path.getsize(os.path.join(d, n)) for n in os.listdir(d)}
+    with open(os.path.join(d, COMPLETE), "w") as f:  # a reader checks every file is all there
+        json.dump(sizes, f)
     return d
+
+
+COMPLETE = "files.json"
+
+
+def latest_checkpoint(run_dir: str) -> tuple[int, str] | None:
+    """The newest complete checkpoint under a Ray Train run folder (local path or URI), found
+    by listing, as (step, path). Ray's own record of checkpoints is written by its controller
+    a moment after a worker has uploaded one; a driver killed in that moment leaves a
+    checkpoint that only a listing finds. Incomplete uploads (sizes not matching
+    ``files.json``) are passed over."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(run_dir)
+    scheme = run_dir.split("://")[0] + "://" if "://" in run_dir else ""
+    best: tuple[int, str] | None = None
+    try:
+        dirs = [d for d in fs.ls(root, detail=False) if os.path.basename(d.rstrip("/")).startswith("checkpoint_")]
+    except FileNotFoundError:
+        return None
+    for d in dirs:
+        try:
+            listing = {os.path.basename(e["name"].rstrip("/")): e["size"] for e in fs.ls(d, detail=True)}
+            sizes = json.loads(fs.cat_file(f"{d}/{COMPLETE}"))
+            if any(listing.get(n) != size for n, size in sizes.items()):
+                continue
+            step = int(json.loads(fs.cat_file(f"{d}/state.json"))["step"])
+        except (OSError, ValueError, KeyError):
+            continue
+        if best is None or step > best[0]:
+            best = (step, scheme + d if scheme and not d.startswith(scheme) else d)
+    return best
+
+
+def _checkpoint_step(ckpt: Any) -> int:
+    with ckpt.filesystem.open_input_stream(f"{ckpt.path}/state.json") as f:
+        return int(json.loads(f.read())["step"])
 
 
 def _load_checkpoint(ckpt: Any, model: Seq2Seq, opt: Any, sched: Any, scaler: Any) -> dict[str, Any]:
@@ -211,6 +251,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     state = {"step": 0, "epoch": 0, "best": -1.0, "evals_since_best": 0, "elapsed_s": 0.0,
              "mlflow_run_id": run_id, "stop": ""}
     ckpt = ray.train.get_checkpoint()
+    found = loop_config.get("latest_checkpoint")  # (step, path) listed by the driver
+    if found and (ckpt is None or _checkpoint_step(ckpt) < found[0]):
+        ckpt = ray.train.Checkpoint(found[1])
     if ckpt:
         state = _load_checkpoint(ckpt, raw, opt, sched, scaler)
         if rank == 0:

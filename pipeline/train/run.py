@@ -1,8 +1,9 @@
 """The training driver: preprocess, open the MLflow run, fit a TorchTrainer, test, log.
 
 ``RAY_ADDRESS`` set = join that cluster; otherwise start a local Ray. Running again
-with the same ``train.run_name`` resumes: Ray Train hands the workers the latest
-checkpoint and the MLflow run with that name is reopened.
+with the same ``train.run_name`` resumes: the workers get the newest checkpoint (from Ray
+Train's record, or by listing the run's folder when the driver died before Ray recorded it)
+and the MLflow run with that name is reopened.
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ def fit_run(cfg: Config, prep: dict[str, Any], run_name: str, parent_run_id: str
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from .loop import train_loop
+    from .loop import latest_checkpoint, train_loop
 
     callbacks = []
     if in_tune:
@@ -189,7 +190,7 @@ def fit_run(cfg: Config, prep: dict[str, Any], run_name: str, parent_run_id: str
         train_loop,
         train_loop_config={"config": cfg.to_dict(), "vocab": prep["vocab"], "mlflow_run_id": run_id,
                            "tracking_uri": uri, "src_tokenizer": prep["src_json"], "tgt_tokenizer": prep["tgt_json"],
-                           "best_dir": best_dir},
+                           "best_dir": best_dir, "latest_checkpoint": latest_checkpoint(f"{prep['storage']}/{run_name}")},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, placement_strategy=t.placement_strategy,
                                      resources_per_worker={"CPU": t.cpus_per_worker,
                                                            **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}),
