@@ -26,7 +26,7 @@ from bare_loop import BareSeq2Seq, pad  # noqa: E402
 from pipeline.config import ModelConfig  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 from pipeline.train.batching import collate, plan_batches  # noqa: E402
-from pipeline.train.loop import train_step  # noqa: E402
+from pipeline.train.loop import batch_flops, train_step  # noqa: E402
 
 
 def make_rows(n: int, vocab: int, rng: np.random.Generator):
@@ -94,11 +94,13 @@ def main() -> None:
             fn()
             times[name].append(time.perf_counter() - t0)
     tps = {k: real_tokens / min(v) for k, v in times.items()}
+    flops = sum(batch_flops(ours, b, 0) for b in ours_batches)  # the same sentences, real tokens only
     padded = {"bare": sum(b[3].numel() for b in bare_batches), "ours": sum(b.padded_tokens for b in ours_batches)}
     out = {"bench": "step", "device": "cpu", "threads": torch.get_num_threads(), "hidden": args.hidden,
            "layers": args.layers, "vocab": args.vocab, "target_tokens": real_tokens,
            "tokens_per_s": {k: round(v, 1) for k, v in tps.items()},
            "padding_fraction": {k: round(1 - real_tokens / v, 3) for k, v in padded.items()},
+           "model_tflops": {k: round(flops / min(v) / 1e12, 4) for k, v in times.items()},
            "ratio_ours_over_bare": round(tps["ours"] / tps["bare"], 3)}
     print(json.dumps(out))
     print(f"step: ours {tps['ours']:.0f} vs bare {tps['bare']:.0f} target tokens/s -> {out['ratio_ours_over_bare']:.2f}x")

@@ -116,7 +116,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 200
     clip_norm: float = 1.0
-    accumulate: int = 1
+    accumulate: int = 1  # micro-batches per step; gradients are allreduced once, after the last
+    grad_compression: Literal["none", "fp16", "bf16"] = "none"  # DDP allreduce in half precision (bf16: NCCL only)
+    ddp_bucket_mb: int = 25  # DDP gradient bucket size: fewer, larger allreduces vs earlier overlap
     label_smoothing: float = 0.1
     amp: bool = True  # only on GPU: fp16 autocast + GradScaler
     eval_every: int = 0  # steps between validations; 0 = once per epoch
@@ -382,6 +384,9 @@ def validate(cfg: Config) -> None:
     need(t.max_minutes >= 0, f"train.max_minutes must be >= 0, got {t.max_minutes}")
     need(t.batch_tokens >= 16, f"train.batch_tokens must be >= 16, got {t.batch_tokens}")
     need(t.accumulate >= 1, f"train.accumulate must be >= 1, got {t.accumulate}")
+    need(t.ddp_bucket_mb >= 1, f"train.ddp_bucket_mb must be >= 1, got {t.ddp_bucket_mb}")
+    need(t.grad_compression != "bf16" or t.use_gpu,
+         "train.grad_compression=bf16 needs GPUs (NCCL; PyTorch's gloo backend has no bf16 hook): use fp16 on CPU")
     need(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
     need(t.eval_beam_size >= 1 and t.test_beam_size >= 1, "train.eval_beam_size and train.test_beam_size must be >= 1")
     need(0.0 <= t.label_smoothing < 1.0, f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")

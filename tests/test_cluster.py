@@ -2,30 +2,21 @@
 127.0.0.1, and `pipeline submit --wait` of a 2-worker training job whose workers land on
 different nodes. Every process started here is stopped by its process group."""
 
-import json
 import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pipeline.cluster import free_port, loopback_cluster, wait_until
+from pipeline.cluster import stop_process_group as stop
+
 pytestmark = pytest.mark.slow
 VENV_BIN = str(Path(sys.executable).parent)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # Token authentication on for every node and client (the token: ~/.ray/auth_token).
@@ -36,68 +27,27 @@ def start(args, log):
     return subprocess.Popen(args, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True, env=ENV)
 
 
-def stop(proc):
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def answers(url: str) -> bool:
-    """The server is up: any HTTP answer counts (with token auth on, an anonymous call gets 401)."""
-    try:
-        urllib.request.urlopen(url, timeout=2)
-    except urllib.error.HTTPError:
-        pass
-    return True
-
-
 def wait_for(check, what, timeout=120, log=None):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if check():
-                return
-        except Exception:  # noqa: BLE001 - not up yet
-            pass
-        time.sleep(1)
-    tail = Path(log).read_text()[-3000:] if log else ""
-    pytest.fail(f"timed out waiting for {what}\n{tail}")
+    try:
+        wait_until(check, what, timeout)
+    except TimeoutError as e:
+        pytest.fail(f"{e}\n{Path(log).read_text()[-3000:] if log else ''}")
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cluster")
-    short = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # Ray's socket paths must stay under 107 bytes
-    procs = []
+    mlflow_port = free_port()
+    mlflow = start([f"{VENV_BIN}/mlflow", "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
+                    "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db", "--serve-artifacts",
+                    "--artifacts-destination", str(tmp / "mlartifacts"), "--workers", "1"], tmp / "mlflow.log")
     try:
-        mlflow_port = free_port()
-        procs.append(start([f"{VENV_BIN}/mlflow", "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
-                            "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db", "--serve-artifacts",
-                            "--artifacts-destination", str(tmp / "mlartifacts"), "--workers", "1"], tmp / "mlflow.log"))
-        gcs, dash = free_port(), free_port()
-        common = ["--num-cpus=2", "--block", "--disable-usage-stats", "--include-log-monitor=false"]
-        procs.append(start([f"{VENV_BIN}/ray", "start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",
-                            f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={free_port()}",
-                            "--node-ip-address=127.0.0.1", f"--temp-dir={short}/head", *common], tmp / "head.log"))
-        wait_for(lambda: answers(f"http://127.0.0.1:{dash}/api/version"), "the head node's dashboard", log=tmp / "head.log")
-        procs.append(start([f"{VENV_BIN}/ray", "start", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1",
-                            f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={short}/worker", *common],
-                           tmp / "worker.log"))
-        count = [sys.executable, "-c", f"import ray; ray.init(address='127.0.0.1:{gcs}', logging_level='ERROR');"
-                 "print(sum(n['Alive'] for n in ray.nodes()))"]
-        wait_for(lambda: subprocess.run(count, capture_output=True, text=True, timeout=60, env=ENV).stdout.strip() == "2",
-                 "2 alive nodes", log=tmp / "worker.log")
-        wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{mlflow_port}/health", timeout=2).status == 200,
-                 "the MLflow server")
-        yield {"tmp": tmp, "address": f"http://127.0.0.1:{dash}", "mlflow": f"http://127.0.0.1:{mlflow_port}"}
+        with loopback_cluster(nodes=2, cpus=2, logs=tmp) as ray_cluster:
+            wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{mlflow_port}/health", timeout=2).status == 200,
+                     "the MLflow server")
+            yield {"tmp": tmp, "address": ray_cluster.dashboard, "mlflow": f"http://127.0.0.1:{mlflow_port}"}
     finally:
-        for p in reversed(procs):
-            stop(p)
-        shutil.rmtree(short, ignore_errors=True)
+        stop(mlflow)
 
 
 def submit(cluster, overrides, env):

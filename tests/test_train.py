@@ -99,7 +99,7 @@ def test_mlflow_run_has_params_metrics_artifacts(trained):
     p = run.data.params
     assert p["model.hidden_size"] == "128" and p["train.num_workers"] == "2" and p["data.name"] == "demo_text"
     assert set(load_config([]).flat()) <= set(p)
-    for key in ("train_loss", "lr", "val_loss", "val_ppl", "val_bleu", "train_tokens_per_s", "padding_fraction",
+    for key in ("train_loss", "lr", "val_loss", "val_ppl", "val_bleu", "train_tokens_per_s", "padding_fraction", "train_tflops",
                 "test_bleu", "test_chrf", "data_rows_read"):
         assert key in run.data.metrics, key
     assert 0 <= run.data.metrics["padding_fraction"] < 0.5

@@ -30,6 +30,7 @@ from ..config import Config, default_metric, is_video
 from ..data import tokenizer as toklib
 from ..inference import bundle_meta, decode_clips, decode_ids, save_bundle
 from ..models import Seq2Seq, build_model
+from ..models.flops import peak_tflops, train_step_flops
 from .batching import Batch, caption_batches, caption_pairs, collate, collate_clips, token_batches
 
 LOG_EVERY = 20  # optimizer steps between step-metric logs
@@ -56,6 +57,34 @@ def train_step(model: torch.nn.Module, batch: Batch, weight: float, global_token
         loss_sum, _ = model(batch.src, batch.src_lens, batch.tgt_in, batch.tgt_out, label_smoothing, batch.src_index)
     scaler.scale(loss_sum * (weight * world_size / max(global_tokens, 1.0))).backward()
     return float(loss_sum.detach()) * weight
+
+
+def batch_flops(model: Seq2Seq, b: Batch, pad_id: int) -> float:
+    """Model FLOPs of a training step on this batch, at its real tokens."""
+    src = b.src_lens.numpy()
+    tgt = (b.tgt_out != pad_id).sum(1).cpu().numpy()
+    return train_step_flops(model, src, tgt, src[b.src_index.cpu().numpy()] if b.src_index is not None else None)
+
+
+def configure_ddp(model: torch.nn.Module, compression: str) -> torch.nn.Module:
+    """Register a DDP communication hook that allreduces gradients in fp16 or bf16 (half
+    the bytes; the step still updates fp32 weights). A no-op for a single worker."""
+    if compression != "none" and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        hook = default_hooks.fp16_compress_hook if compression == "fp16" else default_hooks.bf16_compress_hook
+        model.register_comm_hook(None, hook)
+    return model
+
+
+def micro_sync(model: torch.nn.Module, last: bool) -> Any:
+    """Gradient accumulation under DDP: micro-batches before the last one skip the allreduce
+    (``no_sync``), so a step of N micro-batches communicates once, not N times."""
+    import contextlib
+
+    if last or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return model.no_sync()
 
 
 def _all_reduce(values: list[float], device: torch.device) -> list[float]:
@@ -267,7 +296,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     skip = state.pop("seen_ids", np.empty(0, np.int64))
     seen: list[np.ndarray] = [skip] if rank == 0 else []
     trace = t.trace_examples
-    model = ray.train.torch.prepare_model(raw)
+    model = configure_ddp(ray.train.torch.prepare_model(raw, parallel_strategy_kwargs={"bucket_cap_mb": t.ddp_bucket_mb}),
+                          t.grad_compression)
     nodes = _all_gather(ray.get_runtime_context().get_node_id())
     logged_upto = -1
     if rank == 0:
@@ -320,7 +350,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     else:
         dummy = collate([np.array([vocab["eos_id"]])], [np.array([vocab["eos_id"]])], [-1], *specials).to(device)
         make_batches = token_batches
-    win = {"loss": 0.0, "tokens": 0.0, "padded": 0.0, "wait": 0.0, "start": time.time()}
+    win = {"loss": 0.0, "tokens": 0.0, "padded": 0.0, "wait": 0.0, "flops": 0.0, "start": time.time()}
+    # MFU on GPU: model FLOP/s over the device's dense fp16/bf16 peak (pipeline.models.flops).
+    peak = peak_tflops(torch.cuda.get_device_name(device)) if on_gpu else None
+    if on_gpu and peak is None and rank == 0:
+        print(f"[train] no peak TFLOP/s known for {torch.cuda.get_device_name(device)}: mfu is not logged", flush=True)
     model.train()
     while state["epoch"] < t.max_epochs and not state["stop"]:
         rng = np.random.default_rng(t.seed * 100_003 + state["epoch"] * 101 + rank)
@@ -346,10 +380,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 epoch_done = True
                 break
             opt.zero_grad(set_to_none=True)
-            for b in micro:
+            for i, b in enumerate(micro):
                 weight = 1.0 if b is not None else 0.0
                 batch = b.to(device) if b is not None else dummy
-                win["loss"] += train_step(model, batch, weight, tokens, world, t.label_smoothing, scaler, amp_dtype)
+                with micro_sync(model, last=i == len(micro) - 1):
+                    win["loss"] += train_step(model, batch, weight, tokens, world, t.label_smoothing, scaler, amp_dtype)
             scaler.unscale_(opt)
             if t.clip_norm > 0:
                 torch.nn.utils.clip_grad_norm_(raw.parameters(), t.clip_norm)
@@ -359,19 +394,22 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             state["step"] += 1
             win["tokens"] += tokens
             win["padded"] += padded
+            win["flops"] += sum(batch_flops(raw, b, vocab["pad_id"]) for b in real)
             seen += [b.ids.numpy() for b in real]
             if trace:  # an audit of exactly-once: every step's example ids, per rank and process
                 with open(os.path.join(trace, f"rank{rank}-{os.getpid()}.jsonl"), "a") as f:
                     f.write(json.dumps({"epoch": state["epoch"], "step": state["step"],
                                         "ids": [int(i) for b in real for i in b.ids]}) + "\n")
             if state["step"] % LOG_EVERY == 0:
-                loss_total = _all_reduce([win["loss"]], device)[0]
+                loss_total, flops_total = _all_reduce([win["loss"], win["flops"]], device)
                 elapsed = time.time() - win["start"]
+                tflops = flops_total / max(elapsed, 1e-9) / 1e12
                 log({"train_loss": loss_total / max(win["tokens"], 1.0), "lr": sched.get_last_lr()[0],
                      "train_tokens_per_s": win["tokens"] / max(elapsed, 1e-9),
                      "padding_fraction": 1.0 - win["tokens"] / max(win["padded"], 1.0),
-                     "data_wait_fraction": win["wait"] / max(elapsed, 1e-9)})
-                win = {"loss": 0.0, "tokens": 0.0, "padded": 0.0, "wait": 0.0, "start": time.time()}
+                     "data_wait_fraction": win["wait"] / max(elapsed, 1e-9), "train_tflops": tflops,
+                     **({"mfu": tflops / (peak * world)} if peak else {})})
+                win = {"loss": 0.0, "tokens": 0.0, "padded": 0.0, "wait": 0.0, "flops": 0.0, "start": time.time()}
             if t.eval_every and state["step"] % t.eval_every == 0:
                 validate_and_report()
         if epoch_done:
