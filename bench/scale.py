@@ -17,22 +17,21 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
-from pipeline.cluster import loopback_cluster
+from pipeline.cluster import free_port, loopback_cluster, stop_process_group, wait_until
 from pipeline.config import load_config
 
 
-def run(workers: int, minutes: float, tmp: str, overrides: list[str], address: str) -> dict:
+def run(workers: int, minutes: float, tmp: str, overrides: list[str], address: str, uri: str) -> dict:
     """One `pipeline train` process against the cluster (its own driver, as a user would run it)."""
-    import subprocess
-
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp}/mlflow.db"
     name = f"scale-{workers}"
     args = ["data=demo_text", "model=small", f"data.root={tmp}/demo", f"data.output_dir={tmp}/data",
             f"train.num_workers={workers}", "train.placement_strategy=STRICT_SPREAD", "train.max_epochs=1000",
@@ -71,9 +70,21 @@ def main() -> None:
     params = sum(p.numel() for p in build_model(cfg.model, cfg.data.vocab_size, cfg.data.vocab_size, True,
                                                 0, 2, 3).parameters())
     results = []
-    with loopback_cluster(nodes=2, cpus=2, logs=Path(tmp) / "logs") as cluster:
-        for workers in (1, 2):
-            results.append(run(workers, args.minutes, tmp, args.overrides, cluster.gcs))
+    # A multi-node run needs a tracking server every node reaches (pipeline refuses a
+    # node-local SQLite store on a multi-node cluster): a real `mlflow server` on 127.0.0.1.
+    port = free_port()
+    mlflow = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+                               "--port", str(port), "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
+                               "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200, "the MLflow server")
+        with loopback_cluster(nodes=2, cpus=2, logs=Path(tmp) / "logs") as cluster:
+            for workers in (1, 2):
+                results.append(run(workers, args.minutes, tmp, args.overrides, cluster.gcs, uri))
+    finally:
+        stop_process_group(mlflow)
     one, two = results
     efficiency = two["tokens_per_s"] / (2 * one["tokens_per_s"])
     out = {"bench": "scale", "cpus": os.cpu_count(), "minutes": args.minutes, "parameters": params,

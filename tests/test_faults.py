@@ -78,6 +78,12 @@ def test_worker_sigkill_mid_epoch_resumes_into_the_same_run(ray_session, tmp_pat
     assert val == sorted(set(val))
     assert "test_bleu" in run.data.metrics
     _assert_interrupted_epoch_exactly_once(trace, int(run.data.tags["pipeline.resumed_from_step"]), killed_pids)
+    # Data parallel for real: each worker trained on its share (a split read as one block
+    # once went whole to one worker, the other stepping on empty batches).
+    per_rank = Counter()
+    for path in trace.glob("*.jsonl"):
+        per_rank[path.stem.split("-")[0]] += sum(len(json.loads(line)["ids"]) for line in path.read_text().splitlines())
+    assert len(per_rank) == 2 and min(per_rank.values()) > 0.4 * sum(per_rank.values()), per_rank
 
 
 def _assert_interrupted_epoch_exactly_once(trace, resumed_step, killed_pids):

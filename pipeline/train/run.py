@@ -57,6 +57,17 @@ def storage_uri(path: str) -> str:
     return uri
 
 
+def rows_per_block(split: dict[str, Any], workers: int) -> int:
+    """Rows per Ray Data block for a split: about 8 blocks per worker, 64 to 8192 rows.
+
+    ``streaming_split`` hands out whole blocks, and a Parquet file is read as one block: a
+    split written as one file (any small corpus) would go whole to one worker while the
+    others trained on nothing. A streaming repartition to this size gives every worker its
+    share. Rows are sentence pairs, or videos with all their captions."""
+    rows = split.get("videos", split["kept"])
+    return int(min(8192, max(64, rows // (8 * max(1, workers)))))
+
+
 def _exactly_once_data_config():
     from ray.train import DataConfig
 
@@ -199,7 +210,8 @@ def fit_run(cfg: Config, prep: dict[str, Any], run_name: str, parent_run_id: str
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         # Reads take a quarter CPU: the workers hold whole CPUs, and a sweep's trial driver
         # a sliver more, so whole-CPU read tasks could wait forever on a small cluster.
-        datasets={s: ray.data.read_parquet(f"{data_dir}/{s}", num_cpus=0.25)
+        datasets={s: ray.data.read_parquet(f"{data_dir}/{s}", num_cpus=0.25).repartition(
+                      target_num_rows_per_block=rows_per_block(manifest["splits"][s], t.num_workers))
                   for s in ("train", "val")},
         dataset_config=_exactly_once_data_config(),
     )
