@@ -16,6 +16,7 @@ import json
 import os
 import time
 import zlib
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -90,11 +91,10 @@ def _tokenizer(json_text: str) -> "toklib.Tokenizer":
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
         if cpus:
             os.environ["RAYON_NUM_THREADS"] = str(max(1, int(cpus)))
-    key = config_hash(json_text)
-    if key not in _TOKENIZERS:
+    if json_text not in _TOKENIZERS:
         _TOKENIZERS.clear()
-        _TOKENIZERS[key] = toklib.load_tokenizer(json_text)
-    return _TOKENIZERS[key]
+        _TOKENIZERS[json_text] = toklib.load_tokenizer(json_text)
+    return _TOKENIZERS[json_text]
 
 
 _TOKENIZERS: dict[str, Any] = {}
@@ -135,7 +135,7 @@ class SplitSink(Datasink):
 
     def __init__(self, out: str):
         self.out = out
-        self.counts: dict[str, dict[str, int]] = {s: {} for s in SPLITS}
+        self.counts: dict[str, dict[str, int]] = {s: {} for s in SPLITS}  # split -> reason ("kept") -> rows
 
     def on_write_start(self, schema: Any = None) -> None:
         fs, root = fsspec.core.url_to_fs(self.out)
@@ -144,21 +144,19 @@ class SplitSink(Datasink):
                 fs.rm(f"{root}/{split}", recursive=True)
             fs.makedirs(f"{root}/{split}", exist_ok=True)
 
-    def write(self, blocks: Any, ctx: Any) -> dict[str, dict[str, int]]:
+    def write(self, blocks: Any, ctx: Any) -> Counter:
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
         from ray.data.block import BlockAccessor
 
-        counts: dict[str, dict[str, int]] = {}
+        counts: Counter = Counter()  # (split, reason or "kept") -> rows
         fs, root = fsspec.core.url_to_fs(self.out)
         for block in blocks:
             table = BlockAccessor.for_block(block).to_arrow()
             if not table.num_rows:
                 continue
             for row in table.group_by(["split", "reason"]).aggregate([([], "count_all")]).to_pylist():
-                per = counts.setdefault(row["split"], {})
-                reason = row["reason"] or "kept"
-                per[reason] = per.get(reason, 0) + row["count_all"]
+                counts[row["split"], row["reason"] or "kept"] += row["count_all"]
             first = int(pc.min(table["id"]).as_py())
             for split in SPLITS:
                 kept = table.filter(pc.and_(pc.equal(table["reason"], ""), pc.equal(table["split"], split)))
@@ -168,11 +166,8 @@ class SplitSink(Datasink):
         return counts
 
     def on_write_complete(self, write_result: Any) -> None:
-        for counts in write_result.write_returns:
-            for split, per in counts.items():
-                mine = self.counts.setdefault(split, {})
-                for reason, n in per.items():
-                    mine[reason] = mine.get(reason, 0) + n
+        for (split, reason), n in sum(write_result.write_returns, Counter()).items():
+            self.counts.setdefault(split, {})[reason] = n
 
 
 def _kept_in(split: str):

@@ -207,7 +207,6 @@ def latest_checkpoint(run_dir: str) -> tuple[int, str] | None:
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(run_dir)
-    scheme = run_dir.split("://")[0] + "://" if "://" in run_dir else ""
     best: tuple[int, str] | None = None
     try:
         dirs = [d for d in fs.ls(root, detail=False) if os.path.basename(d.rstrip("/")).startswith("checkpoint_")]
@@ -223,7 +222,7 @@ def latest_checkpoint(run_dir: str) -> tuple[int, str] | None:
         except (OSError, ValueError, KeyError):
             continue
         if best is None or step > best[0]:
-            best = (step, scheme + d if scheme and not d.startswith(scheme) else d)
+            best = (step, fs.unstrip_protocol(d) if "://" in run_dir else d)
     return best
 
 
