@@ -5,7 +5,10 @@ memory that preprocessing needs for a corpus and for 10x that corpus.
    cleaned, encoded and written as Parquet (a) in one process: gzip lines -> ``clean_text``
    -> ``Tokenizer.encode_batch`` (HF tokenizers, itself multi-threaded) -> a Parquet file
    per shard, and (b) by the pipeline's own Ray Data stages, streamed: read tasks -> clean
-   -> encode -> the split-writing sink. Same trained tokenizer, rows/s side by side.
+   -> encode -> the split-writing sink. Same trained tokenizer, rows/s side by side. For
+   scale, (c): the pipeline's own stage functions called in this one process, no Ray, one
+   tokenizer thread, which tells how much of (b) over (a) is our code and how much Ray's
+   parallelism.
 2. Memory: ``pipeline preprocess`` on the corpus and on 10x the corpus (each in its own
    process and Ray cluster); the peak of the summed proportional set size (PSS) of that
    process and everything it started (Ray's GCS, raylet, workers and object store pages),
@@ -89,6 +92,32 @@ def ray_data(root: str, tok_json: str, out: str) -> tuple[float, float]:
     return rates[0], max(rates[1:])
 
 
+def our_stages_in_process(root: str, tok_json: str, out: str) -> float:
+    """(c): the fused task's functions (read+clean -> encode -> sink) over every read task in
+    this process, without Ray; rows/s, best of two (the second has the word cache warm,
+    as Ray's reused worker processes do)."""
+    import numpy as np
+
+    from pipeline.config import load_config
+    from pipeline.data import preprocess as pp
+    from pipeline.data.readers import list_tasks
+
+    cfg = load_config(["data=pairs", f"data.src_files={root}/*.en.gz", f"data.tgt_files={root}/*.de.gz"]).data
+    clean_cfg = {k: getattr(cfg, k) for k in ("normalization", "lowercase", "max_chars", "val_fraction", "test_fraction")}
+    rates = []
+    for _ in range(2):
+        t0, n = time.perf_counter(), 0
+        sink = pp.SplitSink(out)
+        sink.on_write_start()
+        for task in list_tasks(cfg):
+            batch = {k: np.array([v], dtype=object) for k, v in task.items()}
+            for table in pp._read_and_clean(batch, cfg.src_column, cfg.tgt_column, cfg.on_bad_rows, clean_cfg):
+                sink.write([pp.encode_batch(table, tok_json, tok_json, cfg.min_tokens, cfg.max_tokens)], None)
+                n += table.num_rows
+        rates.append(n / (time.perf_counter() - t0))
+    return max(rates)
+
+
 def _tree_pss(root: psutil.Process) -> int:
     """Proportional set size of a process and all its descendants (the local Ray cluster
     that ``pipeline preprocess`` starts: GCS, raylet, workers, object store pages), so
@@ -134,24 +163,36 @@ def main() -> None:
     write_shards(f"{tmp}/x1", pairs, args.shards)
     write_shards(f"{tmp}/x10", pairs * 10, args.shards * 10)
     tok_json = toklib.train_tokenizer([t for p in pairs for t in p], "bpe", 4000).to_str()
+    with open(f"{tmp}/tok.json", "w") as f:
+        f.write(tok_json)
     single = max(single_process(f"{tmp}/x1", args.shards, tok_json, f"{tmp}/single") for _ in range(2))
     single_fast = max(single_process(f"{tmp}/x1", args.shards, tok_json, f"{tmp}/single", fast=True) for _ in range(2))
     cold, warm = ray_data(f"{tmp}/x1", tok_json, f"{tmp}/ray")
+    # One tokenizer thread, as in one Ray task; in a child process, since the thread pool is
+    # fixed at its first use in this one.
+    ours_one = float(subprocess.run(
+        [sys.executable, "-c", f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
+         f"from preprocess import our_stages_in_process as f; print(f({tmp + '/x1'!r}, open({tmp + '/tok.json'!r}).read(), "
+         f"{tmp + '/ours'!r}))"], env={**os.environ, "RAYON_NUM_THREADS": "1"}, check=True, capture_output=True,
+        text=True).stdout.split()[-1])
     mem1, sec1 = peak_memory(f"{tmp}/x1", f"{tmp}/out1")
     mem10, sec10 = peak_memory(f"{tmp}/x10", f"{tmp}/out10")
     out = {"bench": "preprocess", "cpus": os.cpu_count(), "pairs": args.pairs,
            "rows_per_s": {"single_process_encode_batch": round(single), "single_process_encode_batch_fast": round(single_fast),
-                          "ray_data_warm": round(warm), "ray_data_cold": round(cold)},
+                          "ray_data_warm": round(warm), "ray_data_cold": round(cold),
+                          "our_stages_one_process_one_thread": round(ours_one)},
            "ratio_ray_over_single": round(warm / single, 3),
            "ratio_ray_over_single_fast": round(warm / single_fast, 3),
            "ratio_ray_cold_over_single": round(cold / single, 3),
+           "ratio_ray_over_our_stages_one_process": round(warm / ours_one, 3),
            "peak_memory_mb": {"x1": round(mem1 / 2**20), "x10": round(mem10 / 2**20)},
            "seconds": {"x1": round(sec1, 1), "x10": round(sec10, 1)},
            "memory_ratio_x10_over_x1": round(mem10 / max(mem1, 1), 2)}
     print(json.dumps(out))
     print(f"preprocess: Ray Data {warm:.0f} rows/s (cold cluster {cold:.0f}) vs single process {single:.0f} "
           f"(encode_batch) -> {out['ratio_ray_over_single']:.2f}x, vs {single_fast:.0f} (encode_batch_fast) -> "
-          f"{out['ratio_ray_over_single_fast']:.2f}x; peak memory {out['peak_memory_mb']['x1']} MB at 1x, "
+          f"{out['ratio_ray_over_single_fast']:.2f}x; our stages in one process, one thread: {ours_one:.0f} "
+          f"(Ray / that {out['ratio_ray_over_our_stages_one_process']:.2f}x); peak memory {out['peak_memory_mb']['x1']} MB at 1x, "
           f"{out['peak_memory_mb']['x10']} MB at 10x ({out['memory_ratio_x10_over_x1']}x)")
 
 if __name__ == "__main__":

@@ -32,6 +32,12 @@ def test_multi30k_counts_match_line_counts(ray_session, multi30k, tmp_path, caps
     assert src_json == tgt_json and m["tokenizer"]["joint_vocab"]
     row = table.slice(0, 1).to_pylist()[0]
     assert toklib.decode(toklib.load_tokenizer(tgt_json), [row["tgt_ids"]]) == [row["tgt"]]
+    # Every written row holds the ids the tokenizer itself gives its text (the word cache is exact).
+    tok = toklib.load_tokenizer(tgt_json)
+    for side in ("src", "tgt"):
+        want = [e.ids for e in tok.encode_batch(table.column(side).to_pylist(), add_special_tokens=False)]
+        assert table.column(f"{side}_ids").to_pylist() == want
+        assert table.column(f"{side}_len").to_pylist() == [len(w) for w in want]
     # Same inputs and config: reused, not recomputed.
     out2, m2 = preprocess(cfg)
     assert out2 == out and m2 == m and "reusing" in capsys.readouterr().out

@@ -101,3 +101,28 @@ def test_list_tasks_errors(tmp_path):
     (tmp_path / "s0.de").write_text("a\n")
     with pytest.raises(DataError, match="matches 3 files but data.tgt_files matches 1"):
         list_tasks(load_config(["data=pairs", f"data.src_files={tmp_path}/s*.en", f"data.tgt_files={tmp_path}/s*.de"]).data)
+
+
+def test_pairs_across_chunk_boundaries(tmp_path, monkeypatch):
+    """Lines are read and decoded a chunk at a time: line numbers, ids, the BOM, CRLF and the
+    misalignment count stay right across chunks."""
+    import pipeline.data.readers as readers
+
+    monkeypatch.setattr(readers, "CHUNK", 3)
+    src = [f"line {i}" for i in range(1, 11)]
+    (tmp_path / "c.en").write_bytes(("\ufeff" + "\r\n".join(src) + "\r\n").encode())  # BOM, CRLF
+    with gzip.open(tmp_path / "c.de.gz", "wb") as f:
+        f.write(("\n".join(f"zeile {i}" for i in range(1, 11))).encode())  # last line without newline
+    r = rows_of(read_pair(pair_task(tmp_path / "c.en", tmp_path / "c.de.gz"), skip=False))
+    assert r["src"] == src and r["tgt"] == [f"zeile {i}" for i in range(1, 11)]
+    assert r["id"] == [(3 << 32) | i for i in range(1, 11)]
+    # A bad byte on line 8 (third chunk) is named by its line; skipped, only that row is dropped.
+    (tmp_path / "u.en").write_bytes("\n".join(src[:7] + ["bad \xff"] + src[8:]).encode("latin-1") + b"\n")
+    with pytest.raises(DataError, match=r"u\.en:8: invalid UTF-8"):
+        rows_of(read_pair(pair_task(tmp_path / "u.en", tmp_path / "c.de.gz"), skip=False))
+    r = rows_of(read_pair(pair_task(tmp_path / "u.en", tmp_path / "c.de.gz"), skip=True))
+    assert [i for i, x in enumerate(r["reason"]) if x] == [7] and r["src"][8] == "line 9"
+    # One line more in a later chunk: both counts in full.
+    (tmp_path / "m.de").write_text("\n".join(f"z {i}" for i in range(1, 12)) + "\n")
+    with pytest.raises(DataError, match=r"c\.en has 10 lines but .*m\.de has 11 lines"):
+        rows_of(read_pair(pair_task(tmp_path / "c.en", tmp_path / "m.de"), skip=False))

@@ -17,6 +17,7 @@ import os
 import time
 import zlib
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -35,27 +36,35 @@ SPLITS = ("train", "val", "test")
 OUTPUT_COLUMNS = ["id", "src_ids", "tgt_ids", "src_len", "tgt_len", "src", "tgt"]
 
 
-def _clean_batch(batch: dict[str, np.ndarray], cfg: dict[str, Any]) -> dict[str, np.ndarray]:
+def _clean(rows: dict[str, list], cfg: dict[str, Any]) -> pa.Table:
     """Normalise and filter by characters; assign a split where the files gave none."""
-    src_out, tgt_out, split_out, reason_out = [], [], [], []
-    for src, tgt, split, reason in zip(batch["src"], batch["tgt"], batch["split"], batch["reason"]):
-        if not reason:
-            src, tgt = (toklib.clean_text(x, cfg["normalization"], cfg["lowercase"]) for x in (src, tgt))
-            if not src or not tgt:
-                reason = "empty"
-            elif max(len(src), len(tgt)) > cfg["max_chars"]:
-                reason = "too_long_chars"
-        if not split:
-            # Deterministic split by content: the same pair lands in the same split on
-            # every run and every worker, with no global pass.
-            u = zlib.crc32(f"{src}\t{tgt}".encode()) / 2**32
-            split = "test" if u < cfg["test_fraction"] else "val" if u < cfg["test_fraction"] + cfg["val_fraction"] else "train"
-        src_out.append(src)
-        tgt_out.append(tgt)
-        split_out.append(split)
-        reason_out.append(reason)
-    return {"src": np.array(src_out, dtype=object), "tgt": np.array(tgt_out, dtype=object), "id": batch["id"],
-            "split": np.array(split_out, dtype=object), "reason": np.array(reason_out, dtype=object)}
+    src = toklib.clean_texts(rows["src"], cfg["normalization"], cfg["lowercase"])
+    tgt = toklib.clean_texts(rows["tgt"], cfg["normalization"], cfg["lowercase"])
+    src_chars = np.fromiter(map(len, src), np.int64, len(src))
+    tgt_chars = np.fromiter(map(len, tgt), np.int64, len(tgt))
+    reason = np.array(rows["reason"], dtype=object)
+    good = reason == ""
+    empty = (src_chars == 0) | (tgt_chars == 0)
+    reason[good & empty] = "empty"
+    reason[good & ~empty & (np.maximum(src_chars, tgt_chars) > cfg["max_chars"])] = "too_long_chars"
+    split = np.array(rows["split"], dtype=object)
+    unsplit = np.flatnonzero(split == "")
+    if len(unsplit):
+        # Deterministic split by content: the same pair lands in the same split on every
+        # run and every worker, with no global pass.
+        u = np.array([zlib.crc32(f"{src[i]}\t{tgt[i]}".encode()) for i in unsplit], np.float64) / 2**32
+        test, val = cfg["test_fraction"], cfg["test_fraction"] + cfg["val_fraction"]
+        split[unsplit] = np.where(u < test, "test", np.where(u < val, "val", "train"))
+    return pa.table({"src": pa.array(src, pa.string()), "tgt": pa.array(tgt, pa.string()),
+                     "id": pa.array(rows["id"], pa.int64()), "split": pa.array(split, pa.string()),
+                     "reason": pa.array(reason, pa.string())})
+
+
+def _read_and_clean(batch: dict[str, np.ndarray], src_column: str, tgt_column: str, on_bad_rows: str,
+                    cfg: dict[str, Any]) -> Iterator[pa.Table]:
+    """Ray Data UDF: read tasks -> cleaned Arrow tables, one per chunk of rows."""
+    for rows in read_tasks(batch, src_column, tgt_column, on_bad_rows):
+        yield _clean(rows, cfg)
 
 
 def _first_of_group(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -81,49 +90,49 @@ def _dedup(ds: "ray.data.Dataset") -> "ray.data.Dataset":
             .map_groups(_first_of_group, batch_format="numpy").drop_columns(["pair_key"]))
 
 
-def _tokenizer(json_text: str) -> "toklib.Tokenizer":
-    """Tokenizers loaded once per worker process (Ray reuses processes across tasks).
+def _encoder(json_text: str) -> "toklib.WordEncoder":
+    """Encoders loaded once per worker process (Ray reuses processes across tasks), so each
+    keeps its word cache from one task to the next.
 
     The tokenizer's thread pool is sized to the CPUs Ray gave the task (set before its first
     use): Ray Data already runs one task per CPU, and a pool as wide as the machine in
     each of them only makes the tasks take turns."""
-    if not _TOKENIZERS and ray.is_initialized() and "RAYON_NUM_THREADS" not in os.environ:
+    if not _ENCODERS and ray.is_initialized() and "RAYON_NUM_THREADS" not in os.environ:
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
         if cpus:
             os.environ["RAYON_NUM_THREADS"] = str(max(1, int(cpus)))
-    if json_text not in _TOKENIZERS:
-        _TOKENIZERS.clear()
-        _TOKENIZERS[json_text] = toklib.load_tokenizer(json_text)
-    return _TOKENIZERS[json_text]
+    if json_text not in _ENCODERS:
+        if len(_ENCODERS) >= 2:  # a source and a target tokenizer
+            _ENCODERS.clear()
+        _ENCODERS[json_text] = toklib.WordEncoder(toklib.load_tokenizer(json_text))
+    return _ENCODERS[json_text]
 
 
-_TOKENIZERS: dict[str, Any] = {}
+_ENCODERS: dict[str, Any] = {}
 
 
-def encode_batch(batch: dict[str, np.ndarray], src_json: str, tgt_json: str, min_tokens: int,
-                 max_tokens: int) -> pa.Table:
+def _id_lists(values: np.ndarray, offsets: np.ndarray) -> pa.ListArray:
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, type=pa.int32()))
+
+
+def encode_batch(batch: pa.Table, src_json: str, tgt_json: str, min_tokens: int, max_tokens: int) -> pa.Table:
     """Ray Data UDF: tokenize both sides and drop rows outside the token-length limits.
 
     A plain function, so Ray Data fuses it with the read and clean stages into one task per
     input file: rows are never moved between processes before they are written."""
-    src_ids = toklib.encode(_tokenizer(src_json), list(batch["src"]))
-    tgt_ids = toklib.encode(_tokenizer(tgt_json), list(batch["tgt"]))
-    reasons = list(batch["reason"])
-    for i, (s, t) in enumerate(zip(src_ids, tgt_ids)):
-        if reasons[i]:
-            continue
-        longest, shortest = max(len(s), len(t)), min(len(s), len(t))
-        if longest > max_tokens:
-            reasons[i] = "too_long_tokens"
-        elif shortest < min_tokens:
-            reasons[i] = "too_short_tokens"
-    out = {k: pa.array(list(v)) for k, v in batch.items() if k != "reason"}
-    out.update(reason=pa.array(reasons, type=pa.string()),
-               src_ids=pa.array(src_ids, type=pa.list_(pa.int32())),
-               tgt_ids=pa.array(tgt_ids, type=pa.list_(pa.int32())),
-               src_len=pa.array([len(x) for x in src_ids], type=pa.int32()),
-               tgt_len=pa.array([len(x) for x in tgt_ids], type=pa.int32()))
-    return pa.table(out)
+    src_vals, src_off = _encoder(src_json).encode_flat(batch.column("src").to_pylist())
+    tgt_vals, tgt_off = _encoder(tgt_json).encode_flat(batch.column("tgt").to_pylist())
+    src_len, tgt_len = np.diff(src_off).astype(np.int32), np.diff(tgt_off).astype(np.int32)
+    longest, shortest = np.maximum(src_len, tgt_len), np.minimum(src_len, tgt_len)
+    reason = np.asarray(batch.column("reason").to_numpy(zero_copy_only=False), dtype=object)
+    good = reason == ""
+    reason[good & (longest > max_tokens)] = "too_long_tokens"
+    reason[good & (longest <= max_tokens) & (shortest < min_tokens)] = "too_short_tokens"
+    return (batch.set_column(batch.schema.get_field_index("reason"), "reason", pa.array(reason, type=pa.string()))
+            .append_column("src_ids", _id_lists(src_vals, src_off))
+            .append_column("tgt_ids", _id_lists(tgt_vals, tgt_off))
+            .append_column("src_len", pa.array(src_len))
+            .append_column("tgt_len", pa.array(tgt_len)))
 
 
 class SplitSink(Datasink):
@@ -229,8 +238,8 @@ def cleaned(cfg: DataConfig, tasks: list[dict[str, Any]]) -> "ray.data.Dataset":
     """Read tasks -> rows -> cleaned rows with a split and a drop reason (lazy)."""
     clean_cfg = {k: getattr(cfg, k) for k in ("normalization", "lowercase", "max_chars", "val_fraction", "test_fraction")}
     return (ray.data.from_items(tasks, override_num_blocks=len(tasks))
-            .map_batches(read_tasks, fn_args=(cfg.src_column, cfg.tgt_column, cfg.on_bad_rows), batch_size=1)
-            .map_batches(_clean_batch, fn_args=(clean_cfg,), batch_format="numpy"))
+            .map_batches(_read_and_clean, fn_args=(cfg.src_column, cfg.tgt_column, cfg.on_bad_rows, clean_cfg),
+                         batch_size=1))
 
 
 def encode_and_write(ds: "ray.data.Dataset", cfg: DataConfig, src_json: str, tgt_json: str,
@@ -242,7 +251,7 @@ def encode_and_write(ds: "ray.data.Dataset", cfg: DataConfig, src_json: str, tgt
     # Ray Data bundle that many *input* rows (read tasks) into one task of the fused
     # read->clean->encode->write operator, i.e. the whole corpus in one task.
     (ds.map_batches(encode_batch, fn_args=(src_json, tgt_json, cfg.min_tokens, cfg.max_tokens), batch_size=None,
-                    batch_format="numpy")
+                    batch_format="pyarrow")
      .write_datasink(sink))
     return sink.counts
 

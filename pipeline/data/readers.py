@@ -14,6 +14,7 @@ A malformed row raises :class:`DataError` naming the file and line unless
 from __future__ import annotations
 
 import gzip
+import io
 import itertools
 import json
 import os
@@ -92,13 +93,10 @@ def _open(path: str):
 
 
 def _lines(path: str) -> Iterator[bytes]:
-    """Raw lines without their line ending; a truncated gzip is reported by file name."""
-    try:
-        with _open(path) as f:
-            for raw in f:
-                yield raw.rstrip(b"\r\n")
-    except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as e:
-        raise DataError(f"{path}: cannot read ({type(e).__name__}: {e}); is the file truncated or not gzip?") from e
+    """Raw lines without their line ending."""
+    for chunk in _line_chunks(path):
+        for raw in chunk:
+            yield raw.rstrip(b"\r\n")
 
 
 def _decode(raw: bytes, path: str, line: int) -> str:
@@ -138,24 +136,64 @@ def _bad(skip: bool, err: DataError, rows: _Rows, line: int, reason: str) -> Non
     rows.add(line, "", "", reason)
 
 
+def _line_chunks(path: str) -> Iterator[list[bytes]]:
+    """Raw lines, endings included, in lists of up to CHUNK; a truncated gzip is reported by
+    file name."""
+    try:
+        with _open(path) as f:
+            lines = io.BufferedReader(f, 1 << 20) if path.endswith(".gz") else f  # C line splitting
+            while chunk := list(itertools.islice(lines, CHUNK)):
+                yield chunk
+    except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as e:
+        raise DataError(f"{path}: cannot read ({type(e).__name__}: {e}); is the file truncated or not gzip?") from e
+
+
+def _decode_chunk(raw: list[bytes], path: str, first: int, skip: bool) -> tuple[list[str], list[int]]:
+    """A chunk's lines as text without line endings (one decode for the chunk, as
+    ``_decode`` line by line would give) and the indices of lines that are not UTF-8, which
+    raise unless skipped."""
+    try:
+        text = b"".join(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        texts, bad = [], []
+        for i, line in enumerate(raw):
+            try:
+                texts.append(_decode(line.rstrip(b"\r\n"), path, first + i))
+            except DataError:
+                if not skip:
+                    raise
+                texts.append("")
+                bad.append(i)
+        return texts, bad
+    texts = text.split("\n")[: len(raw)]  # binary lines end at b"\n" only, so this splits as they did
+    if "\r" in text:
+        texts = [t.rstrip("\r") for t in texts]
+    if first == 1 and texts and texts[0].startswith("\ufeff"):
+        texts[0] = texts[0][1:]
+    return texts, []
+
+
 def read_pair(task: dict[str, Any], skip: bool) -> Iterator[dict[str, list]]:
+    """Aligned line pairs, CHUNK at a time, each chunk decoded in one call."""
     src_path, tgt_path = task["src_path"], task["tgt_path"]
-    rows = _Rows(task["split"], task["file_index"])
+    base = task["file_index"] << 32
     n_src = n_tgt = 0
-    for s, t in itertools.zip_longest(_lines(src_path), _lines(tgt_path)):
-        n_src, n_tgt = n_src + (s is not None), n_tgt + (t is not None)
-        if s is None or t is None:
-            continue  # count the rest of the longer file for the error below
-        try:
-            rows.add(n_src, _decode(s, src_path, n_src), _decode(t, tgt_path, n_tgt))
-        except DataError as e:
-            _bad(skip, e, rows, n_src, "invalid_utf8")
-        if rows.full():
-            yield rows.flush()
+    for s, t in itertools.zip_longest(_line_chunks(src_path), _line_chunks(tgt_path), fillvalue=[]):
+        if len(s) != len(t) or n_src != n_tgt:  # misaligned: count the rest of both for the error below
+            n_src, n_tgt = n_src + len(s), n_tgt + len(t)
+            continue
+        src, src_bad = _decode_chunk(s, src_path, n_src + 1, skip)
+        tgt, tgt_bad = _decode_chunk(t, tgt_path, n_tgt + 1, skip)
+        reason = [""] * len(s)
+        for i in src_bad + tgt_bad:
+            src[i] = tgt[i] = ""
+            reason[i] = "invalid_utf8"
+        yield {"src": src, "tgt": tgt, "split": [task["split"]] * len(s),
+               "id": list(range(base | (n_src + 1), base | (n_src + len(s) + 1))), "reason": reason}
+        n_src, n_tgt = n_src + len(s), n_tgt + len(t)
     if n_src != n_tgt:
         # Misalignment shifts every later pair; no row can be trusted, so never skip it.
         raise DataError(f"misaligned parallel files: {src_path} has {n_src} lines but {tgt_path} has {n_tgt} lines")
-    yield rows.flush()
 
 
 def _table_format(path: str) -> str:
