@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from typing import Any
@@ -85,6 +86,13 @@ def micro_sync(model: torch.nn.Module, last: bool) -> Any:
     if last or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return contextlib.nullcontext()
     return model.no_sync()
+
+
+def say(message: str) -> None:
+    """A progress line from a worker, printed once. Ray Train V2 patches ``print`` to log the
+    line and, when something has wrapped ``sys.stdout`` (as in its workers), to print it
+    as well, so a plain ``print`` reached the driver twice."""
+    print(message, file=sys.__stdout__, flush=True)
 
 
 def _all_reduce(values: list[float], device: torch.device) -> list[float]:
@@ -285,9 +293,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if ckpt:
         state = _load_checkpoint(ckpt, raw, opt, sched, scaler)
         if rank == 0:
-            print(f"[train] resumed from {ckpt.path} at step {state['step']}, epoch {state['epoch']}", flush=True)
+            say(f"[train] resumed from {ckpt.path} at step {state['step']}, epoch {state['epoch']}")
             if state.get("mlflow_run_id") != run_id:
-                print(f"[train] note: checkpoint belongs to MLflow run {state.get('mlflow_run_id')}, logging to {run_id}")
+                say(f"[train] note: checkpoint belongs to MLflow run {state.get('mlflow_run_id')}, logging to {run_id}")
         state["mlflow_run_id"] = run_id
         state.setdefault("best", state.pop("best_bleu", -1.0))  # checkpoints written before video support
     # Example ids of the current epoch trained on before the checkpoint: skipped now, so that
@@ -333,8 +341,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             if improved:
                 save_bundle(best_dir, raw, meta, loop_config["src_tokenizer"], loop_config["tgt_tokenizer"])
             ckpt_dir = _save_checkpoint(raw, opt, sched, scaler, state, seen_all)
-            print(f"[train] step {state['step']} epoch {state['epoch']}: val_loss {res['loss']:.3f} "
-                  f"{metric} {val[metric]:.3f}{' (best)' if improved else ''}", flush=True)
+            say(f"[train] step {state['step']} epoch {state['epoch']}: val_loss {res['loss']:.3f} "
+                f"{metric} {val[metric]:.3f}{' (best)' if improved else ''}")
         checkpoint = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
         ray.train.report({**val, "step": state["step"], f"best_{metric}": state["best"]}, checkpoint=checkpoint)
 
@@ -353,7 +361,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     # MFU on GPU: model FLOP/s over the device's dense fp16/bf16 peak (pipeline.models.flops).
     peak = peak_tflops(torch.cuda.get_device_name(device)) if on_gpu else None
     if on_gpu and peak is None and rank == 0:
-        print(f"[train] no peak TFLOP/s known for {torch.cuda.get_device_name(device)}: mfu is not logged", flush=True)
+        say(f"[train] no peak TFLOP/s known for {torch.cuda.get_device_name(device)}: mfu is not logged")
     model.train()
     while state["epoch"] < t.max_epochs and not state["stop"]:
         rng = np.random.default_rng(t.seed * 100_003 + state["epoch"] * 101 + rank)
@@ -421,5 +429,5 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         elif state["stop"] == "max_minutes":
             validate_and_report()  # the budget ran out mid-epoch: keep what was learned
     if rank == 0:
-        print(f"[train] finished: {state['step']} steps, {state['epoch']} epochs, best {metric} "
-              f"{state['best']:.3f}, stop reason: {state['stop'] or 'max_epochs'}", flush=True)
+        say(f"[train] finished: {state['step']} steps, {state['epoch']} epochs, best {metric} "
+            f"{state['best']:.3f}, stop reason: {state['stop'] or 'max_epochs'}")
