@@ -63,7 +63,8 @@ def test_word_encoder_gives_the_tokenizers_ids_on_all_of_multi30k(multi30k, kind
 
 def test_word_encoder_passes_rows_outside_the_word_rule_to_the_tokenizer():
     tok = toklib.train_tokenizer(["a dog runs", "the dog", "a cat </s> runs"] * 50, "bpe", 200)
-    texts = ["a dog", " a dog", "a  dog", "a dog ", "", "a </s> dog", "dog<s>", "a\tdog", "Ünïcode ☃"]
+    texts = ["a dog", " a dog", "a  dog", "a dog ", "", "a </s> dog", "dog<s>", "a\tdog", "Ünïcode ☃",
+             "a \u2581 dog", "\u2581a dog", "a \u2581dog", "a d\u2581og"]
     want = [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
     assert [tok.decode(w) for w in want[:1]] == ["a dog"]
     enc = toklib.WordEncoder(tok)

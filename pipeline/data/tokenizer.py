@@ -85,9 +85,9 @@ class WordEncoder:
     goes through the tokenizer once, in a batch of the words not seen before; a sentence
     costs a few dictionary look-ups (word frequencies are Zipfian, so the cache hits almost
     always). Rows the rule does not cover are passed to the tokenizer whole: text that is
-    empty or has leading, trailing or double spaces (``clean_text`` output never does) and
-    words holding a special token's text (``<s>``). A tokenizer of another shape (a user's
-    own, say) is used as it is for every row.
+    empty or has leading, trailing or double spaces (``clean_text`` output never does), and
+    words holding a special token's text (``<s>``) or the marker (U+2581). A tokenizer of
+    another shape (a user's own, say) is used as it is for every row.
     """
 
     MAX_WORDS = 300_000  # cache bound (tens of MB): emptied when full, by a corpus's long tail of rare words
@@ -99,8 +99,11 @@ class WordEncoder:
         self.exact = (spec.get("normalizer") is None and (spec.get("model") or {}).get("type") in ("BPE", "Unigram")
                       and pre.get("type") == "Metaspace" and pre.get("replacement") == "\u2581"
                       and pre.get("prepend_scheme") == "always" and pre.get("split", True))
-        self.added = [t["content"] for t in spec.get("added_tokens") or []]
-        self.unsafe: set[str] = set()  # words holding an added token's text
+        # Words the rule does not cover: those holding an added token's text (split out before
+        # the pre-tokenizer) or the metaspace marker itself (a leading one stops the marker
+        # being prepended to the word on its own, which it is within a sentence).
+        self.unsafe_text = [t["content"] for t in spec.get("added_tokens") or []] + ["\u2581"]
+        self.unsafe: set[str] = set()
         self._clear()
 
     def _clear(self) -> None:
@@ -114,7 +117,7 @@ class WordEncoder:
 
     def _learn(self, words: set[str]) -> None:
         new = [w for w in words.difference(self.index) if w not in self.unsafe]
-        self.unsafe.update(w for w in new if any(a in w for a in self.added))
+        self.unsafe.update(w for w in new if any(a in w for a in self.unsafe_text))
         new = [w for w in new if w not in self.unsafe]
         if not new:
             return
@@ -157,7 +160,7 @@ class WordEncoder:
         covered = []
         for i, t in enumerate(texts):
             words = t.split(" ")
-            if "" in words or any(w in self.unsafe or any(a in w for a in self.added) for w in words):
+            if "" in words or any(w in self.unsafe or any(a in w for a in self.unsafe_text) for w in words):
                 out[i] = self._whole([t])[0]
             else:
                 covered.append(i)
