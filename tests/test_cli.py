@@ -37,6 +37,9 @@ def test_config_prints_resolved_yaml():
     (("train", "train.num_workers=two"), "error: train.num_workers must be of type int, got 'two'"),
     (("preprocess", "data=multi30k", "data.root=/does/not/exist"), "error: data.root '/does/not/exist' does not exist"),
     (("translate", "--model", "/does/not/exist"), "is not a model bundle: missing model.pt"),
+    # Refused before Ray starts or any data is read: nothing to see after an hour of training.
+    (("train", "tracking.tracking_uri=http://127.0.0.1:9"),
+     "error: MLflow tracking server http://127.0.0.1:9 is unreachable"),
 ])
 def test_errors_are_one_clear_line(args, message):
     p = run(*args, input="")

@@ -99,3 +99,14 @@ def test_gzip_shard_pairs_by_uri(ray_session, multi30k, tmp_path):
     assert out2 == out and not stray.exists()
     assert {s: m2["splits"][s] for s in m2["splits"]} == {s: m["splits"][s] for s in m["splits"]}
     assert sum(pq.read_table(f"{out}/{s}").num_rows for s in ("train", "val", "test")) == m2["rows_kept"]
+
+
+def test_empty_corpus_is_refused_naming_the_files(ray_session, tmp_path):
+    for lang in ("en", "de"):
+        (tmp_path / f"part0.{lang}").write_text("")
+        with gzip.open(tmp_path / f"part1.{lang}.gz", "wt") as f:
+            f.write("\n\n")  # only empty lines: read, then all dropped as empty
+    cfg = load_config(["data=pairs", f"data.src_files={tmp_path}/part*.en*", f"data.tgt_files={tmp_path}/part*.de*",
+                       f"data.output_dir={tmp_path}/out"]).data
+    with pytest.raises(DataError, match=r"no usable training pairs in the corpus \(.*part0\.en.*\): empty input"):
+        preprocess(cfg)
