@@ -112,6 +112,8 @@ _ENCODERS: dict[str, Any] = {}
 
 
 def _id_lists(values: np.ndarray, offsets: np.ndarray) -> pa.ListArray:
+    if offsets[-1] > np.iinfo(np.int32).max:  # a list<int32> column's offsets; blocks are far smaller
+        raise DataError(f"a block of {len(offsets) - 1} rows has {offsets[-1]} tokens, more than one column holds")
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, type=pa.int32()))
 
 

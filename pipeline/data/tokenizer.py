@@ -90,7 +90,7 @@ class WordEncoder:
     another shape (a user's own, say) is used as it is for every row.
     """
 
-    MAX_WORDS = 300_000  # cache bound (tens of MB): emptied when full, by a corpus's long tail of rare words
+    MAX_WORDS = 100_000  # cache bound (about 32 MB): emptied when full, by a corpus's long tail of rare words
 
     def __init__(self, tok: Tokenizer):
         self.tok = tok
