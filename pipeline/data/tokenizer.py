@@ -7,10 +7,9 @@ text exactly (detokenised BLEU needs that). Special ids are fixed: 0 pad, 1 unk,
 
 from __future__ import annotations
 
+import json
 import unicodedata
 from collections.abc import Iterable, Iterator
-
-import json
 from itertools import chain, repeat
 
 import numpy as np
@@ -39,6 +38,8 @@ def clean_texts(texts: list[str], normalization: str, lowercase: bool) -> list[s
             texts = lines if len(lines) == len(texts) else [unicodedata.normalize(normalization, t) for t in texts]
     out = [" ".join(t.split()) for t in texts]
     return [t.lower() for t in out] if lowercase else out
+
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = range(4)
 
 
