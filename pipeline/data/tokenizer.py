@@ -139,10 +139,9 @@ class WordEncoder:
             return np.zeros(0, np.int32), np.zeros(1, np.int64)
         words = " ".join(texts).split(" ") if self.exact else [""]
         uniq = set(words)
-        if "" in uniq or uniq & self.unsafe:  # some row is not covered by the word rule
-            return _flatten(self.encode(texts))
-        self._learn(uniq)
-        if not uniq.issubset(self.index.keys()):  # an unsafe word appeared in this batch
+        if "" not in uniq:
+            self._learn(uniq)
+        if "" in uniq or not uniq.issubset(self.index.keys()):  # some row is not covered by the word rule
             return _flatten(self.encode(texts))
         word = np.fromiter(map(self.index.__getitem__, words), np.int64, len(words))
         lens = self.lens[word]
@@ -157,18 +156,11 @@ class WordEncoder:
     def encode(self, texts: list[str]) -> list[list[int]]:
         if not self.exact:
             return self._whole(texts)
-        out: list[list[int]] = [[] for _ in texts]
-        covered = []
-        for i, t in enumerate(texts):
-            words = t.split(" ")
-            if "" in words or any(w in self.unsafe or any(a in w for a in self.unsafe_text) for w in words):
-                out[i] = self._whole([t])[0]
-            else:
-                covered.append(i)
-        self._learn({w for i in covered for w in texts[i].split(" ")})
-        for i in covered:
-            out[i] = [x for w in texts[i].split(" ") for x in self._ids(w)]
-        return out
+        split = [t.split(" ") for t in texts]
+        self._learn({w for words in split if "" not in words for w in words})
+        # After learning, a word is cached unless it is unsafe: such rows go whole.
+        return [[x for w in words for x in self._ids(w)] if all(w in self.index for w in words) else self._whole([t])[0]
+                for t, words in zip(texts, split)]
 
     def _ids(self, word: str) -> list[int]:
         j = self.index[word]
