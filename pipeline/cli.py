@@ -109,8 +109,10 @@ def _user_error(e: BaseException) -> BaseException | None:
     from .tracking import TrackingError
 
     from .inference import BundleError
+    from .lock import LockError
 
-    known = (ConfigError, DataError, TrackingError, ClusterError, BundleError, FileNotFoundError, PermissionError,
+    known = (ConfigError, DataError, TrackingError, ClusterError, BundleError, LockError, FileNotFoundError,
+             PermissionError,
              ConnectionError)
     seen = set()
     while e is not None and id(e) not in seen:  # Ray wraps worker errors; find ours inside
@@ -140,9 +142,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .inference import Translator
 
         tr = Translator.load(args.model)
-        lines = [line.rstrip("\n") for line in sys.stdin]
-        for out in tr.translate(lines, args.beam, args.length_penalty, args.batch_size):
-            print(out)
+        for chunk in _chunks(sys.stdin, args.batch_size * 4):
+            for out in tr.translate(chunk, args.beam, args.length_penalty, args.batch_size):
+                print(out)
+            sys.stdout.flush()
         return 0
     if args.command == "caption":
         from .inference import Captioner
@@ -215,6 +218,19 @@ def _dispatch(args: argparse.Namespace) -> int:
     res = run_training(cfg)
     print(_summary(res))
     return 0
+
+
+def _chunks(lines, size: int):
+    """stdin in lists of ``size`` lines, as they arrive: a large file is never read whole,
+    and a pipe gets its translations chunk by chunk."""
+    chunk: list[str] = []
+    for line in lines:
+        chunk.append(line.rstrip("\n"))
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def _summary(res: dict) -> str:

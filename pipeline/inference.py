@@ -8,9 +8,11 @@ of a run is written as one, and the MLflow model carries the same files.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -52,21 +54,25 @@ def save_bundle(dest: str, model: torch.nn.Module, meta: dict[str, Any], src_jso
         fs.mv(f"{root}/{name}.tmp", f"{root}/{name}")
 
 
-def _locate(location: str) -> tuple[Any, str, dict[str, Any]]:
-    """A bundle folder (local or URI), or an MLflow model URI (runs:/, models:/) -> (fs, root, meta)."""
-    if location.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
-        import mlflow.artifacts
+@contextlib.contextmanager
+def _located(location: str) -> Iterator[tuple[Any, str, dict[str, Any]]]:
+    """A bundle folder (local or URI), or an MLflow model URI (runs:/, models:/) -> (fs, root,
+    meta), read while the block runs; an MLflow model is downloaded into a temporary folder
+    that is removed after it (loading reads every file into memory)."""
+    with tempfile.TemporaryDirectory(prefix="pipeline-model-") as tmp:
+        if location.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
+            import mlflow.artifacts
 
-        local = mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tempfile.mkdtemp())
-        found = list(Path(local).rglob("model.json"))
-        if not found:
-            raise FileNotFoundError(f"{location} has no model.json: not a model logged by this project")
-        location = str(found[0].parent)
-    fs, root = fsspec.core.url_to_fs(location)
-    missing = [n for n in BUNDLE_FILES if not fs.exists(f"{root}/{n}")]
-    if missing:
-        raise FileNotFoundError(f"{location} is not a model bundle: missing {', '.join(missing)}")
-    return fs, root, json.loads(fs.cat_file(f"{root}/model.json"))
+            local = mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp)
+            found = list(Path(local).rglob("model.json"))
+            if not found:
+                raise FileNotFoundError(f"{location} has no model.json: not a model logged by this project")
+            location = str(found[0].parent)
+        fs, root = fsspec.core.url_to_fs(location)
+        missing = [n for n in BUNDLE_FILES if not fs.exists(f"{root}/{n}")]
+        if missing:
+            raise FileNotFoundError(f"{location} is not a model bundle: missing {', '.join(missing)}")
+        yield fs, root, json.loads(fs.cat_file(f"{root}/model.json"))
 
 
 def load_model(fs: Any, root: str, meta: dict[str, Any]) -> Seq2Seq:
@@ -88,10 +94,10 @@ class Translator:
     @classmethod
     def load(cls, location: str, device: str = "cpu") -> "Translator":
         """A bundle folder (local or URI), or an MLflow model URI (runs:/, models:/)."""
-        fs, root, meta = _locate(location)
-        cls._check_kind(meta, location)
-        return cls(load_model(fs, root, meta), meta, fs.cat_file(f"{root}/src_tokenizer.json").decode(),
-                   fs.cat_file(f"{root}/tgt_tokenizer.json").decode(), device)
+        with _located(location) as (fs, root, meta):
+            cls._check_kind(meta, location)
+            return cls(load_model(fs, root, meta), meta, fs.cat_file(f"{root}/src_tokenizer.json").decode(),
+                       fs.cat_file(f"{root}/tgt_tokenizer.json").decode(), device)
 
     @staticmethod
     def _check_kind(meta: dict[str, Any], location: str) -> None:

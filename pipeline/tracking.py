@@ -128,6 +128,15 @@ def last_step(uri: str, run_id: str, key: str) -> int:
     return max((m.step for m in history), default=-1)
 
 
+def last_steps(uri: str, run_id: str) -> dict[str, int]:
+    """The highest step logged for each metric of the run: a worker group that restarts
+    (from a checkpoint, or from scratch before its first one) re-runs steps and logs a
+    metric only at steps it does not have yet."""
+    c = client(uri)
+    return {key: max((m.step for m in c.get_metric_history(run_id, key)), default=-1)
+            for key in c.get_run(run_id).data.metrics}
+
+
 def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
     c = client(uri)
     for k, v in tags.items():

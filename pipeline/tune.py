@@ -18,7 +18,9 @@ import ray
 
 from . import tracking
 from .config import Config, ConfigError, default_metric, set_key, validate
-from .train.run import fit_run, prepare, test_and_log
+from .lock import LockError, StorageLock
+from .train.loop import latest_checkpoint
+from .train.run import check_fingerprint, fit_run, prepare, run_fingerprint, test_and_log
 
 EARLY_STOPPED_TAG = "tune.early_stopped"
 # A trial's driver only waits on its TorchTrainer, whose workers hold the CPUs; Tune
@@ -68,15 +70,41 @@ def concurrent_trials(cfg: Config) -> int:
 
 
 def run_sweep(cfg: Config) -> dict[str, Any]:
-    from ray import tune
-
     tc = cfg.tune
     if not tc.space:
         raise ConfigError("tune.space is empty: give values, e.g. tune.space.model.hidden_size=[256,512], "
                           "or pick a prepared sweep, e.g. tune=hidden_depth")
     prep = prepare(cfg)
-    uri, experiment, storage = prep["uri"], prep["experiment"], prep["storage"]
     sweep = tc.name or f"sweep-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    lock = StorageLock(f"{prep['storage']}/{sweep}/.pipeline-lock.json", what=f"pipeline tune tune.name={sweep}")
+    try:
+        lock.acquire()
+    except LockError as e:
+        raise LockError(f"tune.name '{sweep}' is already running ({e}); wait for it to end, "
+                        "or choose another tune.name") from None
+    try:
+        return _run_sweep(cfg, prep, sweep)
+    finally:
+        lock.release()
+
+
+def sweep_fingerprint(cfg: Config, prep: dict[str, Any]) -> dict[str, str]:
+    """A run's fingerprint without the searched keys, plus the search itself."""
+    tc = cfg.tune
+    out = {k: v for k, v in run_fingerprint(cfg, prep).items() if k not in tc.space}
+    out.update({"tune.space": json.dumps(tc.space, sort_keys=True), "tune.search": tc.search,
+                "tune.num_samples": str(tc.num_samples), "tune.scheduler": tc.scheduler,
+                "tune.metric": tc.metric or default_metric(cfg), "tune.mode": tc.mode,
+                "tune.grace_period": str(tc.grace_period), "tune.reduction_factor": str(tc.reduction_factor)})
+    return out
+
+
+def _run_sweep(cfg: Config, prep: dict[str, Any], sweep: str) -> dict[str, Any]:
+    from ray import tune
+
+    tc = cfg.tune
+    uri, experiment, storage = prep["uri"], prep["experiment"], prep["storage"]
+    check_fingerprint(f"{storage}/{sweep}", sweep_fingerprint(cfg, prep), f"tune.name '{sweep}' ({storage}/{sweep})")
     metric = tc.metric or default_metric(cfg)
     params = {"tune.space": json.dumps(tc.space), "tune.search": tc.search, "tune.scheduler": tc.scheduler,
               "tune.num_samples": tc.num_samples, "tune.metric": metric, "tune.mode": tc.mode, **cfg.flat()}
@@ -122,7 +150,9 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
                            "tracking_uri": uri, "experiment": experiment}
     best_cfg = trial_config(cfg.to_dict(), best["params"])
     best_dir = f"{storage}/{best['run_name']}/best"
-    tested = test_and_log(best_cfg, uri, best["run_id"], best_dir, prep["data_dir"], prep["manifest"])
+    final = latest_checkpoint(f"{storage}/{best['run_name']}")
+    tested = test_and_log(best_cfg, uri, best["run_id"], best_dir, prep["data_dir"], prep["manifest"],
+                          final[0] if final else 0)
     out.update(tested)
     if tested.get("model_uri"):
         name = tc.register_as or f"{experiment}-{cfg.data.name}"

@@ -159,3 +159,23 @@ def test_killed_sweep_resumes_without_duplicates(ray_session, tmp_path):
     assert all(k.info.status == "FINISHED" for k in kids)
     steps = [m.step for m in c.get_metric_history(kids[0].info.run_id, "val_bleu")]
     assert steps == sorted(set(steps))
+    # The trial cut short (killed before its first checkpoint) started again from step 0 and
+    # logged none of its steps twice.
+    from pipeline.train.loop import LOG_EVERY
+
+    for k in kids:
+        train = [m.step for m in c.get_metric_history(k.info.run_id, "train_loss")]
+        assert train == list(range(LOG_EVERY, LOG_EVERY * len(train) + 1, LOG_EVERY)), (names, train)
+
+
+def test_sweep_name_refuses_a_changed_search_space(sweep):
+    """The same tune.name with another search space (or other data) fails before any trial,
+    naming what differs; nothing is added to the sweep's MLflow record."""
+    tmp, uri = sweep["tmp"], sweep["uri"]
+    cfg = load_config(base_overrides(tmp, uri, "sweeps") + [
+        "tune.name=grid", "tune.search=grid", "tune.space.model.hidden_size=[8,32]", "tune.space.model.num_layers=[1,2]",
+        "train.max_epochs=3", "tune.scheduler=asha", "tune.grace_period=1", "tune.reduction_factor=2",
+        "tune.max_concurrent_trials=1", "tune.register_as=demo-champion"])
+    with pytest.raises(ConfigError, match=r"tune.name 'grid'.*\n  tune.space: .*96.* != .*32"):
+        run_sweep(cfg)
+    assert len(children_of(uri, sweep["res"]["parent_run_id"])) == 4

@@ -186,12 +186,45 @@ def _ids(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, np.int64)
 
 
+def pack_ids(ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Example ids as one bitmap per input file: an id is ``file_index << 32 | line``, so
+    each file's ids form a dense range of lines. A set of ids then costs about one bit per
+    line of the files it touches (125 kB per million rows) instead of 8 bytes per id."""
+    ids = np.unique(np.asarray(ids, dtype=np.int64))
+    files, first = np.unique(ids >> 32, return_index=True)
+    lows = ids & 0xFFFFFFFF
+    starts, lengths, bits = [], [], []
+    for i, f in enumerate(files):
+        part = lows[first[i] : first[i + 1] if i + 1 < len(files) else len(ids)]
+        start, n = int(part[0]), int(part[-1] - part[0] + 1)
+        mask = np.zeros(n, dtype=bool)
+        mask[part - start] = True
+        starts.append(start)
+        lengths.append(n)
+        bits.append(np.packbits(mask))
+    return {"files": files.astype(np.int64), "starts": np.asarray(starts, np.int64),
+            "lengths": np.asarray(lengths, np.int64),
+            "bits": np.concatenate(bits) if bits else np.empty(0, np.uint8)}
+
+
+def unpack_ids(packed: Any) -> np.ndarray:
+    out, offset = [], 0
+    for f, start, n in zip(packed["files"], packed["starts"], packed["lengths"]):
+        nbytes = (int(n) + 7) // 8
+        mask = np.unpackbits(packed["bits"][offset : offset + nbytes])[: int(n)].astype(bool)
+        out.append((int(f) << 32) | (int(start) + np.flatnonzero(mask)))
+        offset += nbytes
+    return np.concatenate(out).astype(np.int64) if out else np.empty(0, np.int64)
+
+
 def _save_checkpoint(model: Seq2Seq, opt: Any, sched: Any, scaler: Any, state: dict[str, Any],
-                     seen: np.ndarray) -> str:
-    """model.pt, optim.pt, state.json, and seen_ids.npy: the example ids already trained on
-    in the current epoch (all ranks), so a resume mid-epoch trains on the rest only."""
-    d = tempfile.mkdtemp(prefix="ckpt-")
-    np.save(os.path.join(d, "seen_ids.npy"), seen)
+                     seen: np.ndarray, d: str | None = None) -> str:
+    """Write a checkpoint into the folder ``d`` (the caller's temporary folder, removed once
+    Ray has persisted it; a new temporary folder when None): model.pt, optim.pt, state.json, and seen_ids.npz: the example ids
+    already trained on in the current epoch (all ranks), so a resume mid-epoch trains on the
+    rest only."""
+    d = d or tempfile.mkdtemp(prefix="ckpt-")
+    np.savez(os.path.join(d, "seen_ids.npz"), **pack_ids(seen))
     torch.save(model.state_dict(), os.path.join(d, "model.pt"))
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict()},
                os.path.join(d, "optim.pt"))
@@ -255,8 +288,12 @@ def _load_checkpoint(ckpt: Any, model: Seq2Seq, opt: Any, sched: Any, scaler: An
         scaler.load_state_dict(rest["scaler"])
         with open(os.path.join(d, "state.json")) as f:
             state = json.load(f)
-        seen = os.path.join(d, "seen_ids.npy")
-        state["seen_ids"] = np.load(seen, allow_pickle=False) if os.path.exists(seen) else np.empty(0, np.int64)
+        packed, plain = os.path.join(d, "seen_ids.npz"), os.path.join(d, "seen_ids.npy")
+        if os.path.exists(packed):
+            with np.load(packed, allow_pickle=False) as z:
+                state["seen_ids"] = unpack_ids(z)
+        else:  # checkpoints written before the ids were packed
+            state["seen_ids"] = np.load(plain, allow_pickle=False) if os.path.exists(plain) else np.empty(0, np.int64)
         return state
 
 
@@ -285,7 +322,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, t.warmup_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is not None)
     state = {"step": 0, "epoch": 0, "best": -1.0, "evals_since_best": 0, "elapsed_s": 0.0,
-             "mlflow_run_id": run_id, "stop": ""}
+             "mlflow_run_id": run_id, "validated_step": -1}
     ckpt = ray.train.get_checkpoint()
     found = loop_config.get("latest_checkpoint")  # (step, path) listed by the driver
     if found and (ckpt is None or _checkpoint_step(ckpt) < found[0]):
@@ -298,6 +335,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 say(f"[train] note: checkpoint belongs to MLflow run {state.get('mlflow_run_id')}, logging to {run_id}")
         state["mlflow_run_id"] = run_id
         state.setdefault("best", state.pop("best_bleu", -1.0))  # checkpoints written before video support
+        state.setdefault("validated_step", state["step"])  # every checkpoint is written at a validation
+    # Why a run stops is decided anew from this run's config, never kept from an earlier one:
+    # the same run_name with a larger max_epochs, max_minutes or early_stopping trains on.
+    state.pop("stop", None)
+    state["fingerprint"] = loop_config.get("fingerprint", {})
+    stop = ""
     # Example ids of the current epoch trained on before the checkpoint: skipped now, so that
     # each example of an interrupted epoch counts exactly once.
     skip = state.pop("seen_ids", np.empty(0, np.int64))
@@ -306,14 +349,15 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     model = configure_ddp(ray.train.torch.prepare_model(raw, parallel_strategy_kwargs={"bucket_cap_mb": t.ddp_bucket_mb}),
                           t.grad_compression)
     nodes = _all_gather(ray.get_runtime_context().get_node_id())
-    logged_upto = -1
+    logged_upto: dict[str, int] = {}
     if rank == 0:
         tracking.set_tags(uri, run_id, {"ray.worker_nodes": ",".join(sorted(set(nodes))),
                                         "ray.num_worker_nodes": str(len(set(nodes)))})
+        # Steps after the last checkpoint (or all steps, when a group restarts before its
+        # first checkpoint) were logged once already; they are recomputed now, and each
+        # metric is not logged again at a step it already has (no duplicate steps).
+        logged_upto = tracking.last_steps(uri, run_id)
         if ckpt:
-            # Steps between the checkpoint and a failure were logged once already; they
-            # are recomputed now, so their metrics are not logged again (no duplicate steps).
-            logged_upto = max(tracking.last_step(uri, run_id, k) for k in ("train_loss", "val_loss"))
             tracking.set_tags(uri, run_id, {"pipeline.resumed_at": f"{time.time():.3f}",
                                             "pipeline.resumed_from_step": str(state["step"])})
     train_shard = ray.train.get_dataset_shard("train")
@@ -322,10 +366,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     meta = bundle_meta(cfg.model, vocab, cfg.data)
 
     def log(values: dict[str, float]) -> None:
-        if rank == 0 and state["step"] > logged_upto:
-            tracking.log_metrics(uri, run_id, values, state["step"])
+        fresh = {k: v for k, v in values.items() if state["step"] > logged_upto.get(k, -1)}
+        if rank == 0 and fresh:
+            tracking.log_metrics(uri, run_id, fresh, state["step"])
 
-    def validate_and_report() -> None:
+    def validate_and_report() -> str:
+        """Validate, checkpoint, log; returns "early_stopping" when this validation ends the run."""
         res = evaluate(raw, val_shard, cfg, tgt_tok, device, t.eval_beam_size)
         val = {**val_metrics(res, bool(video)), "epoch": state["epoch"]}
         improved = val[metric] > state["best"]
@@ -334,17 +380,24 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         else:
             state["evals_since_best"] += 1
         state["elapsed_s"] = time.time() - t_start
+        state["validated_step"] = state["step"]
         seen_all = np.unique(np.concatenate(_all_gather(_ids(seen))))  # empty right after an epoch ends
-        ckpt_dir = None
+        # The checkpoint is staged in a folder that is removed once Ray has persisted it, and
+        # saved before anything is logged: a tracking failure never costs the checkpoint.
+        with tempfile.TemporaryDirectory(prefix="ckpt-") as ckpt_dir:
+            checkpoint = None
+            if rank == 0:
+                if improved:
+                    save_bundle(best_dir, raw, meta, loop_config["src_tokenizer"], loop_config["tgt_tokenizer"])
+                checkpoint = ray.train.Checkpoint.from_directory(
+                    _save_checkpoint(raw, opt, sched, scaler, state, seen_all, ckpt_dir))
+            ray.train.report({**val, "step": state["step"], f"best_{metric}": state["best"]}, checkpoint=checkpoint)
         if rank == 0:
             log({**val, f"best_{metric}": state["best"]})
-            if improved:
-                save_bundle(best_dir, raw, meta, loop_config["src_tokenizer"], loop_config["tgt_tokenizer"])
-            ckpt_dir = _save_checkpoint(raw, opt, sched, scaler, state, seen_all)
             say(f"[train] step {state['step']} epoch {state['epoch']}: val_loss {res['loss']:.3f} "
                 f"{metric} {val[metric]:.3f}{' (best)' if improved else ''}")
-        checkpoint = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
-        ray.train.report({**val, "step": state["step"], f"best_{metric}": state["best"]}, checkpoint=checkpoint)
+        # Decided right after the validation that triggers it (every rank holds the same counts).
+        return "early_stopping" if t.early_stopping and state["evals_since_best"] >= t.early_stopping else ""
 
     t_start = time.time() - state["elapsed_s"]
     budget_s = t.max_minutes * 60.0
@@ -363,7 +416,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if on_gpu and peak is None and rank == 0:
         say(f"[train] no peak TFLOP/s known for {torch.cuda.get_device_name(device)}: mfu is not logged")
     model.train()
-    while state["epoch"] < t.max_epochs and not state["stop"]:
+    if t.early_stopping and state["evals_since_best"] >= t.early_stopping:
+        stop = "early_stopping"  # a rerun with the same patience stays stopped; a larger one goes on
+    while state["epoch"] < t.max_epochs and not stop:
         rng = np.random.default_rng(t.seed * 100_003 + state["epoch"] * 101 + rank)
         rows_per_mega = mega_rows if not video else max(16, mega_rows // 8)  # a video row holds all its captions
         batches = make_batches(train_shard.iter_batches(batch_size=rows_per_mega, batch_format="numpy", prefetch_batches=2),
@@ -377,11 +432,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             win["wait"] += time.time() - t_wait
             real = [b for b in micro if b is not None]
             over = rank == 0 and budget_s > 0 and time.time() - t_start >= budget_s
-            has, stop, tokens, padded = _all_reduce(
+            has, over_all, tokens, padded = _all_reduce(
                 [float(bool(real)), float(over), float(sum(b.real_tokens for b in real)),
                  float(sum(b.padded_tokens for b in real))], device)
-            if stop:
-                state["stop"] = "max_minutes"
+            if over_all:
+                stop = "max_minutes"
                 break
             if not has:
                 epoch_done = True
@@ -418,16 +473,16 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                      **({"mfu": tflops / (peak * world)} if peak else {})})
                 win = {"loss": 0.0, "tokens": 0.0, "padded": 0.0, "wait": 0.0, "flops": 0.0, "start": time.time()}
             if t.eval_every and state["step"] % t.eval_every == 0:
-                validate_and_report()
+                stop = validate_and_report()
+                if stop:
+                    break
         if epoch_done:
             state["epoch"] += 1
             skip, seen = np.empty(0, np.int64), []
-        if t.early_stopping and state["evals_since_best"] >= t.early_stopping:
-            state["stop"] = "early_stopping"
-        if epoch_done and (not t.eval_every or state["step"] % t.eval_every):
-            validate_and_report()
-        elif state["stop"] == "max_minutes":
-            validate_and_report()  # the budget ran out mid-epoch: keep what was learned
+        if state["validated_step"] != state["step"]:
+            # The epoch ended, or the budget ran out mid-epoch: validate and keep what was learned
+            # (not again when this run took no step since the last validation).
+            stop = validate_and_report() or stop
     if rank == 0:
         say(f"[train] finished: {state['step']} steps, {state['epoch']} epochs, best {metric} "
-            f"{state['best']:.3f}, stop reason: {state['stop'] or 'max_epochs'}")
+            f"{state['best']:.3f}, stop reason: {stop or 'max_epochs'}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,11 @@ import ray
 
 from .. import metrics, tracking
 from ..cluster import check_multi_node
-from ..config import Config, is_video
+from ..config import Config, ConfigError, is_video
 from ..data.preprocess import preprocess, read_tokenizers
 from ..data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from ..inference import BUNDLE_FILES, Captioner, Translator
+from ..lock import LockError, StorageLock
 
 
 def init_ray(min_cpus: int = 1) -> None:
@@ -158,6 +160,49 @@ def prepare(cfg: Config) -> dict[str, Any]:
             "src_json": src_json, "tgt_json": tgt_json, "vocab": vocab}
 
 
+# Training keys that change what a run learns. The others (budgets, workers and resources,
+# evaluation cadence and beams, storage, logging) may change when a run is resumed.
+RESULT_KEYS = ("seed", "batch_tokens", "sort_window", "lr", "weight_decay", "warmup_steps", "clip_norm",
+               "accumulate", "label_smoothing", "amp", "grad_compression")
+FINGERPRINT_FILE = "run_fingerprint.json"
+
+
+def run_fingerprint(cfg: Config, prep: dict[str, Any]) -> dict[str, str]:
+    """What defines a run: the preprocessed data (its folder name hashes the data config and
+    the input files), both tokenizers, every model key and the training keys that change the
+    result. A run_name resumes only where this is unchanged."""
+    tok = prep["manifest"]["tokenizer"]
+    out = {"data": os.path.basename(prep["data_dir"].rstrip("/")), "data.src_tokenizer": tok["src_sha256"],
+           "data.tgt_tokenizer": tok["tgt_sha256"]}
+    out.update({k: str(v) for k, v in cfg.flat(("model",)).items()})
+    out.update({f"train.{k}": str(getattr(cfg.train, k)) for k in RESULT_KEYS})
+    return out
+
+
+def fingerprint_diff(old: dict[str, str], new: dict[str, str]) -> list[str]:
+    return [f"{k}: {old.get(k, '(unset)')} != {new.get(k, '(unset)')}"
+            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def check_fingerprint(folder: str, fingerprint: dict[str, str], what: str) -> None:
+    """Record ``fingerprint`` in ``folder`` on a first run; on a rerun refuse, before any
+    training or logging, one that differs, listing every difference."""
+    fs, root = fsspec.core.url_to_fs(folder)
+    path = f"{root}/{FINGERPRINT_FILE}"
+    if fs.exists(path):
+        with fs.open(path, "r") as f:
+            old = json.load(f)
+        diff = fingerprint_diff(old, fingerprint)
+        if diff:
+            raise ConfigError(f"{what} exists with other data or config, so it cannot resume:\n  " + "\n  ".join(diff)
+                              + f"\nStart anew with another name, or delete {folder} to discard the old run.")
+        return
+    fs.makedirs(root, exist_ok=True)
+    with fs.open(f"{path}.tmp", "w") as f:
+        json.dump(fingerprint, f, indent=1, sort_keys=True)
+    fs.mv(f"{path}.tmp", path)
+
+
 def run_training(cfg: Config) -> dict[str, Any]:
     prep = prepare(cfg)
     run_name = cfg.train.run_name or f"{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -170,7 +215,28 @@ def fit_run(cfg: Config, prep: dict[str, Any], run_name: str, parent_run_id: str
     ``in_tune`` (metrics go to Tune too; the test split is left to the sweep's champion)."""
     t = cfg.train
     t.run_name = run_name
+    run_dir = f"{prep['storage']}/{run_name}"
+    lock = None
+    if not in_tune:  # a sweep holds its own lock; Tune may restart a trial while the old one winds down
+        lock = StorageLock(f"{run_dir}/.pipeline-lock.json", what=f"pipeline train train.run_name={run_name}")
+        try:
+            lock.acquire()
+        except LockError as e:
+            raise LockError(f"train.run_name '{run_name}' is already running ({e}); wait for it to end, "
+                            "or choose another train.run_name") from None
+    try:
+        return _fit_run(cfg, prep, run_name, run_dir, parent_run_id, in_tune)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _fit_run(cfg: Config, prep: dict[str, Any], run_name: str, run_dir: str, parent_run_id: str | None,
+             in_tune: bool) -> dict[str, Any]:
+    t = cfg.train
     uri, experiment, data_dir, manifest = prep["uri"], prep["experiment"], prep["data_dir"], prep["manifest"]
+    fingerprint = run_fingerprint(cfg, prep)
+    check_fingerprint(run_dir, fingerprint, f"train.run_name '{run_name}' ({run_dir})")
     tags = {"ray.run_name": run_name, "pipeline.data_dir": data_dir}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
@@ -182,8 +248,9 @@ def fit_run(cfg: Config, prep: dict[str, Any], run_name: str, parent_run_id: str
           f"{tracking.redact(uri)}", flush=True)
     if not resumed:
         tracking.log_text(uri, run_id, cfg.to_yaml(), "config.yaml")
-        for name in ("manifest.json", "src_tokenizer.json", "tgt_tokenizer.json"):
-            tracking.log_artifact(uri, run_id, _local_copy(f"{data_dir}/{name}"), "data")
+        with tempfile.TemporaryDirectory(prefix="pipeline-data-") as tmp:
+            for name in ("manifest.json", "src_tokenizer.json", "tgt_tokenizer.json"):
+                tracking.log_artifact(uri, run_id, _local_copy(f"{data_dir}/{name}", tmp), "data")
         tracking.log_metrics(uri, run_id, data_metrics(manifest), 0)
     best_dir = f"{prep['storage']}/{run_name}/best"
 
@@ -201,7 +268,8 @@ def fit_run(cfg: Config, prep: dict[str, Any], run_name: str, parent_run_id: str
         train_loop,
         train_loop_config={"config": cfg.to_dict(), "vocab": prep["vocab"], "mlflow_run_id": run_id,
                            "tracking_uri": uri, "src_tokenizer": prep["src_json"], "tgt_tokenizer": prep["tgt_json"],
-                           "best_dir": best_dir, "latest_checkpoint": latest_checkpoint(f"{prep['storage']}/{run_name}")},
+                           "best_dir": best_dir, "latest_checkpoint": latest_checkpoint(run_dir),
+                           "fingerprint": fingerprint},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, placement_strategy=t.placement_strategy,
                                      resources_per_worker={"CPU": t.cpus_per_worker,
                                                            **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}),
@@ -228,10 +296,20 @@ def fit_run(cfg: Config, prep: dict[str, Any], run_name: str, parent_run_id: str
                                "best_dir": best_dir, "data_dir": data_dir, "train_seconds": round(time.time() - t0, 1),
                                "video": is_video(cfg)}
     fs, best_root = fsspec.core.url_to_fs(best_dir)
+    final = latest_checkpoint(run_dir)
+    tested = tracking.client(uri).get_run(run_id).data.tags.get(TESTED_TAG)
     if not in_tune and fs.exists(f"{best_root}/model.pt"):
-        results.update(test_and_log(cfg, uri, run_id, best_dir, data_dir, manifest))
+        if final and tested == str(final[0]):
+            print(f"[test] already tested at step {final[0]}: nothing was trained since", flush=True)
+        else:
+            results.update(test_and_log(cfg, uri, run_id, best_dir, data_dir, manifest, final[0] if final else 0))
+            if final:
+                tracking.set_tags(uri, run_id, {TESTED_TAG: str(final[0])})
     tracking.end_run(uri, run_id, "FINISHED")
     return results
+
+
+TESTED_TAG = "pipeline.tested_at_step"  # a rerun that trained nothing does not log its test again
 
 
 def data_metrics(manifest: dict[str, Any]) -> dict[str, float]:
@@ -246,19 +324,20 @@ def data_metrics(manifest: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def _local_copy(path: str, dest_dir: str | None = None) -> str:
-    """A local path for a file that may live on shared storage (a URI)."""
+def _local_copy(path: str, dest_dir: str) -> str:
+    """A local path for a file that may live on shared storage (a URI): copied into
+    ``dest_dir`` (the caller's temporary folder)."""
     if "://" not in path:
         return path
-    import tempfile
-
-    dest = os.path.join(dest_dir or tempfile.mkdtemp(), os.path.basename(path))
+    dest = os.path.join(dest_dir, os.path.basename(path))
     fsspec.open(path, "rb").fs.get(path, dest)
     return dest
 
 
 def test_and_log(cfg: Config, uri: str, run_id: str, best_dir: str, data_dir: str,
-                  manifest: dict[str, Any]) -> dict[str, Any]:
+                  manifest: dict[str, Any], step: int = 0) -> dict[str, Any]:
+    """Decode the test split with the best checkpoint and log the scores at ``step`` (the
+    run's last training step: a resumed run that trained on is tested again at a new step)."""
     t = cfg.train
     out: dict[str, Any] = {}
     if manifest["splits"]["test"]["kept"]:
@@ -269,7 +348,7 @@ def test_and_log(cfg: Config, uri: str, run_id: str, best_dir: str, data_dir: st
             out = {f"test_{k}": v for k, v in scores.items()}
         else:
             out = {"test_bleu": metrics.bleu(res["hyp"], res["tgt"]), "test_chrf": metrics.chrf(res["hyp"], res["tgt"])}
-        tracking.log_metrics(uri, run_id, out, 0)
+        tracking.log_metrics(uri, run_id, out, step)
         k = min(t.num_samples, len(res["src"]))
         picks = np.linspace(0, len(res["src"]) - 1, k).astype(int).tolist() if k else []
         if is_video(cfg):
@@ -282,22 +361,20 @@ def test_and_log(cfg: Config, uri: str, run_id: str, best_dir: str, data_dir: st
                                              "reference": [res["tgt"][i] for i in picks],
                                              "translation": [res["hyp"][i] for i in picks]}, "samples/test_translations.json")
         print("[test] " + " ".join(f"{k} {v:.3f}" for k, v in out.items()), flush=True)
-    local_best = _local_bundle(best_dir)
-    for name in BUNDLE_FILES:
-        tracking.log_artifact(uri, run_id, os.path.join(local_best, name), "best_checkpoint")
-    if cfg.tracking.log_model:
-        tr = (Captioner if is_video(cfg) else Translator).load(local_best)
-        out["model_uri"] = tracking.log_model(uri, run_id, tr.model,
-                                              [os.path.join(local_best, n) for n in BUNDLE_FILES])
+    with tempfile.TemporaryDirectory(prefix="pipeline-bundle-") as tmp:
+        local_best = _local_bundle(best_dir, tmp)
+        for name in BUNDLE_FILES:
+            tracking.log_artifact(uri, run_id, os.path.join(local_best, name), "best_checkpoint")
+        if cfg.tracking.log_model:
+            tr = (Captioner if is_video(cfg) else Translator).load(local_best)
+            out["model_uri"] = tracking.log_model(uri, run_id, tr.model,
+                                                  [os.path.join(local_best, n) for n in BUNDLE_FILES])
     return out
 
 
-def _local_bundle(bundle: str) -> str:
+def _local_bundle(bundle: str, dest: str) -> str:
     if "://" not in bundle:
         return bundle
-    import tempfile
-
-    dest = tempfile.mkdtemp()
     for name in BUNDLE_FILES:
         _local_copy(f"{bundle}/{name}", dest)
     return dest
@@ -306,8 +383,6 @@ def _local_bundle(bundle: str) -> str:
 def _log_contact_sheet(uri: str, run_id: str, data_dir: str, video_ids: list[str], res: dict[str, list],
                        picks: list[int]) -> None:
     """A PNG of a few test clips (frames in a row) with predicted and reference captions."""
-    import tempfile
-
     from ..data.video import clip_array, decode_clip
     from ..report import contact_sheet
 
@@ -327,6 +402,7 @@ def _log_contact_sheet(uri: str, run_id: str, data_dir: str, video_ids: list[str
             except Exception:  # noqa: BLE001 - a .npy features file has no frames to show
                 frames = None
         items.append({"video_id": vid, "frames": frames, "hyp": res["hyp"][i], "refs": res["tgt"][i]})
-    path = os.path.join(tempfile.mkdtemp(), "test_contact_sheet.png")
-    contact_sheet(items, path)
-    tracking.log_artifact(uri, run_id, path, "samples")
+    with tempfile.TemporaryDirectory(prefix="pipeline-sheet-") as tmp:
+        path = os.path.join(tmp, "test_contact_sheet.png")
+        contact_sheet(items, path)
+        tracking.log_artifact(uri, run_id, path, "samples")
