@@ -379,7 +379,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             state["best"], state["evals_since_best"] = val[metric], 0
         else:
             state["evals_since_best"] += 1
-        state["elapsed_s"] = time.time() - t_start
+        state["elapsed_s"] = time.time() - t_start if t_start is not None else state["elapsed_s"]
         state["validated_step"] = state["step"]
         seen_all = np.unique(np.concatenate(_all_gather(_ids(seen))))  # empty right after an epoch ends
         # The checkpoint is staged in a folder that is removed once Ray has persisted it, and
@@ -399,7 +399,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         # Decided right after the validation that triggers it (every rank holds the same counts).
         return "early_stopping" if t.early_stopping and state["evals_since_best"] >= t.early_stopping else ""
 
-    t_start = time.time() - state["elapsed_s"]
+    # The budget's clock runs from this attempt's first batch: starting Ray Data's pipeline
+    # (seconds, more on a busy cluster) is not training time, nor is restarting after a failure.
+    t_start: float | None = None
     budget_s = t.max_minutes * 60.0
     mega_rows = max(256, t.sort_window * t.batch_tokens // 24)
     specials = (vocab["pad_id"], vocab["bos_id"], vocab["eos_id"])
@@ -429,7 +431,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             t_wait = time.time()
             for _ in range(t.accumulate):
                 micro.append(next(batches, None))
-            win["wait"] += time.time() - t_wait
+            if t_start is None:
+                t_start = time.time() - state["elapsed_s"]
+                win["start"] = time.time()
+            else:
+                win["wait"] += time.time() - t_wait
             real = [b for b in micro if b is not None]
             over = rank == 0 and budget_s > 0 and time.time() - t_start >= budget_s
             has, over_all, tokens, padded = _all_reduce(
