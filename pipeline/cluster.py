@@ -117,6 +117,27 @@ def jobs(action: str, job_id: str, address: str | None = None) -> int:
     raise ClusterError(f"unknown jobs action '{action}' (status, logs, stop)")
 
 
+def check_fits(train: Any) -> None:
+    """The training workers must fit the cluster: refused now, not after preprocessing,
+    when ``num_workers`` x the per-worker CPUs (and GPUs) exceed what the cluster has.
+    The figure is ``ray.cluster_resources()``, the nodes alive now: an autoscaling cluster
+    that has not started its nodes yet counts only the ones it has."""
+    import ray
+
+    from .config import ConfigError
+
+    res = ray.cluster_resources()
+    wanted = [("CPU", "cpus_per_worker", train.cpus_per_worker)]
+    if train.use_gpu:
+        wanted.append(("GPU", "gpus_per_worker", train.gpus_per_worker))
+    for kind, key, per_worker in wanted:
+        need, have = train.num_workers * per_worker, res.get(kind, 0)
+        if need > have:
+            raise ConfigError(f"this cluster has {have:g} {kind}s; train.num_workers={train.num_workers} x "
+                              f"train.{key}={per_worker:g} needs {need:g}: lower train.num_workers or "
+                              f"train.{key}, or use a bigger cluster")
+
+
 def _can_see(path: str) -> bool:
     fs, p = fsspec.core.url_to_fs(path)
     return fs.exists(p)
