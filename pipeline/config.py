@@ -177,6 +177,29 @@ class Config:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+    def redacted(self) -> dict[str, Any]:
+        """``to_dict()`` with secrets hidden in every string value (``tracking.redact``: URI
+        passwords and tokens, secret query parameters). Everything printed or logged goes
+        through here; the workers get the real values."""
+        from .tracking import redact
+
+        def hide(v: Any) -> Any:
+            if isinstance(v, dict):
+                return {k: hide(x) for k, x in v.items()}
+            if isinstance(v, list):
+                return [hide(x) for x in v]
+            return redact(v)
+
+        return hide(self.to_dict())
+
+    def redacted_flat(self, groups: tuple[str, ...] = ("data", "model", "train", "tracking")) -> dict[str, Any]:
+        """``flat()`` as logged to MLflow params: redacted."""
+        return {f"{g}.{k}": v for g, sub in self.redacted().items() if g in groups for k, v in sub.items()}
+
+    def redacted_yaml(self) -> str:
+        """The config as printed (``pipeline config``) and logged (``config.yaml``): redacted."""
+        return yaml.safe_dump(self.redacted(), sort_keys=False)
+
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "Config":
         cfg = cls()

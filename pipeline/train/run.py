@@ -205,17 +205,17 @@ def fit_run(cfg: Config, prep: dict[str, Any], run_name: str, parent_run_id: str
     t = cfg.train
     t.run_name = run_name
     uri, experiment, data_dir, manifest = prep["uri"], prep["experiment"], prep["data_dir"], prep["manifest"]
-    tags = {"ray.run_name": run_name, "pipeline.data_dir": data_dir}
+    tags = {"ray.run_name": run_name, "pipeline.data_dir": tracking.redact(data_dir)}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     commit = tracking.git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
-    run_id, resumed = tracking.open_run(uri, experiment, run_name, cfg.flat(), tags)
+    run_id, resumed = tracking.open_run(uri, experiment, run_name, cfg.redacted_flat(), tags)
     print(f"[train] MLflow run {run_id} ({'resumed' if resumed else 'new'}) in experiment '{experiment}' at "
           f"{tracking.redact(uri)}", flush=True)
     if not resumed:
-        tracking.log_text(uri, run_id, cfg.to_yaml(), "config.yaml")
+        tracking.log_text(uri, run_id, cfg.redacted_yaml(), "config.yaml")
         for name in ("manifest.json", "src_tokenizer.json", "tgt_tokenizer.json"):
             tracking.log_artifact(uri, run_id, _local_copy(f"{data_dir}/{name}"), "data")
         tracking.log_metrics(uri, run_id, data_metrics(manifest), 0)
