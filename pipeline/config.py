@@ -480,8 +480,8 @@ NAMES: dict[str, tuple[re.Pattern[str], str, int, bool]] = {  # key -> (pattern,
     "train.run_name": (_NAME, NAME_CHARS, 128, True),
     "tune.name": (_NAME, NAME_CHARS, 128, True),
     "tune.register_as": (_NAME, NAME_CHARS, 128, True),
-    "tracking.experiment": (_EXPERIMENT, "letters, digits, spaces and . _ - (not starting with a space or "
-                            "punctuation, no ..)", 256, True),
+    "tracking.experiment": (_EXPERIMENT, ("letters, digits, spaces and . _ - (not starting with a space or "
+                                          "punctuation, no ..)"), 256, True),
     "data.src_lang": (_LANG, "letters, digits and _ - (e.g. en, pt_BR, zh-Hans)", 32, False),
     "data.tgt_lang": (_LANG, "letters, digits and _ - (e.g. en, pt_BR, zh-Hans)", 32, False),
     "data.train_split": (_NAME, NAME_CHARS, 128, True),

@@ -35,7 +35,7 @@ def overrides() -> list[str]:
 
 def run_cli(*args, env=None):
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **(env or {})})
+                          env={**os.environ, **(env or {})}, check=False)
 
 
 @pytest.mark.parametrize("value,shown", [
@@ -73,7 +73,8 @@ def test_config_values_are_redacted_where_logged_but_real_for_the_workers(tmp_pa
     c = MlflowClient(uri)
     params = c.get_run(run_id).data.params
     assert len(params) == len(cfg.flat()) and not leaked(str(params))
-    assert not leaked(open(c.download_artifacts(run_id, "config.yaml", str(tmp_path))).read())
+    with open(c.download_artifacts(run_id, "config.yaml", str(tmp_path))) as f:
+        assert not leaked(f.read())
     # Even a caller that passes the raw flat() gets redacted params (log_params redacts too).
     run2, _ = tracking.open_run(uri, "secrets", "r2", cfg.flat(), {})
     assert not leaked(str(c.get_run(run2).data.params))

@@ -29,7 +29,7 @@ import ray
 from ray.data.datasource import Datasink
 
 from ..config import VIDEO_DATA, DataConfig, config_hash
-from ..tracking import redact  # only for the lines printed: paths may be URIs with credentials
+from ..tracking import redact  # printed lines and the manifest: paths may be URIs with credentials
 from . import tokenizer as toklib
 from .readers import DataError, list_tasks, read_tasks
 
@@ -311,9 +311,9 @@ def preprocess(cfg: DataConfig, force: bool = False) -> tuple[str, dict[str, Any
                 dropped[reason] = dropped.get(reason, 0) + n
     manifest = {
         "format": 1,
-        "data_config": asdict(cfg),
+        "data_config": {k: redact(v) for k, v in asdict(cfg).items()},  # a record, on shared storage
         "config_hash": config_hash(asdict(cfg)),
-        "inputs": _fingerprint(tasks),
+        "inputs": [{**f, "path": redact(f["path"])} for f in _fingerprint(tasks)],
         "rows_read": sum(sum(per.values()) for per in counts.values()),
         "rows_kept": sum(per.get("kept", 0) for per in counts.values()),
         "dropped": dropped,

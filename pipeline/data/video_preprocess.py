@@ -20,7 +20,7 @@ import fsspec
 import ray
 
 from ..config import DataConfig, config_hash
-from ..tracking import redact  # only for the lines printed: paths may be URIs with credentials
+from ..tracking import redact  # printed lines and the manifest: paths may be URIs with credentials
 from . import tokenizer as toklib
 from .preprocess import SPLITS, output_dir, read_manifest, tokenizer_info, write_manifest, write_tokenizers
 from .readers import DataError, absolute
@@ -191,7 +191,7 @@ def preprocess_video(cfg: DataConfig, force: bool = False) -> tuple[str, dict[st
     manifest = {
         "format": 1,
         "task": "video",
-        "data_config": asdict(cfg),
+        "data_config": {k: redact(v) for k, v in asdict(cfg).items()},  # a record, on shared storage
         "config_hash": config_hash(asdict(cfg)),
         "rows_read": corpus["captions_read"],
         "rows_kept": sum(kept_caps.values()),
@@ -199,7 +199,7 @@ def preprocess_video(cfg: DataConfig, force: bool = False) -> tuple[str, dict[st
         "splits": {s: {"kept": kept_caps[s], "videos": kept_videos[s], "dropped": dropped[s]} for s in SPLITS},
         "videos": {"read": n_videos + len([v for v in seen if v not in corpus["splits"]]),
                    "kept": sum(kept_videos.values()), "dropped": vdropped, "errors": errors},
-        "cache": {"hits": hits, "misses": len(stats) - hits, "dir": cfg.feature_cache},
+        "cache": {"hits": hits, "misses": len(stats) - hits, "dir": redact(cfg.feature_cache)},
         "video": {"kind": "frames" if first["dtype"] == "uint8" else "features",
                   "shape": [int(x) for x in first["shape"]], "num_frames": cfg.num_frames, "fps": cfg.fps,
                   "frame_size": cfg.frame_size, "encoder": cfg.frame_encoder,
