@@ -99,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         cause = _user_error(e)
         if cause is None:
             raise
-        print(f"error: {cause}", file=sys.stderr)
+        from .tracking import redact
+
+        print(f"error: {redact(str(cause))}", file=sys.stderr)  # messages quote config values
         return 2
 
 
@@ -160,7 +162,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         overrides = DEMO_OVERRIDES + overrides
     cfg = load_config(overrides)
     if args.command == "config":
-        print(cfg.to_yaml(), end="")
+        print(cfg.redacted_yaml(), end="")
         return 0
     if args.command == "doctor":
         from .doctor import doctor
@@ -168,11 +170,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0 if doctor(cfg) else 1
     if args.command == "preprocess":
         from .data.preprocess import preprocess
+        from .tracking import redact
         from .train.run import init_ray
 
         init_ray()
         out, manifest = preprocess(cfg.data, force=args.force)
-        print(json.dumps({"output": out, **{k: manifest[k] for k in ("rows_read", "rows_kept", "dropped", "splits")}},
+        print(json.dumps({"output": redact(out), **{k: manifest[k] for k in ("rows_read", "rows_kept", "dropped", "splits")}},
                          indent=2))
         return 0
     if args.command == "evaluate":
@@ -241,15 +244,16 @@ def _summary(res: dict) -> str:
     for k, v in res.items():
         if k.startswith("test_") and isinstance(v, float):
             lines.append(f"{k + ':':<13} {v:.3f}")
-    lines.append(f"best model:   {res['best_dir']}")
+    best = redact(res["best_dir"])
+    lines.append(f"best model:   {best}")
     if res.get("model_uri"):
         lines.append(f"MLflow model: {res['model_uri']}")
     lines.append(f"look at it:   mlflow ui --backend-store-uri {redact(res['tracking_uri'])}   "
                  f"(then open http://127.0.0.1:5000)")
     if res.get("video"):
-        lines.append(f"caption:      pipeline caption --model {res['best_dir']} CLIP.mp4 ...")
+        lines.append(f"caption:      pipeline caption --model {best} CLIP.mp4 ...")
     else:
-        lines.append(f"translate:    echo 'a sentence' | pipeline translate --model {res['best_dir']}")
+        lines.append(f"translate:    echo 'a sentence' | pipeline translate --model {best}")
     return "\n".join(lines)
 
 

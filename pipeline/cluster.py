@@ -60,7 +60,35 @@ def _client(address: str | None):
     try:
         return JobSubmissionClient(address)
     except Exception as e:  # noqa: BLE001 - the SDK raises several types for one cause
-        raise ClusterError(f"cannot reach the Ray cluster at {address}: {e}") from e
+        raise ClusterError(f"cannot reach the Ray cluster at {tracking.redact(address)}: {e}") from e
+
+
+# Ray shows a job's entrypoint and its runtime_env, env_vars included, to anyone who can see
+# the cluster (dashboard, `ray job list`, the job's metadata): a secret there is a secret leaked.
+SECRET_HINT = ("Ray shows a job's entrypoint and environment on its dashboard and in `ray job list`. Give "
+               "the cluster its credentials instead: MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD "
+               "(or MLFLOW_TRACKING_TOKEN) for MLflow, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the pods' "
+               "service account for object stores, set on the Ray pods from a Kubernetes Secret")
+
+
+def job_spec(command: list[str]) -> tuple[str, dict[str, Any]]:
+    """The entrypoint and runtime_env that run ``pipeline <command>`` as a job. Refused
+    (ClusterError) when an argument or a forwarded variable holds a secret (``tracking.redact``
+    would change it): the real value has no way to the job that Ray would not show."""
+    env = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME") if os.environ.get(k)}
+    for arg in command:
+        if tracking.redact(arg) != arg:
+            raise ClusterError(f"pipeline submit: '{tracking.redact(arg)}' holds a secret, and would be shown with "
+                               f"the job. {SECRET_HINT}")
+    for key, value in env.items():
+        if tracking.redact(value) != value:
+            raise ClusterError(f"pipeline submit: {key}={tracking.redact(value)} holds a secret, and would be shown "
+                               f"with the job. {SECRET_HINT}")
+    commit = tracking.git_commit()
+    if commit:
+        env["PIPELINE_GIT_COMMIT"] = commit
+    entrypoint = "python -m pipeline.cli " + shlex.join(command)
+    return entrypoint, {"working_dir": str(PROJECT_ROOT), "excludes": EXCLUDES, "env_vars": env}
 
 
 def submit(command: list[str], address: str | None = None, wait: bool = True) -> int:
@@ -70,17 +98,12 @@ def submit(command: list[str], address: str | None = None, wait: bool = True) ->
         raise ClusterError("nothing to submit: pipeline submit -- train data=demo_text ...")
     if command[0] == "pipeline":
         command = command[1:]
+    entrypoint, runtime_env = job_spec(command)  # before the cluster is asked anything
     client = _client(address)
-    env = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME") if os.environ.get(k)}
-    commit = tracking.git_commit()
-    if commit:
-        env["PIPELINE_GIT_COMMIT"] = commit
-    entrypoint = "python -m pipeline.cli " + shlex.join(command)
     job_id = client.submit_job(
         entrypoint=entrypoint, submission_id=f"pipeline-{command[0]}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
-        runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": EXCLUDES, "env_vars": env},
-        metadata={"pipeline.command": command[0]})
-    print(f"submitted job {job_id} to {_address(address)}: {entrypoint}", flush=True)
+        runtime_env=runtime_env, metadata={"pipeline.command": command[0]})
+    print(f"submitted job {job_id} to {tracking.redact(_address(address))}: {entrypoint}", flush=True)
     if not wait:
         print(f"follow it: pipeline jobs logs {job_id}   status: pipeline jobs status {job_id}")
         return 0
@@ -115,6 +138,27 @@ def jobs(action: str, job_id: str, address: str | None = None) -> int:
         print(f"{job_id}: stop {'requested' if client.stop_job(job_id) else 'not needed (already ended)'}")
         return 0
     raise ClusterError(f"unknown jobs action '{action}' (status, logs, stop)")
+
+
+def check_fits(train: Any) -> None:
+    """The training workers must fit the cluster: refused now, not after preprocessing,
+    when ``num_workers`` x the per-worker CPUs (and GPUs) exceed what the cluster has.
+    The figure is ``ray.cluster_resources()``, the nodes alive now: an autoscaling cluster
+    that has not started its nodes yet counts only the ones it has."""
+    import ray
+
+    from .config import ConfigError
+
+    res = ray.cluster_resources()
+    wanted = [("CPU", "cpus_per_worker", train.cpus_per_worker)]
+    if train.use_gpu:
+        wanted.append(("GPU", "gpus_per_worker", train.gpus_per_worker))
+    for kind, key, per_worker in wanted:
+        need, have = train.num_workers * per_worker, res.get(kind, 0)
+        if need > have:
+            raise ConfigError(f"this cluster has {have:g} {kind}s; train.num_workers={train.num_workers} x "
+                              f"train.{key}={per_worker:g} needs {need:g}: lower train.num_workers or "
+                              f"train.{key}, or use a bigger cluster")
 
 
 def _can_see(path: str) -> bool:

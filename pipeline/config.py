@@ -13,9 +13,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -174,6 +177,29 @@ class Config:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+    def redacted(self) -> dict[str, Any]:
+        """``to_dict()`` with secrets hidden in every string value (``tracking.redact``: URI
+        passwords and tokens, secret query parameters). Everything printed or logged goes
+        through here; the workers get the real values."""
+        from .tracking import redact
+
+        def hide(v: Any) -> Any:
+            if isinstance(v, dict):
+                return {k: hide(x) for k, x in v.items()}
+            if isinstance(v, list):
+                return [hide(x) for x in v]
+            return redact(v)
+
+        return hide(self.to_dict())
+
+    def redacted_flat(self, groups: tuple[str, ...] = ("data", "model", "train", "tracking")) -> dict[str, Any]:
+        """``flat()`` as logged to MLflow params: redacted."""
+        return {f"{g}.{k}": v for g, sub in self.redacted().items() if g in groups for k, v in sub.items()}
+
+    def redacted_yaml(self) -> str:
+        """The config as printed (``pipeline config``) and logged (``config.yaml``): redacted."""
+        return yaml.safe_dump(self.redacted(), sort_keys=False)
+
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "Config":
         cfg = cls()
@@ -277,7 +303,10 @@ def check_space_entry(cfg: Config, key: str, value: Any) -> Any:
     if isinstance(value, list):
         if not value:
             raise ConfigError(f"{where}: the list of values is empty")
-        return [_coerce(where, v, typ) for v in value]
+        values = [_coerce(where, v, typ) for v in value]
+        for v in values:
+            _check_range(key, v, where)
+        return values
     if isinstance(value, dict) and len(value) == 1:
         (dist, bounds), = value.items()
         if dist not in DISTRIBUTIONS:
@@ -289,7 +318,10 @@ def check_space_entry(cfg: Config, key: str, value: Any) -> Any:
             raise ConfigError(f"{where}: loguniform needs low > 0, got {bounds!r}")
         if typ not in (int, float):
             raise ConfigError(f"{where}: a {dist} distribution needs a numeric key; {key} is {typ.__name__}")
-        return {dist: [_coerce(where, b, typ) for b in bounds]}
+        bounds = [_coerce(where, b, typ) for b in bounds]
+        for b in bounds:  # a trial samples up to its bounds: both must be valid values
+            _check_range(key, b, where)
+        return {dist: bounds}
     raise ConfigError(f"{where} must be a list of values ([256, 512]) or a distribution "
                       f"({{loguniform: [1e-4, 1e-2]}}), got {value!r}")
 
@@ -367,36 +399,140 @@ def load_config(overrides: list[str] | None = None) -> Config:
     return cfg
 
 
+# Per-key rules: every int and float field of every group has one (a test enforces it).
+# A rule is (test, what is valid); the message is "KEY must be WHAT, got VALUE".
+Rule = tuple[Callable[[Any], bool], str]
+
+
+def _at_least(n: float) -> Rule:
+    return (lambda v: v >= n, f">= {n}")
+
+
+def _above(n: float) -> Rule:
+    return (lambda v: v > n, f"> {n}")
+
+
+def _fraction(hi: float = 1.0) -> Rule:
+    return (lambda v: 0 <= v < hi, f"in [0, {hi:g})")
+
+
+def _gpu_share(v: float) -> bool:
+    # Ray places a fraction of one GPU, or whole GPUs; 1.5 GPUs per worker cannot be placed.
+    return 0 < v <= 1 or (v > 1 and v == int(v))
+
+
+RANGES: dict[str, Rule] = {
+    "data.num_frames": _at_least(1),
+    "data.fps": _at_least(0),  # 0 = frames spread uniformly over the clip
+    "data.frame_size": _at_least(8),
+    "data.max_chars": _above(0),
+    "data.min_tokens": _at_least(1),
+    "data.max_tokens": _at_least(1),
+    "data.vocab_size": _at_least(100),
+    "data.tokenizer_max_lines": _above(0),
+    "data.val_fraction": _fraction(0.5),  # val and test together must leave most of the corpus to train
+    "data.test_fraction": _fraction(0.5),
+    "data.demo_size": _above(0),
+    "model.embedding_size": _above(0),
+    "model.hidden_size": (lambda v: v > 0 and v % 2 == 0,
+                          "a positive even number (bidirectional encoder halves)"),
+    "model.num_layers": _at_least(1),
+    "model.dropout": _fraction(),
+    "model.cnn_channels": _at_least(1),
+    "train.num_workers": _at_least(1),
+    "train.cpus_per_worker": _at_least(1),
+    "train.gpus_per_worker": (_gpu_share, "in (0, 1] or a whole number (2, 3, ...)"),
+    "train.max_epochs": _at_least(1),
+    "train.max_minutes": _at_least(0),  # 0 = no budget
+    "train.max_failures": (lambda v: v >= -1, ">= -1 (-1 = retry forever)"),
+    "train.seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),  # numpy and torch both take it
+    "train.batch_tokens": _at_least(16),
+    "train.sort_window": _at_least(1),
+    "train.lr": _above(0),
+    "train.weight_decay": _at_least(0),
+    "train.warmup_steps": _at_least(0),
+    "train.clip_norm": _at_least(0),  # 0 = no clipping
+    "train.accumulate": _at_least(1),
+    "train.ddp_bucket_mb": _at_least(1),
+    "train.label_smoothing": _fraction(),
+    "train.eval_every": _at_least(0),  # 0 = once per epoch
+    "train.eval_beam_size": _at_least(1),
+    "train.test_beam_size": _at_least(1),
+    "train.length_penalty": _at_least(0),
+    "train.early_stopping": _at_least(0),  # 0 = off
+    "train.num_samples": _at_least(0),
+    "tune.num_samples": _at_least(1),
+    "tune.grace_period": _at_least(1),
+    "tune.reduction_factor": _at_least(2),
+    "tune.max_concurrent_trials": _at_least(0),  # 0 = as many as the resources fit
+}
+
+# Names that become folder names (Ray storage, data files), MLflow filter strings or
+# registered-model names: a safe set of characters, so no key can climb out of its folder
+# ("/", "..") or break a quoted filter ("'"). "" means "pick one for me" where marked.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_LANG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # a dot would split {split}.{lang}.gz wrongly
+# MLflow experiment names may hold spaces ("My experiment"); the SQLite store also makes a
+# folder of the name (mlruns/<experiment>), so no "/" or "..".
+_EXPERIMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._-]*")
+NAME_CHARS = "letters, digits and . _ - (not starting with . _ or -, no ..)"
+NAMES: dict[str, tuple[re.Pattern[str], str, int, bool]] = {  # key -> (pattern, allowed, max length, "" allowed)
+    "train.run_name": (_NAME, NAME_CHARS, 128, True),
+    "tune.name": (_NAME, NAME_CHARS, 128, True),
+    "tune.register_as": (_NAME, NAME_CHARS, 128, True),
+    "tracking.experiment": (_EXPERIMENT, ("letters, digits, spaces and . _ - (not starting with a space or "
+                                          "punctuation, no ..)"), 256, True),
+    "data.src_lang": (_LANG, "letters, digits and _ - (e.g. en, pt_BR, zh-Hans)", 32, False),
+    "data.tgt_lang": (_LANG, "letters, digits and _ - (e.g. en, pt_BR, zh-Hans)", 32, False),
+    "data.train_split": (_NAME, NAME_CHARS, 128, True),
+    "data.val_split": (_NAME, NAME_CHARS, 128, True),
+    "data.test_split": (_NAME, NAME_CHARS, 128, True),
+}
+
+
+def check_name(key: str, value: str) -> None:
+    """A name key holds only its safe characters; the error names the key and the set."""
+    pattern, allowed, max_len, empty_ok = NAMES[key]
+    if value == "" and empty_ok:
+        return
+    if not (0 < len(value) <= max_len and pattern.fullmatch(value) and ".." not in value):
+        raise ConfigError(f"{key}={value!r} is not a safe name: use {allowed}, 1 to {max_len} characters"
+                          + ("; \"\" picks one" if empty_ok else ""))
+
+
+def _check_range(key: str, value: Any, where: str | None = None) -> None:
+    if key in RANGES:
+        ok, valid = RANGES[key]
+        if not (math.isfinite(value) and ok(value)):
+            raise ConfigError(f"{where or key} must be {valid}, got {value!r}")
+
+
+def check_ranges(cfg: Config) -> None:
+    for key in RANGES:
+        group, name = key.split(".")
+        _check_range(key, getattr(getattr(cfg, group), name))
+    for key in NAMES:
+        group, name = key.split(".")
+        check_name(key, getattr(getattr(cfg, group), name))
+
+
 def validate(cfg: Config) -> None:
-    """Cross-key checks that a type alone cannot express."""
-    m, t, d = cfg.model, cfg.train, cfg.data
+    """Every numeric key in its range, every name in its safe set, then cross-key checks
+    that one key alone cannot express."""
+    t, d = cfg.train, cfg.data
 
     def need(ok: bool, msg: str) -> None:
         if not ok:
             raise ConfigError(msg)
 
-    need(m.hidden_size > 0 and m.hidden_size % 2 == 0, f"model.hidden_size must be a positive even number (bidirectional encoder halves), got {m.hidden_size}")
-    need(m.num_layers >= 1, f"model.num_layers must be >= 1, got {m.num_layers}")
-    need(m.embedding_size > 0, f"model.embedding_size must be > 0, got {m.embedding_size}")
-    need(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
-    need(t.num_workers >= 1, f"train.num_workers must be >= 1, got {t.num_workers}")
-    need(t.max_epochs >= 1, f"train.max_epochs must be >= 1, got {t.max_epochs}")
-    need(t.max_minutes >= 0, f"train.max_minutes must be >= 0, got {t.max_minutes}")
-    need(t.batch_tokens >= 16, f"train.batch_tokens must be >= 16, got {t.batch_tokens}")
-    need(t.accumulate >= 1, f"train.accumulate must be >= 1, got {t.accumulate}")
-    need(t.ddp_bucket_mb >= 1, f"train.ddp_bucket_mb must be >= 1, got {t.ddp_bucket_mb}")
-    need(t.grad_compression != "bf16" or t.use_gpu,
-         "train.grad_compression=bf16 needs GPUs (NCCL; PyTorch's gloo backend has no bf16 hook): use fp16 on CPU")
-    need(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
-    need(t.eval_beam_size >= 1 and t.test_beam_size >= 1, "train.eval_beam_size and train.test_beam_size must be >= 1")
-    need(0.0 <= t.label_smoothing < 1.0, f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
-    need(t.max_failures >= -1, f"train.max_failures must be >= -1 (-1 = retry forever), got {t.max_failures}")
-    need(d.vocab_size >= 100, f"data.vocab_size must be >= 100, got {d.vocab_size}")
-    need(1 <= d.min_tokens <= d.max_tokens, f"need 1 <= data.min_tokens <= data.max_tokens, got {d.min_tokens}, {d.max_tokens}")
-    need(0 <= d.val_fraction < 0.5 and 0 <= d.test_fraction < 0.5, "data.val_fraction and data.test_fraction must be in [0, 0.5)")
-    if d.name in VIDEO_DATA:
+    if d.name in VIDEO_DATA:  # before the ranges: the message names every frame key at once
         need(d.num_frames >= 1 and d.frame_size >= 8 and d.fps >= 0,
              f"need data.num_frames >= 1, data.frame_size >= 8, data.fps >= 0; got {d.num_frames}, {d.frame_size}, {d.fps}")
+    check_ranges(cfg)
+    need(t.grad_compression != "bf16" or t.use_gpu,
+         "train.grad_compression=bf16 needs GPUs (NCCL; PyTorch's gloo backend has no bf16 hook): use fp16 on CPU")
+    need(d.min_tokens <= d.max_tokens, f"need 1 <= data.min_tokens <= data.max_tokens, got {d.min_tokens}, {d.max_tokens}")
+    if d.name in VIDEO_DATA:
         need(d.frame_encoder == "cnn" or bool(d.backbone),
              "data.frame_encoder=frozen needs data.backbone (a TorchScript file: frames (N, 3, H, W) -> features (N, D))")
     if d.name == "video_features":
@@ -414,8 +550,6 @@ def validate(cfg: Config) -> None:
     if tu.search == "grid":
         need(all(isinstance(v, list) for v in tu.space.values()),
              "tune.search=grid needs lists of values in tune.space (distributions need search=random or optuna)")
-    need(tu.num_samples >= 1, f"tune.num_samples must be >= 1, got {tu.num_samples}")
-    need(tu.grace_period >= 1 and tu.reduction_factor >= 2, "tune.grace_period must be >= 1 and tune.reduction_factor >= 2")
 
 
 def config_hash(obj: Any) -> str:

@@ -66,11 +66,13 @@ CHECKS: list[tuple[str, Callable[[Config], str]]] = [
 
 
 def doctor(cfg: Config, print_fn: Callable[[str], Any] = print) -> bool:
+    from .tracking import redact  # the lines quote paths and URIs, which may hold credentials
+
     ok = True
     for name, check in CHECKS:
         try:
-            print_fn(f"ok    {name:<8} {check(cfg)}")
+            print_fn(redact(f"ok    {name:<8} {check(cfg)}"))
         except Exception as e:  # noqa: BLE001 - every failure is reported, then the next check runs
             ok = False
-            print_fn(f"FAIL  {name:<8} {type(e).__name__}: {e}")
+            print_fn(redact(f"FAIL  {name:<8} {type(e).__name__}: {e}"))
     return ok

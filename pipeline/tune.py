@@ -104,7 +104,7 @@ def _run_sweep(cfg: Config, prep: dict[str, Any], sweep: str) -> dict[str, Any]:
 
     tc = cfg.tune
     uri, experiment, storage = prep["uri"], prep["experiment"], prep["storage"]
-    check_fingerprint(f"{storage}/{sweep}", sweep_fingerprint(cfg, prep), f"tune.name '{sweep}' ({storage}/{sweep})")
+    check_fingerprint(f"{storage}/{sweep}", sweep_fingerprint(cfg, prep), f"tune.name '{sweep}' ({tracking.redact(storage)}/{sweep})")
     metric = tc.metric or default_metric(cfg)
     params = {"tune.space": json.dumps(tc.space), "tune.search": tc.search, "tune.scheduler": tc.scheduler,
               "tune.num_samples": tc.num_samples, "tune.metric": metric, "tune.mode": tc.mode, **cfg.flat()}

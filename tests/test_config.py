@@ -50,3 +50,119 @@ def test_round_trip_through_dict():
     assert Config.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ConfigError, match="unknown config key 'train.bogus'"):
         Config.from_dict({**cfg.to_dict(), "train": {"bogus": 1}})
+
+
+# One bad value per numeric key, at the edge of its range where there is one.
+BAD_VALUES = {
+    "data.num_frames": 0, "data.fps": -1.0, "data.frame_size": 7, "data.max_chars": 0, "data.min_tokens": 0,
+    "data.max_tokens": 0, "data.vocab_size": 99, "data.tokenizer_max_lines": 0, "data.val_fraction": 0.5,
+    "data.test_fraction": -0.1, "data.demo_size": 0,
+    "model.embedding_size": 0, "model.hidden_size": 255, "model.num_layers": 0, "model.dropout": 1.0,
+    "model.cnn_channels": 0,
+    "train.num_workers": 0, "train.cpus_per_worker": 0, "train.gpus_per_worker": 1.5, "train.max_epochs": 0,
+    "train.max_minutes": -1.0, "train.max_failures": -2, "train.seed": -1, "train.batch_tokens": 15,
+    "train.sort_window": 0, "train.lr": 0.0, "train.weight_decay": -0.1, "train.warmup_steps": -1,
+    "train.clip_norm": -1.0, "train.accumulate": 0, "train.ddp_bucket_mb": 0, "train.label_smoothing": 1.0,
+    "train.eval_every": -1, "train.eval_beam_size": 0, "train.test_beam_size": 0, "train.length_penalty": -0.1,
+    "train.early_stopping": -1, "train.num_samples": -1,
+    "tune.num_samples": 0, "tune.grace_period": 0, "tune.reduction_factor": 1, "tune.max_concurrent_trials": -1,
+}
+
+
+def _numeric_keys():
+    import dataclasses
+    import typing
+
+    cfg = Config()
+    for group in GROUPS:
+        sub = getattr(cfg, group)
+        hints = typing.get_type_hints(type(sub))
+        for f in dataclasses.fields(sub):
+            if hints[f.name] in (int, float):  # bool is its own type here, not int
+                yield f"{group}.{f.name}"
+
+
+def test_every_numeric_key_has_a_range_rule_and_a_bad_value():
+    from pipeline.config import RANGES
+
+    keys = set(_numeric_keys())
+    assert len(keys) > 40
+    assert keys - set(RANGES) == set(), "numeric keys without a range rule"
+    assert set(RANGES) - keys == set(), "rules for keys that do not exist"
+    assert set(BAD_VALUES) == keys, "the table below must cover every numeric key"
+
+
+@pytest.mark.parametrize("key", sorted(BAD_VALUES))
+def test_out_of_range_value_is_refused_naming_the_key(key):
+    group, name = key.split(".")
+    with pytest.raises(ConfigError) as e:
+        Config.from_dict({group: {name: BAD_VALUES[key]}})
+    assert str(e.value).startswith(f"{key} must be "), str(e.value)
+    assert repr(BAD_VALUES[key]) in str(e.value) or str(BAD_VALUES[key]) in str(e.value)
+
+
+@pytest.mark.parametrize("value,ok", [(0.25, True), (1.0, True), (2.0, True), (4.0, True), (0.0, False),
+                                      (1.5, False), (-1.0, False)])
+def test_gpus_per_worker_is_a_share_of_one_gpu_or_whole_gpus(value, ok):
+    if ok:
+        assert Config.from_dict({"train": {"gpus_per_worker": value}}).train.gpus_per_worker == value
+    else:
+        with pytest.raises(ConfigError, match=r"train.gpus_per_worker must be in \(0, 1\] or a whole number"):
+            Config.from_dict({"train": {"gpus_per_worker": value}})
+
+
+def test_edges_that_mean_off_or_forever_are_valid():
+    cfg = load_config(["train.max_failures=-1", "train.max_minutes=0", "train.eval_every=0", "train.early_stopping=0",
+                       "train.clip_norm=0", "train.warmup_steps=0", "train.num_samples=0", "data.fps=0",
+                       "tune.max_concurrent_trials=0", "train.seed=0", "data.val_fraction=0"])
+    assert cfg.train.max_failures == -1
+
+
+@pytest.mark.parametrize("text", [".inf", ".nan", "-.inf"])
+def test_infinite_or_nan_floats_are_refused(text):
+    with pytest.raises(ConfigError, match="train.lr must be > 0"):
+        load_config([f"train.lr={text}"])
+
+
+def test_search_space_values_are_range_checked():
+    with pytest.raises(ConfigError, match=r"tune.space.model.dropout must be in \[0, 1\), got 1.5"):
+        load_config(["tune.space.model.dropout=[0.1, 1.5]"])
+    with pytest.raises(ConfigError, match=r"tune.space.train.lr must be > 0"):
+        load_config(["tune.search=random", "tune.space.train.lr={uniform: [-1, 0.1]}"])
+
+
+def _name_keys():
+    from pipeline.config import NAMES
+
+    return sorted(NAMES)
+
+
+# Path climbing, separators, quotes (MLflow filter strings), a leading dot, control characters, length.
+BAD_NAMES = ["../x", "a/b", "a\\b", "x..y", "..", "it's", 'say"hi', ".hidden", "-x", "a\nb", "x" * 300, "a;b", "a`b"]
+
+
+@pytest.mark.parametrize("key", _name_keys())
+@pytest.mark.parametrize("value", BAD_NAMES)
+def test_unsafe_names_are_refused_naming_the_key_and_the_set(key, value):
+    group, name = key.split(".")
+    with pytest.raises(ConfigError) as e:
+        Config.from_dict({group: {name: value}})
+    msg = str(e.value)
+    assert msg.startswith(f"{key}=") and "is not a safe name: use letters, digits" in msg, msg
+
+
+@pytest.mark.parametrize("key", _name_keys())
+def test_safe_names_pass(key):
+    group, name = key.split(".")
+    for value in (["en", "pt_BR", "zh-Hans"] if key.endswith("_lang") else ["run-1", "e2e_2.b", "test_2016_flickr"]):
+        assert getattr(getattr(Config.from_dict({group: {name: value}}), group), name) == value
+    if key == "tracking.experiment":  # MLflow experiment names often have spaces
+        assert Config.from_dict({"tracking": {"experiment": "My experiment 2"}}).tracking.experiment == "My experiment 2"
+    else:
+        with pytest.raises(ConfigError, match="not a safe name"):
+            Config.from_dict({group: {name: "a b"}})
+    if not key.endswith("_lang"):  # "" = pick one; a language must be named
+        Config.from_dict({group: {name: ""}})
+    else:
+        with pytest.raises(ConfigError, match="not a safe name"):
+            Config.from_dict({group: {name: ""}})

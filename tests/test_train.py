@@ -26,7 +26,10 @@ def trained(ray_session, tmp_path_factory, request):
                  f"data.output_dir={tmp}/data", f"train.storage_path={tmp}/ray", "train.run_name=e2e",
                  "train.num_workers=2", "train.max_epochs=1", "train.batch_tokens=600", "train.test_beam_size=2",
                  "train.lr=0.01", "train.warmup_steps=20",
-                 f"tracking.tracking_uri={uri}", "tracking.experiment=e2e-test"]
+                 f"tracking.tracking_uri={uri}", "tracking.experiment=e2e-test",
+                 # A config value with fake credentials in it (unused by text data, and not part of
+                 # the data folder's hash): it reaches params and config.yaml, redacted.
+                 f"data.feature_cache={PLANTED_VALUE}"]
     # Fake secrets in the environment, as a cluster's MLflow and object-store credentials
     # would be: test_no_secret_leaks scans everything the runs wrote for them.
     saved = {k: os.environ.get(k) for k in FAKE_SECRETS}
@@ -51,6 +54,8 @@ def trained(ray_session, tmp_path_factory, request):
 
 FAKE_SECRETS = {"MLFLOW_TRACKING_PASSWORD": "fake-mlflow-pw-7d1f3a", "AWS_SECRET_ACCESS_KEY": "fake-aws-key-9c2e4b",
                 "AWS_ACCESS_KEY_ID": "FAKEAKIA0000SECRET"}
+PLANTED_VALUE = "s3://AKIAFAKE:fake-cfg-secret-5e8a@bucket/cache?X-Amz-Signature=fake-cfg-sig-3b7c"
+PLANTED_SECRETS = {"config password": "fake-cfg-secret-5e8a", "config signature": "fake-cfg-sig-3b7c"}
 
 
 def capfd_text(request) -> str:
@@ -65,17 +70,20 @@ def capfd_text(request) -> str:
 
 
 def test_no_secret_leaks_into_mlflow_checkpoints_or_output(trained):
-    """Secret values from the environment are in no param, tag, metric, artifact,
-    checkpoint or printed line (the MLflow store and the Ray storage are scanned as bytes)."""
+    """Secret values from the environment, and secrets inside a config value, are in no
+    param, tag, metric, artifact, checkpoint or printed line (the MLflow store and the Ray
+    storage are scanned as bytes)."""
+    secrets = {**FAKE_SECRETS, **PLANTED_SECRETS}
     hits = []
     for path in trained["tmp"].rglob("*"):
         if path.is_file():
             data = path.read_bytes()
-            hits += [f"{path}: {k}" for k, v in FAKE_SECRETS.items() if v.encode() in data]
-    hits += [f"output: {k}" for k, v in FAKE_SECRETS.items() if v in trained["output"]]
+            hits += [f"{path}: {k}" for k, v in secrets.items() if v.encode() in data]
+    hits += [f"output: {k}" for k, v in secrets.items() if v in trained["output"]]
     assert not hits, hits
     params = MlflowClient(trained["uri"]).get_run(trained["first"]["run_id"]).data.params
     assert len(params) > 50  # the scan looked at a store with the run's params in it
+    assert params["data.feature_cache"] == "s3://AKIAFAKE:***@bucket/cache?X-Amz-Signature=***"
 
 
 def _metric_steps(uri, run_id, key):

@@ -29,6 +29,7 @@ import ray
 from ray.data.datasource import Datasink
 
 from ..config import VIDEO_DATA, DataConfig, config_hash
+from ..tracking import redact  # printed lines and the manifest: paths may be URIs with credentials
 from . import tokenizer as toklib
 from .readers import DataError, list_tasks, read_tasks
 
@@ -215,7 +216,7 @@ def ensure_demo_corpus(cfg: DataConfig) -> None:
     from .synthetic import write_demo_text
 
     n_eval = max(200, cfg.demo_size // 40)
-    print(f"[preprocess] generating the demo corpus ({cfg.demo_size} training pairs) in {cfg.root}", flush=True)
+    print(f"[preprocess] generating the demo corpus ({cfg.demo_size} training pairs) in {redact(cfg.root)}", flush=True)
     write_demo_text(cfg.root, n_train=cfg.demo_size, n_val=n_eval, n_test=n_eval, seed=1234,
                     src_lang=cfg.src_lang, tgt_lang=cfg.tgt_lang)
 
@@ -270,9 +271,9 @@ def preprocess(cfg: DataConfig, force: bool = False) -> tuple[str, dict[str, Any
     out = output_dir(cfg, _fingerprint(tasks))
     manifest = None if force else read_manifest(out)
     if manifest is not None:
-        print(f"[preprocess] reusing {out} ({manifest['rows_kept']} pairs kept of {manifest['rows_read']})", flush=True)
+        print(f"[preprocess] reusing {redact(out)} ({manifest['rows_kept']} pairs kept of {manifest['rows_read']})", flush=True)
         return out, manifest
-    print(f"[preprocess] {len(tasks)} read task(s) -> {out}", flush=True)
+    print(f"[preprocess] {len(tasks)} read task(s) -> {redact(out)}", flush=True)
     ds = cleaned(cfg, tasks)
     if cfg.dedup:  # an all-to-all shuffle: the one case that holds the corpus in Ray's object store
         ds = _dedup(ds).materialize()
@@ -310,9 +311,9 @@ def preprocess(cfg: DataConfig, force: bool = False) -> tuple[str, dict[str, Any
                 dropped[reason] = dropped.get(reason, 0) + n
     manifest = {
         "format": 1,
-        "data_config": asdict(cfg),
+        "data_config": {k: redact(v) for k, v in asdict(cfg).items()},  # a record, on shared storage
         "config_hash": config_hash(asdict(cfg)),
-        "inputs": _fingerprint(tasks),
+        "inputs": [{**f, "path": redact(f["path"])} for f in _fingerprint(tasks)],
         "rows_read": sum(sum(per.values()) for per in counts.values()),
         "rows_kept": sum(per.get("kept", 0) for per in counts.values()),
         "dropped": dropped,

@@ -20,6 +20,7 @@ import fsspec
 import ray
 
 from ..config import DataConfig, config_hash
+from ..tracking import redact  # printed lines and the manifest: paths may be URIs with credentials
 from . import tokenizer as toklib
 from .preprocess import SPLITS, output_dir, read_manifest, tokenizer_info, write_manifest, write_tokenizers
 from .readers import DataError, absolute
@@ -40,7 +41,7 @@ def ensure_demo_video(cfg: DataConfig) -> None:
     from .synthetic_video import write_demo_video
 
     n_eval = max(50, cfg.demo_size // 12)
-    print(f"[preprocess] generating the demo video corpus ({cfg.demo_size} training clips) in {cfg.root}", flush=True)
+    print(f"[preprocess] generating the demo video corpus ({cfg.demo_size} training clips) in {redact(cfg.root)}", flush=True)
     write_demo_video(absolute(cfg.root), n_train=cfg.demo_size, n_val=n_eval, n_test=n_eval, seed=1234)
 
 
@@ -129,11 +130,11 @@ def preprocess_video(cfg: DataConfig, force: bool = False) -> tuple[str, dict[st
     out = output_dir(cfg, _fingerprint(cfg, corpus))
     manifest = None if force else read_manifest(out)
     if manifest is not None:
-        print(f"[preprocess] reusing {out} ({manifest['videos']['kept']} videos, {manifest['rows_kept']} captions)",
+        print(f"[preprocess] reusing {redact(out)} ({manifest['videos']['kept']} videos, {manifest['rows_kept']} captions)",
               flush=True)
         return out, manifest
     n_videos = len(corpus["splits"])
-    print(f"[preprocess] {n_videos} videos, {corpus['captions_read']} captions -> {out}", flush=True)
+    print(f"[preprocess] {n_videos} videos, {corpus['captions_read']} captions -> {redact(out)}", flush=True)
     dropped: dict[str, dict[str, int]] = {s: {} for s in SPLITS}
     dropped["train"].update(corpus["dropped"])  # captions not tied to a split (unknown videos, bad lines)
     tok_json, meta = _encode_captions(cfg, corpus, dropped)
@@ -190,7 +191,7 @@ def preprocess_video(cfg: DataConfig, force: bool = False) -> tuple[str, dict[st
     manifest = {
         "format": 1,
         "task": "video",
-        "data_config": asdict(cfg),
+        "data_config": {k: redact(v) for k, v in asdict(cfg).items()},  # a record, on shared storage
         "config_hash": config_hash(asdict(cfg)),
         "rows_read": corpus["captions_read"],
         "rows_kept": sum(kept_caps.values()),
@@ -198,7 +199,7 @@ def preprocess_video(cfg: DataConfig, force: bool = False) -> tuple[str, dict[st
         "splits": {s: {"kept": kept_caps[s], "videos": kept_videos[s], "dropped": dropped[s]} for s in SPLITS},
         "videos": {"read": n_videos + len([v for v in seen if v not in corpus["splits"]]),
                    "kept": sum(kept_videos.values()), "dropped": vdropped, "errors": errors},
-        "cache": {"hits": hits, "misses": len(stats) - hits, "dir": cfg.feature_cache},
+        "cache": {"hits": hits, "misses": len(stats) - hits, "dir": redact(cfg.feature_cache)},
         "video": {"kind": "frames" if first["dtype"] == "uint8" else "features",
                   "shape": [int(x) for x in first["shape"]], "num_frames": cfg.num_frames, "fps": cfg.fps,
                   "frame_size": cfg.frame_size, "encoder": cfg.frame_encoder,

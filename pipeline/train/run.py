@@ -20,7 +20,7 @@ import numpy as np
 import ray
 
 from .. import metrics, tracking
-from ..cluster import check_multi_node
+from ..cluster import check_fits, check_multi_node
 from ..config import Config, ConfigError, is_video
 from ..data.preprocess import preprocess, read_tokenizers
 from ..data.tokenizer import BOS_ID, EOS_ID, PAD_ID
@@ -29,7 +29,11 @@ from ..lock import LockError, StorageLock
 
 
 def init_ray(min_cpus: int = 1) -> None:
-    """Join ``RAY_ADDRESS`` or start a local Ray (once per process)."""
+    """Join ``RAY_ADDRESS`` or start a local Ray (once per process).
+
+    The local Ray is for this machine only: every Ray process listens on 127.0.0.1, and
+    token authentication is on (the token is ``~/.ray/auth_token``, made on first use and
+    never printed)."""
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
@@ -38,10 +42,39 @@ def init_ray(min_cpus: int = 1) -> None:
     else:
         # Logical CPUs above the training workers' share leave room for Ray Data's tasks
         # (whole-CPU file listing) and a sweep's trial drivers; without them, workers
-        # holding every CPU would starve their own input.
-        # The dashboard serves Ray's state API, which Ray Train's cleanup polls; 127.0.0.1 only.
-        ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus + 2), dashboard_host="127.0.0.1", log_to_driver=True)
+        # holding every CPU would starve their own input. Never more than the cores + 2:
+        # a request for more workers than this machine can run is refused (check_fits),
+        # not granted as an oversubscribed local cluster.
+        cores = os.cpu_count() or 1
+        _start_local_ray(max(cores, min(min_cpus, cores) + 2))
     ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def _start_local_ray(num_cpus: int) -> None:
+    from ray._private import ray_constants
+    from ray._private.authentication.authentication_utils import is_token_auth_enabled
+
+    from ..cluster import ClusterError
+
+    mode = os.environ.get("RAY_AUTH_MODE", "")
+    if mode and mode.lower() != "token":
+        raise ClusterError(f"RAY_AUTH_MODE={mode}: pipeline starts its local Ray with token authentication only; "
+                           "unset RAY_AUTH_MODE (or set it to token)")
+    # Ray 2.60's ray.init turns a loopback _node_ip_address into the machine's routable
+    # address (services.resolve_ip_for_localhost), and the GCS, raylet, object manager,
+    # workers and agents then listen on all interfaces. With "clusters" off, the mode Ray
+    # itself uses on macOS and Windows, the node address stays 127.0.0.1 and every process
+    # binds there. Off only while this node starts: ray.init reads it, nothing after does.
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        # The dashboard serves Ray's state API, which Ray Train's cleanup polls; 127.0.0.1 only.
+        ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", log_to_driver=True)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+    if not is_token_auth_enabled():  # Ray turns it on for a new local cluster; make sure it did
+        ray.shutdown()
+        raise ClusterError("the local Ray started without token authentication; set RAY_AUTH_MODE=token")
 
 
 def storage_uri(path: str) -> str:
@@ -149,6 +182,7 @@ def prepare(cfg: Config) -> dict[str, Any]:
     tracking.check_reachable(uri)
     storage = storage_uri(t.storage_path)
     init_ray(t.num_workers * t.cpus_per_worker)
+    check_fits(t)  # before preprocessing: minutes of it would be wasted
     check_multi_node(storage, cfg.data.output_dir, uri)
     data_dir, manifest = preprocess(cfg.data)
     src_json, tgt_json = read_tokenizers(data_dir)
@@ -195,7 +229,7 @@ def check_fingerprint(folder: str, fingerprint: dict[str, str], what: str) -> No
         diff = fingerprint_diff(old, fingerprint)
         if diff:
             raise ConfigError(f"{what} exists with other data or config, so it cannot resume:\n  " + "\n  ".join(diff)
-                              + f"\nStart anew with another name, or delete {folder} to discard the old run.")
+                              + f"\nStart anew with another name, or delete {tracking.redact(folder)} to discard the old run.")
         return
     fs.makedirs(root, exist_ok=True)
     with fs.open(f"{path}.tmp", "w") as f:
@@ -236,18 +270,18 @@ def _fit_run(cfg: Config, prep: dict[str, Any], run_name: str, run_dir: str, par
     t = cfg.train
     uri, experiment, data_dir, manifest = prep["uri"], prep["experiment"], prep["data_dir"], prep["manifest"]
     fingerprint = run_fingerprint(cfg, prep)
-    check_fingerprint(run_dir, fingerprint, f"train.run_name '{run_name}' ({run_dir})")
-    tags = {"ray.run_name": run_name, "pipeline.data_dir": data_dir}
+    check_fingerprint(run_dir, fingerprint, f"train.run_name '{run_name}' ({tracking.redact(run_dir)})")
+    tags = {"ray.run_name": run_name, "pipeline.data_dir": tracking.redact(data_dir)}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     commit = tracking.git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
-    run_id, resumed = tracking.open_run(uri, experiment, run_name, cfg.flat(), tags)
+    run_id, resumed = tracking.open_run(uri, experiment, run_name, cfg.redacted_flat(), tags)
     print(f"[train] MLflow run {run_id} ({'resumed' if resumed else 'new'}) in experiment '{experiment}' at "
           f"{tracking.redact(uri)}", flush=True)
     if not resumed:
-        tracking.log_text(uri, run_id, cfg.to_yaml(), "config.yaml")
+        tracking.log_text(uri, run_id, cfg.redacted_yaml(), "config.yaml")
         with tempfile.TemporaryDirectory(prefix="pipeline-data-") as tmp:
             for name in ("manifest.json", "src_tokenizer.json", "tgt_tokenizer.json"):
                 tracking.log_artifact(uri, run_id, _local_copy(f"{data_dir}/{name}", tmp), "data")

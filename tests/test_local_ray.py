@@ -1,0 +1,98 @@
+"""The local Ray that `pipeline` starts: loopback only, token auth on, and a config that
+cannot fit it refused before any preprocessing. On the session's real local Ray."""
+
+import ipaddress
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from pipeline.config import ConfigError, load_config
+
+
+def _is_loopback(ip: str) -> bool:
+    addr = ipaddress.ip_address(ip.split("%")[0])
+    mapped = getattr(addr, "ipv4_mapped", None)  # ::ffff:127.0.0.1, an IPv6 socket bound to IPv4 loopback
+    return (mapped or addr).is_loopback
+
+
+def _listening(pids: set[int]) -> list[tuple[str, int, int, str]]:
+    out = []
+    for c in psutil.net_connections(kind="inet"):
+        if c.status == psutil.CONN_LISTEN and c.pid in pids:
+            try:
+                name = psutil.Process(c.pid).name()
+            except psutil.Error:
+                name = "?"
+            out.append((c.laddr.ip, c.laddr.port, c.pid, name))
+    return out
+
+
+def test_local_ray_listens_on_loopback_only(ray_session):
+    ray = ray_session
+    ray.get(ray.remote(lambda: os.getpid()).remote())  # a worker process is up and serving too
+    node = ray._private.worker._global_node
+    pids = {os.getpid()} | {p.pid for p in psutil.Process().children(recursive=True)}
+    sockets = _listening(pids)
+    ports = {port for _, port, _, _ in sockets}
+    # The scan found the cluster's servers: the GCS and the dashboard are among them.
+    assert int(node.gcs_address.rsplit(":", 1)[1]) in ports, sockets
+    assert int(node.webui_url.rsplit(":", 1)[1]) in ports, sockets
+    assert len({pid for _, _, pid, _ in sockets}) >= 4, sockets  # driver, GCS, raylet, agents, workers
+    exposed = [s for s in sockets if not _is_loopback(s[0])]
+    assert not exposed, f"Ray processes listening beyond loopback: {exposed}"
+    assert node.node_ip_address == "127.0.0.1"
+
+
+def test_local_ray_requires_the_token(ray_session):
+    import grpc
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    node = ray_session._private.worker._global_node
+    token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token")).read_text().strip()
+
+    def dashboard(headers):
+        req = urllib.request.Request(f"http://{node.webui_url}/api/version", headers=headers)
+        try:
+            return urllib.request.urlopen(req, timeout=10).status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    assert dashboard({}) == 401
+    assert dashboard({"Authorization": "Bearer not-the-token"}) in (401, 403)
+    assert dashboard({"Authorization": f"Bearer {token}"}) == 200
+
+    stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(grpc.insecure_channel(node.gcs_address))
+
+    def gcs(metadata):
+        try:
+            stub.GetAllNodeInfo(gcs_service_pb2.GetAllNodeInfoRequest(), metadata=metadata, timeout=10)
+            return grpc.StatusCode.OK
+        except grpc.RpcError as e:
+            return e.code()
+
+    assert gcs([]) == grpc.StatusCode.UNAUTHENTICATED
+    assert gcs([("authorization", "Bearer not-the-token")]) == grpc.StatusCode.UNAUTHENTICATED
+    assert gcs([("authorization", f"Bearer {token}")]) == grpc.StatusCode.OK
+
+
+def test_more_workers_than_the_cluster_has_fail_before_preprocessing(ray_session, tmp_path):
+    from pipeline.train.run import prepare
+
+    cfg = load_config(["data=demo_text", f"data.root={tmp_path}/demo", f"data.output_dir={tmp_path}/data",
+                       f"train.storage_path={tmp_path}/ray", f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db",
+                       "train.num_workers=64"])
+    cpus = ray_session.cluster_resources()["CPU"]
+    with pytest.raises(ConfigError) as e:
+        prepare(cfg)
+    assert str(e.value).startswith(f"this cluster has {cpus:g} CPUs; train.num_workers=64 x "
+                                   "train.cpus_per_worker=1 needs 64"), str(e.value)
+    assert not (tmp_path / "demo").exists() and not (tmp_path / "data").exists()  # nothing generated or read
+    gpu = load_config([f"train.storage_path={tmp_path}/ray", f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db",
+                       "train.num_workers=1", "train.use_gpu=true", "train.gpus_per_worker=2"])
+    if ray_session.cluster_resources().get("GPU", 0) < 2:
+        with pytest.raises(ConfigError, match=r"GPUs; train.num_workers=1 x train.gpus_per_worker=2 needs 2"):
+            prepare(gpu)
