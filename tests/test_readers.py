@@ -126,3 +126,16 @@ def test_pairs_across_chunk_boundaries(tmp_path, monkeypatch):
     (tmp_path / "m.de").write_text("\n".join(f"z {i}" for i in range(1, 12)) + "\n")
     with pytest.raises(DataError, match=r"c\.en has 10 lines but .*m\.de has 11 lines"):
         rows_of(read_pair(pair_task(tmp_path / "c.en", tmp_path / "m.de"), skip=False))
+
+
+@pytest.mark.parametrize("text,line,width", [
+    ("hello\thallo\na tab\tinside\tthe sentence\n", 2, 2),  # no header: exactly source and target
+    ("id\ten\tde\n1\thello\thallo\n2\tx\ty\textra\n", 3, 3),  # a header names 3 columns
+])
+def test_tsv_line_with_more_fields_is_named_or_counted(tmp_path, text, line, width):
+    """Fields 0 and 1 of such a line were taken: a tab inside a sentence misaligned it silently."""
+    (tmp_path / "m.tsv").write_text(text)
+    with pytest.raises(DataError, match=rf"m\.tsv:{line}: expected {width} tab-separated fields .*got {width + 1}"):
+        rows_of(read_table(table_task(tmp_path / "m.tsv"), "en", "de", skip=False))
+    r = rows_of(read_table(table_task(tmp_path / "m.tsv"), "en", "de", skip=True))
+    assert r["reason"] == ["", "too_many_fields"] and r["src"][0] == "hello"

@@ -189,3 +189,136 @@ def test_captioner_model_takes_frames_or_features():
     a, _, _ = f.encode(feats[1:, :3], torch.tensor([3]))
     b, _, _ = f.encode(padded, torch.tensor([3]))
     assert torch.allclose(a, b[:, :3], atol=1e-6)
+
+
+# ---------------------------------------------------------------- rows never altered or dropped without a count
+
+def faststart_mp4(path, num_frames=40):
+    """An mp4 with its index (moov) first, as streaming sites write them: cut short, it still
+    opens and says how many frames it should have."""
+    import av
+
+    from pipeline.data.synthetic_video import video_codec
+
+    frames = render_clip("circle", "red", "large", "right", frame_size=64, num_frames=num_frames, seed=1)
+    with av.open(str(path), "w", format="mp4", options={"movflags": "faststart"}) as c:
+        s = c.add_stream(video_codec(), rate=10)
+        s.width = s.height = 64
+        s.pix_fmt = "yuv420p"
+        for f in frames:
+            c.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        c.mux(s.encode())
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("fps", [0.0, 5.0])
+def test_truncated_clip_is_an_error_not_its_first_frames(tmp_path, fps):
+    """Before: the 12 frames decoded before the cut were kept as if they were the clip."""
+    from pipeline.data.video import TruncatedClip
+
+    data = faststart_mp4(tmp_path / "full.mp4")
+    k = 20 if fps else 4  # at 5 fps, 20 samples reach to 3.8 s of the 4 s clip
+    assert decode_clip(data, k, 32, fps=fps).shape == (k, 32, 32, 3)
+    with pytest.raises(TruncatedClip, match=r"cut\.mp4: truncated: \d+ of 40 frames decoded"):
+        decode_clip(data[: int(len(data) * 0.8)], k, 32, fps=fps, name="cut.mp4")
+
+
+def _msrvtt_json(root):
+    return root / "train_val_videodatainfo.json"
+
+
+def _dup_clip(root):
+    (root / "videos" / "more").mkdir()
+    shutil.copy(root / "videos" / "video1.mp4", root / "videos" / "more" / "video1.mp4")
+
+
+def _conflicting_split(root):
+    ann = json.loads(_msrvtt_json(root).read_text())
+    ann["videos"].append(dict(ann["videos"][2], split="test" if ann["videos"][2]["split"] != "test" else "train"))
+    _msrvtt_json(root).write_text(json.dumps(ann))
+
+
+def _too_many_captions(root):
+    ann = json.loads(_msrvtt_json(root).read_text())
+    ann["sentences"] += [{"video_id": "video0", "caption": f"a red thing {i}", "sen_id": 10**6 + i} for i in range(1025)]
+    _msrvtt_json(root).write_text(json.dumps(ann))
+
+
+def _msvd_conflict(root):
+    test_ids = (root / "test.txt").read_text().split()
+    train_ids = (root / "train.txt").read_text().split()
+    (root / "test.txt").write_text("\n".join(test_ids + [train_ids[0]]) + "\n")
+
+
+CASES = {  # name: (layout, mutation, error, videos dropped with skip, captions dropped with skip)
+    "duplicate_video": ("msrvtt", _dup_clip, r"video id 'video1' has 2 clips or feature rows: .*more/video1\.mp4",
+                        {"duplicate_video": 1}, {}),
+    "conflicting_split": ("msrvtt", _conflicting_split,
+                          r"train_val_videodatainfo\.json: videos\[28\]: video 'video2' is listed in split",
+                          {"conflicting_split": 1}, {"conflicting_split": 5}),
+    "conflicting_split_msvd": ("msvd", _msvd_conflict, r"test\.txt:5: video '\w+' is also listed in .*train\.txt:1",
+                               {"conflicting_split": 1}, {"conflicting_split": 5}),
+    "too_many_captions": ("msrvtt", _too_many_captions,
+                          r"sentences\[\d+\]: video 'video0' has more than 1024 captions", {},
+                          {"too_many_captions": 6}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_listing_problems_are_named_or_counted(msrvtt, tmp_path, case):
+    """Before: the first clip, the first split, every caption were taken silently."""
+    from pipeline.data.video import list_corpus
+
+    layout, mutate, error, vdropped, cdropped = CASES[case]
+    if layout == "msvd":
+        root = tmp_path / "corpus"
+        write_demo_video(str(root), n_train=8, n_val=4, n_test=4, seed=5, layout="msvd", size=64, num_frames=12)
+    else:
+        root = fresh_copy(msrvtt, tmp_path)
+    mutate(root)
+    name = ["data.name=msvd", "data.val_split=val"] if layout == "msvd" else ["data.name=msrvtt"]
+    with pytest.raises(DataError, match=error):
+        list_corpus(video_cfg(root, tmp_path, *name))
+    c = list_corpus(video_cfg(root, tmp_path, *name, "data.on_bad_rows=skip"))
+    assert c["videos_dropped"] == vdropped and c["dropped"] == cdropped
+    assert c["captions_read"] == sum(map(len, c["captions"].values())) + sum(c["dropped"].values())
+
+
+def test_duplicate_feature_rows_are_named_or_counted(msrvtt, tmp_path):
+    from pipeline.data.video import list_corpus
+
+    ann = json.loads(_msrvtt_json(msrvtt).read_text())
+    vids = [v["video_id"] for v in ann["videos"]]
+    feats = lambda ids: pa.table({"video_id": ids, "features": [[[0.5] * 4] * 3 for _ in ids]})
+    pq.write_table(feats(vids[:20]), tmp_path / "a.parquet")
+    pq.write_table(feats(vids[18:]), tmp_path / "b.parquet")  # video18, video19 twice
+    common = ["data=video_features", f"data.captions_file={_msrvtt_json(msrvtt)}", f"data.files={tmp_path}/*.parquet",
+              f"data.output_dir={tmp_path}/out"]
+    with pytest.raises(DataError, match=r"video id 'video18' has 2 clips or feature rows: .*a\.parquet#18, .*b\.parquet#0"):
+        list_corpus(load_config(common).data)
+    c = list_corpus(load_config(common + ["data.on_bad_rows=skip"]).data)
+    assert c["videos_dropped"] == {"duplicate_video": 2} and c["source_rows"]["video19"].endswith("a.parquet#19")
+
+
+def test_skipped_problems_add_up_end_to_end_and_a_bad_cache_entry_is_recomputed(ray_session, msrvtt, tmp_path):
+    root = fresh_copy(msrvtt, tmp_path)
+    _dup_clip(root)
+    _conflicting_split(root)
+    _too_many_captions(root)
+    data = faststart_mp4(tmp_path / "full.mp4")
+    (root / "videos" / "video4.mp4").write_bytes(data[: int(len(data) * 0.8)])
+    out, m = preprocess(video_cfg(root, tmp_path, "data.on_bad_rows=skip"))
+    assert m["videos"]["dropped"] == {"duplicate_video": 1, "conflicting_split": 1, "truncated_video": 1}
+    assert m["videos"]["read"] == 29 == m["videos"]["kept"] + 3
+    assert m["dropped"] == {"conflicting_split": 5, "too_many_captions": 6, "truncated_video": 5}
+    assert m["rows_read"] == m["rows_kept"] + sum(m["dropped"].values())
+    assert any("video4.mp4: truncated" in e for e in m["videos"]["errors"])
+    rows = {s: pq.read_table(f"{out}/{s}").num_rows for s in ("train", "val", "test")}
+    assert rows == {s: m["splits"][s]["videos"] for s in rows} and sum(rows.values()) == 26
+    # A damaged cache entry: recomputed and counted, the clip kept.
+    entries = sorted((tmp_path / "cache").glob("frames/*/*/*.parquet"))
+    assert len(entries) == 26
+    entries[0].write_bytes(b"not parquet")
+    _, m2 = preprocess(video_cfg(root, tmp_path, "data.on_bad_rows=skip", "data.max_chars=500"))
+    assert m2["cache"]["hits"] == 25 and m2["cache"]["errors"] == 1 and entries[0].name in m2["cache"]["error_files"][0]
+    assert m2["videos"]["kept"] == 26

@@ -7,12 +7,12 @@ on an actor pool -> drop by length in tokens -> write ``{train,val,test}/*.parqu
 ``manifest.json`` with every count (rows read = kept + dropped, per split and reason).
 
 The output folder is keyed by a hash of the data config and the input files' sizes and
-mtimes, so the same inputs and config reuse it.
+mtimes, so the same inputs and config reuse it. It is built in a staging folder and made
+visible complete, one builder at a time (``output.py``, shared with video).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import zlib
@@ -31,7 +31,8 @@ from ray.data.datasource import Datasink
 from ..config import VIDEO_DATA, DataConfig, config_hash
 from ..tracking import redact  # printed lines and the manifest: paths may be URIs with credentials
 from . import tokenizer as toklib
-from .readers import DataError, list_tasks, read_tasks
+from .output import demo_folder, read_manifest, reuse_or_build  # noqa: F401 - read_manifest: callers import it here
+from .readers import DataError, absolute, list_tasks, read_tasks
 
 SPLITS = ("train", "val", "test")
 OUTPUT_COLUMNS = ["id", "src_ids", "tgt_ids", "src_len", "tgt_len", "src", "tgt"]
@@ -138,12 +139,27 @@ def encode_batch(batch: pa.Table, src_json: str, tgt_json: str, min_tokens: int,
             .append_column("tgt_len", pa.array(tgt_len)))
 
 
+def write_split_shards(out: str, table: pa.Table, columns: list[str]) -> None:
+    """The kept rows (reason "") of a block, one Parquet file per split under ``out/{split}/``.
+
+    A file is named by the smallest id among its rows (ids are unique among kept rows), so a
+    retried task rewrites the same files instead of adding copies."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    fs, root = fsspec.core.url_to_fs(out)
+    for split in SPLITS:
+        kept = table.filter(pc.and_(pc.equal(table["reason"], ""), pc.equal(table["split"], split)))
+        if kept.num_rows:
+            first = int(pc.min(kept["id"]).as_py())
+            with fs.open(f"{root}/{split}/part-{first:020d}.parquet", "wb") as f:
+                pq.write_table(kept.select(columns), f)
+
+
 class SplitSink(Datasink):
     """Writes each block's kept rows to ``{out}/{split}/`` and returns its counts per (split,
-    reason): one streaming pass gives both the shards and the manifest's numbers.
-
-    File names come from the block's first row id, so a retried task rewrites the same
-    files instead of adding copies."""
+    reason): one streaming pass gives both the shards and the manifest's numbers. ``out`` is
+    a fresh staging folder (see ``output.py``), so nothing of an earlier run is in it."""
 
     def __init__(self, out: str):
         self.out = out
@@ -151,30 +167,20 @@ class SplitSink(Datasink):
 
     def on_write_start(self, schema: Any = None) -> None:
         fs, root = fsspec.core.url_to_fs(self.out)
-        for split in SPLITS:  # leftovers of an interrupted run would be read as data
-            if fs.exists(f"{root}/{split}"):
-                fs.rm(f"{root}/{split}", recursive=True)
+        for split in SPLITS:
             fs.makedirs(f"{root}/{split}", exist_ok=True)
 
     def write(self, blocks: Any, ctx: Any) -> Counter:
-        import pyarrow.compute as pc
-        import pyarrow.parquet as pq
         from ray.data.block import BlockAccessor
 
         counts: Counter = Counter()  # (split, reason or "kept") -> rows
-        fs, root = fsspec.core.url_to_fs(self.out)
         for block in blocks:
             table = BlockAccessor.for_block(block).to_arrow()
             if not table.num_rows:
                 continue
             for row in table.group_by(["split", "reason"]).aggregate([([], "count_all")]).to_pylist():
                 counts[row["split"], row["reason"] or "kept"] += row["count_all"]
-            first = int(pc.min(table["id"]).as_py())
-            for split in SPLITS:
-                kept = table.filter(pc.and_(pc.equal(table["reason"], ""), pc.equal(table["split"], split)))
-                if kept.num_rows:
-                    with fs.open(f"{root}/{split}/part-{first:020d}.parquet", "wb") as f:
-                        pq.write_table(kept.select(OUTPUT_COLUMNS), f)
+            write_split_shards(self.out, table, OUTPUT_COLUMNS)
         return counts
 
     def on_write_complete(self, write_result: Any) -> None:
@@ -207,26 +213,24 @@ def output_dir(cfg: DataConfig, inputs: list[dict[str, Any]]) -> str:
 
 
 def ensure_demo_corpus(cfg: DataConfig) -> None:
-    """data=demo_text: generate the embedded corpus under data.root once."""
+    """data=demo_text: generate the embedded corpus under data.root once, into a folder the
+    generator owns (absent, empty, or marked by it): never over a user's files."""
     if cfg.name != "demo_text":
         return
-    fs, root = fsspec.core.url_to_fs(cfg.root)
-    if fs.exists(f"{root}/{cfg.train_split}.{cfg.src_lang}.gz"):
-        return
-    from .synthetic import write_demo_text
+    root = absolute(cfg.root)
+    names = [f"{s}.{lang}.gz" for s in (cfg.train_split, cfg.val_split, cfg.test_split) if s
+             for lang in (cfg.src_lang, cfg.tgt_lang)]
+    fs, p = fsspec.core.url_to_fs(root)
 
-    n_eval = max(200, cfg.demo_size // 40)
-    print(f"[preprocess] generating the demo corpus ({cfg.demo_size} training pairs) in {redact(cfg.root)}", flush=True)
-    write_demo_text(cfg.root, n_train=cfg.demo_size, n_val=n_eval, n_test=n_eval, seed=1234,
-                    src_lang=cfg.src_lang, tgt_lang=cfg.tgt_lang)
+    def generate() -> None:
+        from .synthetic import write_demo_text
 
+        n_eval = max(200, cfg.demo_size // 40)
+        print(f"[preprocess] generating the demo corpus ({cfg.demo_size} training pairs) in {redact(cfg.root)}", flush=True)
+        write_demo_text(root, n_train=cfg.demo_size, n_val=n_eval, n_test=n_eval, seed=1234,
+                        src_lang=cfg.src_lang, tgt_lang=cfg.tgt_lang)
 
-def read_manifest(out: str) -> dict[str, Any] | None:
-    fs, p = fsspec.core.url_to_fs(f"{out}/manifest.json")
-    if not fs.exists(p):
-        return None
-    with fs.open(p, "r") as f:
-        return json.load(f)
+    demo_folder(root, lambda: all(fs.exists(f"{p}/{n}") for n in names), generate, "data=demo_text")
 
 
 def read_tokenizers(out: str) -> tuple[str, str]:
@@ -261,18 +265,26 @@ def encode_and_write(ds: "ray.data.Dataset", cfg: DataConfig, src_json: str, tgt
 
 def preprocess(cfg: DataConfig, force: bool = False) -> tuple[str, dict[str, Any]]:
     """Run (or reuse) preprocessing; returns (output folder, manifest)."""
-    t0 = time.time()
-    ensure_demo_corpus(cfg)
     if cfg.name in VIDEO_DATA:
         from .video_preprocess import preprocess_video
 
         return preprocess_video(cfg, force)
+    t0 = time.time()
+    ensure_demo_corpus(cfg)
     tasks = list_tasks(cfg)
-    out = output_dir(cfg, _fingerprint(tasks))
-    manifest = None if force else read_manifest(out)
-    if manifest is not None:
+    inputs = _fingerprint(tasks)
+    out = output_dir(cfg, inputs)
+    manifest, built = reuse_or_build(out, force, lambda staging: _build(cfg, tasks, inputs, staging, t0))
+    if built:
+        report_done(out, manifest)
+    else:
         print(f"[preprocess] reusing {redact(out)} ({manifest['rows_kept']} pairs kept of {manifest['rows_read']})", flush=True)
-        return out, manifest
+    return out, manifest
+
+
+def _build(cfg: DataConfig, tasks: list[dict[str, Any]], inputs: list[dict[str, Any]], out: str,
+           t0: float) -> dict[str, Any]:
+    """Write shards and tokenizers under ``out`` (a staging folder); returns the manifest."""
     print(f"[preprocess] {len(tasks)} read task(s) -> {redact(out)}", flush=True)
     ds = cleaned(cfg, tasks)
     if cfg.dedup:  # an all-to-all shuffle: the one case that holds the corpus in Ray's object store
@@ -313,7 +325,7 @@ def preprocess(cfg: DataConfig, force: bool = False) -> tuple[str, dict[str, Any
         "format": 1,
         "data_config": {k: redact(v) for k, v in asdict(cfg).items()},  # a record, on shared storage
         "config_hash": config_hash(asdict(cfg)),
-        "inputs": [{**f, "path": redact(f["path"])} for f in _fingerprint(tasks)],
+        "inputs": [{**f, "path": redact(f["path"])} for f in inputs],
         "rows_read": sum(sum(per.values()) for per in counts.values()),
         "rows_kept": sum(per.get("kept", 0) for per in counts.values()),
         "dropped": dropped,
@@ -322,7 +334,7 @@ def preprocess(cfg: DataConfig, force: bool = False) -> tuple[str, dict[str, Any
         "tokenizer": tokenizer_info(cfg, src_json, tgt_json),
         "seconds": round(time.time() - t0, 2),
     }
-    return out, write_manifest(out, manifest)
+    return check_manifest(manifest)
 
 
 def tokenizer_info(cfg: DataConfig, src_json: str, tgt_json: str) -> dict[str, Any]:
@@ -339,14 +351,15 @@ def write_tokenizers(out: str, src_json: str, tgt_json: str) -> None:
             f.write(text)
 
 
-def write_manifest(out: str, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Check the splits a run needs, then write manifest.json (last: it marks a complete output)."""
+def check_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The splits a run needs are not empty (else the output is not published)."""
     for split in ("train", "val"):
         if not manifest["splits"][split]["kept"]:
             raise DataError(f"the {split} split is empty after preprocessing ({manifest['splits'][split]}); "
                             "check data.*_split / data.val_fraction and the filters")
-    with fsspec.open(f"{out}/manifest.json", "w") as f:
-        json.dump(manifest, f, indent=2)
-    print(f"[preprocess] done in {manifest['seconds']}s: read {manifest['rows_read']}, kept {manifest['rows_kept']}, "
-          f"dropped {manifest['dropped'] or 0}", flush=True)
     return manifest
+
+
+def report_done(out: str, manifest: dict[str, Any]) -> None:
+    print(f"[preprocess] built {redact(out)} in {manifest['seconds']}s: read {manifest['rows_read']}, kept "
+          f"{manifest['rows_kept']}, dropped {manifest['dropped'] or 0}", flush=True)

@@ -229,6 +229,7 @@ def read_table(task: dict[str, Any], src_col: str, tgt_col: str, skip: bool) -> 
                 yield rows.flush()
         return
     src_idx = tgt_idx = None
+    header, width = False, 2  # a TSV's fields per line: the header's, else exactly source and target
     for line, raw in enumerate(_lines(path), start=1):
         try:
             text = _decode(raw, path, line)
@@ -241,10 +242,18 @@ def read_table(task: dict[str, Any], src_col: str, tgt_col: str, skip: bool) -> 
                 # A header row names the columns; without one, columns 0 and 1 are used.
                 if src_col in fields and tgt_col in fields:
                     src_idx, tgt_idx = fields.index(src_col), fields.index(tgt_col)
+                    header, width = True, len(fields)
                     continue
                 src_idx, tgt_idx = 0, 1
+                header, width = False, 2
             if len(fields) <= max(src_idx, tgt_idx):
                 _bad(skip, DataError(f"{path}:{line}: expected at least {max(src_idx, tgt_idx) + 1} tab-separated fields, got {len(fields)}"), rows, line, "malformed")
+                continue
+            if len(fields) > width:
+                # A tab inside a sentence: which fields are which is unknown, so never guess.
+                _bad(skip, DataError(f"{path}:{line}: expected {width} tab-separated fields "
+                                     f"({'as the header has' if header else 'no header: source, target'}), got "
+                                     f"{len(fields)}; a tab inside a field?"), rows, line, "too_many_fields")
                 continue
             rows.add(line, fields[src_idx], fields[tgt_idx])
         else:

@@ -37,6 +37,9 @@ import pyarrow.parquet as pq
 from .readers import DataError, absolute, expand
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v")
+# Training numbers each (video, caption) pair video id * 1024 + caption index
+# (pipeline/train/batching.py: caption_pairs), so a video with more would collide with the next.
+MAX_CAPTIONS_PER_VIDEO = 1024
 MSRVTT_SPLITS = ("train", "validate", "test")
 
 
@@ -48,45 +51,95 @@ def sample_indices(n: int, k: int) -> np.ndarray:
     return np.minimum(((np.arange(k) + 0.5) * n / k).astype(np.int64), n - 1)
 
 
+class TruncatedClip(DataError):
+    """A clip that ends (or breaks off) before the frames its container promised."""
+
+
+def _frame_count(data: bytes, name: str, demux: bool = True) -> int:
+    """Frames in the clip's first video stream: the container's count when it gives one, else
+    (with ``demux``) its packets counted by a demux pass, without decoding; else 0."""
+    import av
+
+    with av.open(io.BytesIO(data)) as container:
+        if not container.streams.video:
+            raise DataError(f"{name}: no video stream")
+        stream = container.streams.video[0]
+        if stream.frames or not demux:
+            return int(stream.frames or 0)
+        return sum(1 for packet in container.demux(stream) if packet.size)  # the flush packet is empty
+
+
 def decode_clip(data: bytes, num_frames: int, frame_size: int, fps: float = 0.0, name: str = "clip") -> np.ndarray:
     """Video bytes -> (K, frame_size, frame_size, 3) uint8 RGB.
 
     fps = 0: K frames uniformly over the clip; fps > 0: one frame every 1/fps seconds from
-    the start, at most K (so clips of different lengths give different K).
+    the start, at most K (so clips of different lengths give different K). Only the sampled
+    frames are converted and kept, so memory does not grow with the clip's length; decoding
+    stops once they are all in. A clip that ends before the frames its container gives (cut
+    short or damaged) raises :class:`TruncatedClip`.
     """
     import av
 
     if not data:
         raise DataError(f"{name}: empty file (0 bytes)")
-    frames, times = [], []
     try:
-        with av.open(io.BytesIO(data)) as container:
-            if not container.streams.video:
-                raise DataError(f"{name}: no video stream")
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            for frame in container.decode(stream):
-                # Resize while converting: keeping full-size frames of a long clip would cost
-                # hundreds of MB; area averaging keeps small objects visible when shrinking.
-                frames.append(frame.to_ndarray(format="rgb24", width=frame_size, height=frame_size,
-                                               interpolation="AREA"))
-                times.append(float(frame.time) if frame.time is not None else len(times) / 25.0)
+        expected = _frame_count(data, name, demux=fps <= 0)
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - PyAV raises many kinds; all mean "unreadable"
-        if not frames:
-            raise DataError(f"{name}: cannot decode video ({type(e).__name__}: {e})") from e
-        # A truncated tail still leaves the frames decoded so far; keep them.
-    if not frames:
+        raise DataError(f"{name}: cannot decode video ({type(e).__name__}: {e})") from e
+    if fps <= 0 and not expected:
         raise DataError(f"{name}: no frames could be decoded")
-    if fps > 0:
-        t0 = times[0]
-        want = t0 + np.arange(num_frames) / fps
-        want = want[want <= times[-1] + 1e-6]  # no sample past the last frame
-        idx = np.searchsorted(np.asarray(times), want).clip(0, len(frames) - 1)
-    else:
-        idx = sample_indices(len(frames), num_frames)
-    return np.stack([frames[i] for i in idx])
+    wanted = sample_indices(expected, num_frames) if fps <= 0 else None
+    needed = set(wanted.tolist()) if wanted is not None else set()
+
+    def convert(frame: Any) -> np.ndarray:
+        # Resize while converting: area averaging keeps small objects visible when shrinking.
+        return frame.to_ndarray(format="rgb24", width=frame_size, height=frame_size, interpolation="AREA")
+
+    kept: dict[int, np.ndarray] = {}  # fps = 0: frame index -> frame
+    picks: list[np.ndarray] = []  # fps > 0: the frames picked so far, in order
+    want: np.ndarray | None = None
+    last, n, error = None, 0, None
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for frame in container.decode(stream):
+                t = float(frame.time) if frame.time is not None else n / 25.0
+                if wanted is not None:
+                    if n in needed:
+                        kept[n] = convert(frame)
+                    n += 1
+                    if len(kept) == len(needed):
+                        break
+                    continue
+                if want is None:
+                    want = t + np.arange(num_frames) / fps
+                if len(picks) < num_frames and want[len(picks)] <= t:
+                    arr = convert(frame)
+                    while len(picks) < num_frames and want[len(picks)] <= t:  # first frame at or after each time
+                        picks.append(arr)
+                last, n = (frame, t), n + 1
+                if len(picks) == num_frames:
+                    break
+    except Exception as e:  # noqa: BLE001
+        if not n:
+            raise DataError(f"{name}: cannot decode video ({type(e).__name__}: {e})") from e
+        error = e
+    if wanted is not None:
+        if len(kept) < len(needed):
+            why = f": {type(error).__name__}: {error}" if error else ""
+            raise TruncatedClip(f"{name}: truncated: {n} of {expected} frames decoded{why}")
+        return np.stack([kept[i] for i in wanted.tolist()])
+    if error is not None or (expected and n < expected and len(picks) < num_frames):
+        why = f" ({type(error).__name__}: {error})" if error else ""
+        raise TruncatedClip(f"{name}: truncated: {n} of {expected or 'an unknown number of'} frames decoded{why}")
+    if last is None:
+        raise DataError(f"{name}: no frames could be decoded")
+    if want is not None and len(picks) < num_frames and want[len(picks)] <= last[1] + 1e-6:
+        picks.append(convert(last[0]))  # a sample time within rounding of the last frame
+    return np.stack(picks)
 
 
 # ---------------------------------------------------------------- feature cache
@@ -108,11 +161,13 @@ class FeatureCache:
 
     def __init__(self, root: str, encoder: str, sampling: str):
         self.dir = f"{absolute(root).rstrip('/')}/{encoder}/{sampling}" if root else ""
+        self.error = ""  # why the last get() could not read an entry that is there
 
     def _path(self, content_hash: str) -> str:
         return f"{self.dir}/{content_hash[:2]}/{content_hash}.parquet"
 
     def get(self, content_hash: str) -> np.ndarray | None:
+        self.error = ""
         if not self.dir:
             return None
         fs, p = fsspec.core.url_to_fs(self._path(content_hash))
@@ -122,7 +177,8 @@ class FeatureCache:
             with fs.open(p, "rb") as f:
                 row = pq.read_table(f).to_pylist()[0]
             return np.frombuffer(row["data"], dtype=row["dtype"]).reshape(row["shape"])
-        except Exception:  # noqa: BLE001 - a damaged cache entry is a miss, recomputed and rewritten
+        except Exception as e:  # noqa: BLE001 - a damaged entry is a miss: recomputed, rewritten, counted
+            self.error = f"{self._path(content_hash)}: {type(e).__name__}: {e}"
             return None
 
     def put(self, content_hash: str, array: np.ndarray) -> None:
@@ -159,21 +215,29 @@ def _field(obj: Any, key: str, where: str, path: str) -> str:
     return str(obj[key])
 
 
-def read_msrvtt(path: str, split_names: dict[str, str]) -> tuple[dict[str, str], list[tuple[str, str, str]]]:
-    """-> ({video_id: split}, [(video_id, caption, where)]); split names mapped to train/val/test."""
+def read_msrvtt(path: str, split_names: dict[str, str]) -> tuple[dict[str, str], list[tuple[str, str, str]], dict[str, str]]:
+    """-> ({video_id: split}, [(video_id, caption, where)], {video_id: why} for videos listed
+    in two splits); split names mapped to train/val/test."""
     ann = _load_json(path)
     if not isinstance(ann, dict) or not isinstance(ann.get("videos"), list) or not isinstance(ann.get("sentences"), list):
         raise DataError(f"{path}: expected an object with 'videos' and 'sentences' lists (MSR-VTT layout)")
     splits: dict[str, str] = {}
+    first: dict[str, int] = {}
+    conflicts: dict[str, str] = {}
     for i, v in enumerate(ann["videos"]):
         vid, raw = _field(v, "video_id", f"videos[{i}]", path), _field(v, "split", f"videos[{i}]", path)
         if raw not in split_names:
             raise DataError(f"{path}: videos[{i}] ({vid}) has split '{raw}'; expected one of {sorted(split_names)} "
                             "(set data.train_split / data.val_split / data.test_split)")
+        if vid in splits and splits[vid] != split_names[raw]:
+            conflicts.setdefault(vid, f"{path}: videos[{i}]: video '{vid}' is listed in split '{raw}' and, at "
+                                      f"videos[{first[vid]}], in another split")
+            continue
         splits[vid] = split_names[raw]
+        first.setdefault(vid, i)
     caps = [(_field(s, "video_id", f"sentences[{i}]", path), _field(s, "caption", f"sentences[{i}]", path),
              f"{path}: sentences[{i}]") for i, s in enumerate(ann["sentences"])]
-    return splits, caps
+    return splits, caps, conflicts
 
 
 def read_msvd_captions(path: str, skip: bool, dropped: dict[str, int]) -> list[tuple[str, str, str]]:
@@ -208,41 +272,69 @@ def _hash_split(video_id: str, cfg: Any) -> str:
     return "test" if u < cfg.test_fraction else "val" if u < cfg.test_fraction + cfg.val_fraction else "train"
 
 
-def _msvd_splits(root: str, ids: list[str], cfg: Any) -> dict[str, str]:
+def _msvd_splits(root: str, ids: list[str], cfg: Any) -> tuple[dict[str, str], dict[str, str]]:
+    """({video_id: split}, {video_id: why} for videos listed in two split files)."""
     names = {"train": cfg.train_split, "val": cfg.val_split, "test": cfg.test_split}
     files = {s: f"{root}/{n}.txt" for s, n in names.items() if n}
     fs = fsspec.core.url_to_fs(root)[0]
     if len(files) == 3 and all(fs.exists(fsspec.core.url_to_fs(p)[1]) for p in files.values()):
         splits: dict[str, str] = {}
+        where: dict[str, str] = {}
+        conflicts: dict[str, str] = {}
         for split, path in files.items():
-            for vid in fs.cat_file(fsspec.core.url_to_fs(path)[1]).decode("utf-8-sig").split():
-                splits.setdefault(vid, split)
-        return splits
-    return {vid: _hash_split(vid, cfg) for vid in ids}
+            lines = fs.cat_file(fsspec.core.url_to_fs(path)[1]).decode("utf-8-sig").splitlines()
+            for n, line in enumerate(lines, 1):
+                for vid in line.split():
+                    if vid in splits and splits[vid] != split:
+                        conflicts.setdefault(vid, f"{path}:{n}: video '{vid}' is also listed in {where[vid]}")
+                    elif vid not in splits:
+                        splits[vid], where[vid] = split, f"{path}:{n}"
+        for vid in conflicts:
+            del splits[vid]
+        return splits, conflicts
+    return {vid: _hash_split(vid, cfg) for vid in ids}, {}
 
 
-def _find_clips(videos_dir: str) -> dict[str, str]:
+def _find_clips(videos_dir: str) -> dict[str, list[str]]:
+    """{video_id: [clip paths]}, sorted; more than one path is a duplicate id."""
     fs, p = fsspec.core.url_to_fs(videos_dir)
     if not fs.isdir(p):
         raise DataError(f"videos folder {videos_dir} does not exist")
     protocol = videos_dir.split("://", 1)[0] + "://" if "://" in videos_dir else ""
-    clips = {}
+    clips: dict[str, list[str]] = {}
     for f in sorted(fs.find(p)):
         base = f.rsplit("/", 1)[-1]
         stem, ext = os.path.splitext(base)
         if ext.lower() in VIDEO_EXTENSIONS:
-            clips.setdefault(stem, f if f.startswith(protocol) else protocol + f)
+            clips.setdefault(stem, []).append(f if f.startswith(protocol) else protocol + f)
     return clips
 
 
-def _feature_files(cfg: Any) -> dict[str, str]:
-    out = {}
+def _feature_files(cfg: Any, skip: bool, errors: list[str]) -> dict[str, list[str]]:
+    """{video_id: [where]} over the feature files; a Parquet file's video ids are read here
+    (one column), so duplicates and missing videos are known before any features are."""
+    out: dict[str, list[str]] = {}
     for path in expand(cfg.files):
-        stem = os.path.basename(path).split(".")[0]
         if path.endswith(".npy"):
-            out[stem] = path
+            out.setdefault(os.path.basename(path).split(".")[0], []).append(path)
         elif path.endswith(".parquet"):
-            out[f"parquet:{path}"] = path
+            try:
+                with fsspec.open(path, "rb") as f:
+                    pf = pq.ParquetFile(f)
+                    if not {"video_id", "features"} <= set(pf.schema_arrow.names):
+                        raise DataError(f"{path}: feature Parquet needs columns video_id and features; it has "
+                                        f"{pf.schema_arrow.names}")
+                    ids = pf.read(columns=["video_id"]).column("video_id").to_pylist()
+            except DataError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                err = DataError(f"{path}: cannot read features ({type(e).__name__}: {e})")
+                if not skip:
+                    raise err from e
+                errors.append(str(err))  # its videos are then missing, and counted so
+                continue
+            for row, vid in enumerate(ids):
+                out.setdefault(str(vid), []).append(f"{path}#{row}")
         else:
             raise DataError(f"{path}: feature files must be .npy (one per video) or .parquet (video_id, features)")
     return out
@@ -251,8 +343,11 @@ def _feature_files(cfg: Any) -> dict[str, str]:
 def list_corpus(cfg: Any) -> dict[str, Any]:
     """Clips (or feature files), their splits and raw captions, with drop counts so far.
 
-    Returns {"sources": {video_id or parquet:path: path}, "splits": {video_id: split},
-    "captions": {video_id: [caption, ...]}, "dropped": {reason: captions}, "captions_read": n}.
+    Returns {"sources": {video_id: path}, "source_rows": {video_id: path or path#row},
+    "splits": {video_id: split}, "captions": {video_id: [caption, ...]}, "dropped": {reason:
+    captions}, "captions_read": n, "missing_videos": [...], "videos_dropped": {reason: videos},
+    "videos_read": n, "errors": [...]}. Every video id met (listed, or with a clip or features)
+    is read once, plus once per extra copy; each is then kept or dropped for one reason.
     """
     skip = cfg.on_bad_rows == "skip"
     root = absolute(cfg.root).rstrip("/")
@@ -260,45 +355,91 @@ def list_corpus(cfg: Any) -> dict[str, Any]:
     if cfg.name != "video_features" and not fs.exists(p):
         raise DataError(f"data.root '{cfg.root}' does not exist")
     dropped: dict[str, int] = {}
+    vdropped: dict[str, int] = {}
+    errors: list[str] = []
+
+    def drop(counts: dict[str, int], reason: str, n: int = 1) -> None:
+        counts[reason] = counts.get(reason, 0) + n
+
     ann = absolute(cfg.captions_file) if cfg.captions_file else ""
+    conflicts: dict[str, str] = {}
     if cfg.name in ("msrvtt", "demo_video") or (cfg.name == "video_features" and ann.endswith(".json")):
         names = {cfg.train_split: "train", cfg.val_split: "val", cfg.test_split: "test"}
-        splits, caps = read_msrvtt(ann or f"{root}/train_val_videodatainfo.json", {k: v for k, v in names.items() if k})
+        splits, caps, conflicts = read_msrvtt(ann or f"{root}/train_val_videodatainfo.json",
+                                              {k: v for k, v in names.items() if k})
+        for vid in conflicts:
+            del splits[vid]
     else:
         caps = read_msvd_captions(ann or f"{root}/captions.txt", skip, dropped)
         splits = {}
     captions_read = len(caps) + sum(dropped.values())  # lines dropped while reading are not in caps
     if cfg.name == "video_features":
-        sources = _feature_files(cfg)
+        found = _feature_files(cfg, skip, errors)
     else:
-        sources = _find_clips(absolute(cfg.videos_dir) if cfg.videos_dir else f"{root}/videos")
+        found = _find_clips(absolute(cfg.videos_dir) if cfg.videos_dir else f"{root}/videos")
     if cfg.name == "msvd" or (cfg.name == "video_features" and not splits):
         ids = sorted({v for v, _, _ in caps})
-        splits = _msvd_splits(root, ids, cfg) if cfg.name == "msvd" else {v: _hash_split(v, cfg) for v in ids}
-    parquet_sources = any(k.startswith("parquet:") for k in sources)
-    missing = sorted(v for v in splits if v not in sources and not parquet_sources)
+        if cfg.name == "msvd":
+            splits, conflicts = _msvd_splits(root, ids, cfg)
+        else:
+            splits = {v: _hash_split(v, cfg) for v in ids}
+    if conflicts:
+        vid, why = next(iter(conflicts.items()))
+        if not skip:
+            raise DataError(f"{why}; a video belongs to one split (set data.on_bad_rows=skip to drop the "
+                            f"{len(conflicts)} such video(s))")
+        drop(vdropped, "conflicting_split", len(conflicts))
+    dups = {vid: where for vid, where in found.items() if len(where) > 1}
+    if dups:
+        vid, where = next(iter(sorted(dups.items())))
+        if not skip:
+            raise DataError(f"video id '{vid}' has {len(where)} clips or feature rows: {', '.join(where[:3])} "
+                            f"({len(dups)} such id(s)); set data.on_bad_rows=skip to keep the first of each")
+        # The first in path order is kept, the other copies counted: which copy the captions
+        # describe is unknown, and this choice is at least the same on every run.
+        drop(vdropped, "duplicate_video", sum(len(w) - 1 for w in dups.values()))
+    source_rows = {vid: where[0] for vid, where in found.items() if vid not in conflicts}
+    sources = {vid: where.split("#", 1)[0] for vid, where in source_rows.items()}
+    missing = sorted(v for v in splits if v not in sources)
     if missing and not skip:
         where = "data.files" if cfg.name == "video_features" else (cfg.videos_dir or root + "/videos")
         raise DataError(f"{len(missing)} video(s) with captions have no clip or feature file, e.g. '{missing[0]}' "
                         f"(looked in {where}); set data.on_bad_rows=skip to drop them")
+    if missing:
+        drop(vdropped, "missing_video", len(missing))
+    not_listed = [v for v in sources if v not in splits]
+    if not_listed:  # a clip or feature row that no annotation names: read, never used
+        drop(vdropped, "not_listed", len(not_listed))
     captions: dict[str, list[str]] = {}
+    missing_set = set(missing)
     for vid, caption, where in caps:
-        if vid not in splits:
+        if vid in conflicts:
+            drop(dropped, "conflicting_split")
+        elif vid not in splits:
             if not skip:
                 raise DataError(f"{where}: caption for video '{vid}', which is not listed in the corpus's videos")
-            dropped["caption_unknown_video"] = dropped.get("caption_unknown_video", 0) + 1
-        elif vid in missing:
-            dropped["missing_video"] = dropped.get("missing_video", 0) + 1
+            drop(dropped, "caption_unknown_video")
+        elif vid in missing_set:
+            drop(dropped, "missing_video")
+        elif len(captions.get(vid, ())) >= MAX_CAPTIONS_PER_VIDEO:
+            if not skip:
+                raise DataError(f"{where}: video '{vid}' has more than {MAX_CAPTIONS_PER_VIDEO} captions (training "
+                                f"numbers each (video, caption) pair as video id * {MAX_CAPTIONS_PER_VIDEO} + caption "
+                                "index); set data.on_bad_rows=skip to keep the first ones")
+            drop(dropped, "too_many_captions")
         else:
             captions.setdefault(vid, []).append(caption)
-    return {"sources": sources, "splits": splits, "captions": captions, "dropped": dropped,
-            "captions_read": captions_read, "missing_videos": missing}
+    known = set(splits) | set(sources) | set(conflicts)
+    return {"sources": sources, "source_rows": source_rows, "splits": splits, "captions": captions,
+            "dropped": dropped, "captions_read": captions_read, "missing_videos": missing,
+            "videos_dropped": vdropped, "videos_read": len(known) + vdropped.get("duplicate_video", 0),
+            "errors": errors}
 
 
 # ---------------------------------------------------------------- Ray Data UDFs
 
-def _error_row(vid: str, path: str, err: str) -> dict[str, Any]:
-    return {"video_id": vid, "path": path, "data": b"", "shape": [], "dtype": "", "reason": "bad_video",
+def _error_row(vid: str, path: str, err: str, reason: str = "bad_video") -> dict[str, Any]:
+    return {"video_id": vid, "path": path, "data": b"", "shape": [], "dtype": "", "reason": reason,
             "error": err, "cache_hit": False}
 
 
@@ -314,16 +455,18 @@ def decode_clips(batch: dict[str, np.ndarray], params: dict[str, Any]) -> pa.Tab
         if cached is not None:
             rows.append(_clip_row(vid, path, cached, True))
             continue
+        cache_error = cache.error
         try:
             frames = decode_clip(data, params["num_frames"], params["frame_size"], params["fps"], path)
         except DataError as e:
             if not params["skip"]:
                 raise
-            rows.append(_error_row(vid, path, str(e)))
+            rows.append({**_error_row(vid, path, str(e), "truncated_video" if isinstance(e, TruncatedClip)
+                                      else "bad_video"), "cache_error": cache_error})
             continue
         if params["encoder"] == "frames":
             cache.put(h, frames)
-        rows.append({**_clip_row(vid, path, frames, False), "content_hash": h})
+        rows.append({**_clip_row(vid, path, frames, False), "content_hash": h, "cache_error": cache_error})
     return _table(rows)
 
 
@@ -332,9 +475,9 @@ def _clip_row(vid: str, path: str, arr: np.ndarray, hit: bool) -> dict[str, Any]
             "reason": "", "error": "", "cache_hit": hit}
 
 def _table(rows: list[dict[str, Any]]) -> pa.Table:
-    cols = ["video_id", "path", "data", "shape", "dtype", "reason", "error", "cache_hit", "content_hash"]
+    cols = ["video_id", "path", "data", "shape", "dtype", "reason", "error", "cache_hit", "content_hash", "cache_error"]
     types = [pa.string(), pa.string(), pa.binary(), pa.list_(pa.int32()), pa.string(), pa.string(), pa.string(),
-             pa.bool_(), pa.string()]
+             pa.bool_(), pa.string(), pa.string()]
     return pa.table({c: pa.array([r.get(c, "") for r in rows], type=t) for c, t in zip(cols, types)})
 
 
@@ -376,31 +519,39 @@ class FrozenBackbone:
         return _table(rows)
 
 
-def load_feature_files(batch: dict[str, np.ndarray], skip: bool) -> pa.Table:
-    """map_batches UDF over feature files: .npy (one video) or Parquet (video_id, features)."""
+def load_feature_files(batch: dict[str, np.ndarray], skip: bool, wanted: dict[str, str]) -> pa.Table:
+    """map_batches UDF over feature files: .npy (one video) or Parquet (video_id, features).
+
+    ``wanted`` maps each captioned video to the file (``path``, or ``path#row`` for Parquet)
+    whose features it takes; other rows (duplicates, videos without captions) were counted
+    on the driver and are not loaded."""
     rows = []
     for path in batch["path"]:
         fs, p = fsspec.core.url_to_fs(path)
+        if path.endswith(".npy"):
+            vids = [os.path.basename(path).split(".")[0]]
+        else:
+            vids = [v for v, where in wanted.items() if where.split("#", 1)[0] == path]
         try:
             with fs.open(p, "rb") as f:
                 raw = f.read()
             if path.endswith(".npy"):
-                items = [(os.path.basename(path).split(".")[0], np.load(io.BytesIO(raw), allow_pickle=False))]
+                items = [(vids[0], np.load(io.BytesIO(raw), allow_pickle=False))]
             else:
-                table = pq.read_table(io.BytesIO(raw))
-                if not {"video_id", "features"} <= set(table.column_names):
-                    raise DataError(f"{path}: feature Parquet needs columns video_id and features; it has {table.column_names}")
+                table = pq.read_table(io.BytesIO(raw), columns=["video_id", "features"])
                 items = [(str(v), np.asarray([np.asarray(x, dtype=np.float32) for x in f]))
-                         for v, f in zip(table.column("video_id").to_pylist(), table.column("features").to_pylist())]
-        except DataError:
-            raise
+                         for r, (v, f) in enumerate(zip(table.column("video_id").to_pylist(),
+                                                        table.column("features").to_pylist()))
+                         if wanted.get(str(v)) == f"{path}#{r}"]
         except Exception as e:  # noqa: BLE001
             err = DataError(f"{path}: cannot read features ({type(e).__name__}: {e})")
             if not skip:
                 raise err from e
-            rows.append(_error_row(os.path.basename(path).split(".")[0], path, str(err)))
+            rows += [_error_row(vid, path, str(err)) for vid in vids if vid in wanted]
             continue
         for vid, arr in items:
+            if vid not in wanted:
+                continue
             if arr.ndim != 2 or not arr.size or not np.isfinite(arr).all():
                 err = DataError(f"{path}: features of '{vid}' must be a finite (frames, dims) array, got shape {arr.shape}")
                 if not skip:
@@ -414,7 +565,8 @@ def load_feature_files(batch: dict[str, np.ndarray], skip: bool) -> pa.Table:
 def attach_captions(batch: dict[str, np.ndarray], meta: dict[str, Any]) -> pa.Table:
     """Join the decoded rows with split, id and encoded captions (a dict shipped with the task)."""
     out: dict[str, list] = {k: [] for k in ("id", "video_id", "split", "path", "data", "shape", "dtype", "src_len",
-                                            "captions", "caption_ids", "reason", "error", "cache_hit", "n_captions")}
+                                            "captions", "caption_ids", "reason", "error", "cache_hit", "n_captions",
+                                            "cache_error")}
     for i, vid in enumerate(batch["video_id"]):
         m = meta.get(vid)
         reason = str(batch["reason"][i])
@@ -436,6 +588,7 @@ def attach_captions(batch: dict[str, np.ndarray], meta: dict[str, Any]) -> pa.Ta
         out["error"].append(batch["error"][i])
         out["cache_hit"].append(bool(batch["cache_hit"][i]))
         out["n_captions"].append(len(m["captions"]))
+        out["cache_error"].append(batch["cache_error"][i] if "cache_error" in batch else "")
     return pa.table({
         "id": pa.array(out["id"], pa.int64()), "video_id": pa.array(out["video_id"], pa.string()),
         "split": pa.array(out["split"], pa.string()), "path": pa.array(out["path"], pa.string()),
@@ -445,6 +598,7 @@ def attach_captions(batch: dict[str, np.ndarray], meta: dict[str, Any]) -> pa.Ta
         "caption_ids": pa.array(out["caption_ids"], pa.list_(pa.list_(pa.int32()))),
         "reason": pa.array(out["reason"], pa.string()), "error": pa.array(out["error"], pa.string()),
         "cache_hit": pa.array(out["cache_hit"], pa.bool_()), "n_captions": pa.array(out["n_captions"], pa.int32()),
+        "cache_error": pa.array(out["cache_error"], pa.string()),
     })
 
 

@@ -4,7 +4,9 @@ list clips and captions (driver: annotation files are small) -> clean captions, 
 caption tokenizer on the training split, encode, filter by length -> Ray Data: read clip
 bytes, decode + sample frames with PyAV in ``map_batches`` (or load precomputed features),
 frozen backbone on an actor pool when asked, feature cache -> one row per video with all of
-its encoded captions -> ``{train,val,test}/*.parquet`` + ``manifest.json``.
+its encoded captions -> ``{train,val,test}/*.parquet`` + ``manifest.json``, in one streaming
+pass: a sink writes each block's kept videos and returns the counts, so no decoded clip waits
+in the object store. Built in a staging folder and published whole, as text (``output.py``).
 
 Counts: captions are the rows (read = kept + dropped, per reason and split); videos are
 counted the same way under ``videos``, and the cache's hits and misses under ``cache``.
@@ -13,6 +15,7 @@ counted the same way under ``videos``, and the cache's hits and misses under ``c
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import asdict
 from typing import Any
 
@@ -22,27 +25,54 @@ import ray
 from ..config import DataConfig, config_hash
 from ..tracking import redact  # printed lines and the manifest: paths may be URIs with credentials
 from . import tokenizer as toklib
-from .preprocess import SPLITS, output_dir, read_manifest, tokenizer_info, write_manifest, write_tokenizers
+from .output import demo_folder, reuse_or_build
+from .preprocess import (
+    SPLITS,
+    SplitSink,
+    check_manifest,
+    output_dir,
+    report_done,
+    tokenizer_info,
+    write_split_shards,
+    write_tokenizers,
+)
 from .readers import DataError, absolute
-from .video import (FrozenBackbone, attach_captions, decode_clips, encoder_key, list_corpus, load_feature_files,
-                    sampling_key)
+from .video import (
+    FrozenBackbone,
+    attach_captions,
+    decode_clips,
+    encoder_key,
+    list_corpus,
+    load_feature_files,
+    sampling_key,
+)
 
 VIDEO_COLUMNS = ["id", "video_id", "path", "data", "shape", "dtype", "src_len", "captions", "caption_ids"]
 MAX_ERRORS_KEPT = 20  # error messages of dropped clips kept in the manifest
 
 
 def ensure_demo_video(cfg: DataConfig) -> None:
-    """data=demo_video: generate the embedded corpus (real mp4 clips) under data.root once."""
+    """data=demo_video: generate the embedded corpus (real mp4 clips) under data.root once,
+    into a folder the generator owns: never over a user's clips or next to their captions."""
     if cfg.name != "demo_video":
         return
-    fs, root = fsspec.core.url_to_fs(absolute(cfg.root))
-    if fs.exists(f"{root}/train_val_videodatainfo.json"):
-        return
-    from .synthetic_video import write_demo_video
+    root = absolute(cfg.root)
+    fs, p = fsspec.core.url_to_fs(root)
+    refuse = ""
+    if cfg.captions_file or cfg.videos_dir:
+        refuse = (f"data.{'captions_file' if cfg.captions_file else 'videos_dir'} is set, so this is a corpus of "
+                  "your own: use data=msrvtt (or msvd, video_features) for it")
 
-    n_eval = max(50, cfg.demo_size // 12)
-    print(f"[preprocess] generating the demo video corpus ({cfg.demo_size} training clips) in {redact(cfg.root)}", flush=True)
-    write_demo_video(absolute(cfg.root), n_train=cfg.demo_size, n_val=n_eval, n_test=n_eval, seed=1234)
+    def generate() -> None:
+        from .synthetic_video import write_demo_video
+
+        n_eval = max(50, cfg.demo_size // 12)
+        print(f"[preprocess] generating the demo video corpus ({cfg.demo_size} training clips) in {redact(cfg.root)}",
+              flush=True)
+        write_demo_video(root, n_train=cfg.demo_size, n_val=n_eval, n_test=n_eval, seed=1234)
+
+    # The annotation file is written after every clip: with it there, the corpus is whole.
+    demo_folder(root, lambda: fs.exists(f"{p}/train_val_videodatainfo.json"), generate, "data=demo_video", refuse)
 
 
 def _fingerprint(cfg: DataConfig, corpus: dict[str, Any]) -> list[dict[str, Any]]:
@@ -105,9 +135,10 @@ def _encode_captions(cfg: DataConfig, corpus: dict[str, Any], dropped: dict[str,
 def _clips_dataset(cfg: DataConfig, corpus: dict[str, Any], meta: dict[str, Any]) -> "ray.data.Dataset":
     skip = cfg.on_bad_rows == "skip"
     if cfg.name == "video_features":
-        files = sorted(set(corpus["sources"].values()))
+        wanted = {vid: corpus["source_rows"][vid] for vid in meta}
+        files = sorted({w.split("#", 1)[0] for w in wanted.values()})
         return ray.data.from_items([{"path": p} for p in files], override_num_blocks=min(len(files), 64)).map_batches(
-            load_feature_files, fn_kwargs={"skip": skip}, batch_size=1, batch_format="numpy")
+            load_feature_files, fn_kwargs={"skip": skip, "wanted": wanted}, batch_size=1, batch_format="numpy")
     paths = [corpus["sources"][vid] for vid in sorted(meta)]
     params = {"num_frames": cfg.num_frames, "frame_size": cfg.frame_size, "fps": cfg.fps, "skip": skip,
               "cache_root": cfg.feature_cache, "encoder": encoder_key(cfg), "sampling": sampling_key(cfg)}
@@ -123,71 +154,114 @@ def _clips_dataset(cfg: DataConfig, corpus: dict[str, Any], meta: dict[str, Any]
     return ds
 
 
+class VideoSink(SplitSink):
+    """The video rows' writer: each block's kept videos to ``{out}/{split}/`` (as the text sink
+    does), returning what the manifest needs: videos and captions per (split, reason), cache
+    hits and read errors, the first error messages, the ids seen and one kept row's shape."""
+
+    def write(self, blocks: Any, ctx: Any) -> dict[str, Any]:
+        from ray.data.block import BlockAccessor
+
+        res: dict[str, Any] = {"videos": Counter(), "captions": Counter(), "hits": 0, "rows": 0, "errors": [],
+                               "cache_errors": [], "n_cache_errors": 0, "seen": [], "first": None}
+        for block in blocks:
+            table = BlockAccessor.for_block(block).to_arrow()
+            if not table.num_rows:
+                continue
+            stats = table.select(["video_id", "split", "reason", "error", "cache_hit", "n_captions", "cache_error",
+                                  "shape", "dtype"]).to_pylist()
+            for r in stats:
+                key = (r["split"], r["reason"] or "kept")
+                res["videos"][key] += 1
+                res["captions"][key] += int(r["n_captions"])
+                res["hits"] += bool(r["cache_hit"])
+                res["rows"] += 1
+                res["seen"].append(r["video_id"])
+                if r["reason"] and len(res["errors"]) < MAX_ERRORS_KEPT:
+                    res["errors"].append(r["error"])
+                if r["cache_error"]:
+                    res["n_cache_errors"] += 1
+                    if len(res["cache_errors"]) < MAX_ERRORS_KEPT:
+                        res["cache_errors"].append(r["cache_error"])
+                if not r["reason"] and res["first"] is None:
+                    res["first"] = {"shape": [int(x) for x in r["shape"]], "dtype": r["dtype"]}
+            write_split_shards(self.out, table, VIDEO_COLUMNS)
+        return res
+
+    def on_write_complete(self, write_result: Any) -> None:
+        total: dict[str, Any] = {"videos": Counter(), "captions": Counter(), "hits": 0, "rows": 0, "errors": [],
+                                 "cache_errors": [], "n_cache_errors": 0, "seen": [], "first": None}
+        for r in write_result.write_returns:
+            for k in ("videos", "captions"):
+                total[k] += r[k]
+            for k in ("hits", "rows", "n_cache_errors"):
+                total[k] += r[k]
+            for k in ("errors", "cache_errors", "seen"):
+                total[k] += r[k]
+            total["first"] = total["first"] or r["first"]
+        total["errors"], total["cache_errors"] = total["errors"][:MAX_ERRORS_KEPT], total["cache_errors"][:MAX_ERRORS_KEPT]
+        self.result = total
+
+
 def preprocess_video(cfg: DataConfig, force: bool = False) -> tuple[str, dict[str, Any]]:
     t0 = time.time()
     ensure_demo_video(cfg)
     corpus = list_corpus(cfg)
     out = output_dir(cfg, _fingerprint(cfg, corpus))
-    manifest = None if force else read_manifest(out)
-    if manifest is not None:
+    manifest, built = reuse_or_build(out, force, lambda staging: _build(cfg, corpus, staging, t0))
+    if built:
+        report_done(out, manifest)
+    else:
         print(f"[preprocess] reusing {redact(out)} ({manifest['videos']['kept']} videos, {manifest['rows_kept']} captions)",
               flush=True)
-        return out, manifest
+    return out, manifest
+
+
+def _build(cfg: DataConfig, corpus: dict[str, Any], out: str, t0: float) -> dict[str, Any]:
+    """Decode and write the videos under ``out`` (a staging folder) in one streaming pass;
+    returns the manifest."""
     n_videos = len(corpus["splits"])
     print(f"[preprocess] {n_videos} videos, {corpus['captions_read']} captions -> {redact(out)}", flush=True)
     dropped: dict[str, dict[str, int]] = {s: {} for s in SPLITS}
     dropped["train"].update(corpus["dropped"])  # captions not tied to a split (unknown videos, bad lines)
     tok_json, meta = _encode_captions(cfg, corpus, dropped)
-    vdropped: dict[str, int] = {}
-    if corpus["missing_videos"]:
-        vdropped["missing_video"] = len(corpus["missing_videos"])
+    vdropped: dict[str, int] = dict(corpus["videos_dropped"])
     no_caps = [v for v in corpus["splits"] if v not in meta and v not in corpus["missing_videos"]]
     if no_caps:
         vdropped["no_captions"] = len(no_caps)
 
     print(f"[preprocess] decoding {len(meta)} clips ({cfg.num_frames} frames at {cfg.frame_size}px, "
           f"encoder {cfg.frame_encoder}) on Ray Data", flush=True)
-    rows = _clips_dataset(cfg, corpus, meta).map_batches(
-        attach_captions, fn_kwargs={"meta": meta}, batch_size=64, batch_format="numpy").materialize()
-    stats = rows.select_columns(["video_id", "split", "reason", "error", "cache_hit", "n_captions"]).take_all()
-    seen = {r["video_id"] for r in stats}
-    errors = [r["error"] for r in stats if r["reason"] == "bad_video"][:MAX_ERRORS_KEPT]
+    sink = VideoSink(out)
+    (_clips_dataset(cfg, corpus, meta)
+     .map_batches(attach_captions, fn_kwargs={"meta": meta}, batch_size=64, batch_format="numpy")
+     .write_datasink(sink))
+    res = sink.result
+    errors = (corpus["errors"] + res["errors"])[:MAX_ERRORS_KEPT]
     kept_caps = {s: 0 for s in SPLITS}
     kept_videos = {s: 0 for s in SPLITS}
-    for r in stats:
-        if r["reason"]:
-            vdropped[r["reason"]] = vdropped.get(r["reason"], 0) + 1
-            if r["split"]:
-                dropped[r["split"]][r["reason"]] = dropped[r["split"]].get(r["reason"], 0) + int(r["n_captions"])
+    for (split, reason), n in res["videos"].items():
+        if reason == "kept":
+            kept_videos[split] += n
+            kept_caps[split] += res["captions"][split, reason]
         else:
-            kept_caps[r["split"]] += int(r["n_captions"])
-            kept_videos[r["split"]] += 1
-    unseen = sorted(set(meta) - seen)  # Parquet features that never named a captioned video
+            vdropped[reason] = vdropped.get(reason, 0) + n
+            if split:
+                dropped[split][reason] = dropped[split].get(reason, 0) + res["captions"][split, reason]
+    seen = set(res["seen"])
+    if len(seen) != len(res["seen"]):  # ids are unique by list_corpus; a repeat here would be kept twice
+        raise AssertionError(f"a video id came through the pipeline twice ({len(res['seen'])} rows, {len(seen)} ids)")
+    unseen = sorted(set(meta) - seen)
     if unseen:
-        if cfg.on_bad_rows != "skip":
-            raise DataError(f"{len(unseen)} captioned video(s) have no features in data.files, e.g. '{unseen[0]}'")
-        vdropped["missing_video"] = vdropped.get("missing_video", 0) + len(unseen)
-        for vid in unseen:
-            m = meta[vid]
-            dropped[m["split"]]["missing_video"] = dropped[m["split"]].get("missing_video", 0) + len(m["captions"])
-
-    fs, root = fsspec.core.url_to_fs(out)
-    fs.makedirs(root, exist_ok=True)
-    from ray.data.expressions import col
-
-    for split in SPLITS:
-        if kept_videos[split]:
-            (rows.filter(expr=(col("reason") == "") & (col("split") == split)).select_columns(VIDEO_COLUMNS)
-             .write_parquet(f"{out}/{split}"))
+        raise AssertionError(f"{len(unseen)} captioned video(s) never came through the pipeline, e.g. '{unseen[0]}'")
     write_tokenizers(out, tok_json, tok_json)
-    first = next((r for r in rows.filter(expr=col("reason") == "").select_columns(["shape", "dtype"]).take(1)), None)
+    first = res["first"]
     if first is None:
         raise DataError(f"no clip of {cfg.root or cfg.files} could be used ({vdropped}); first errors: {errors[:3]}")
     dropped_all: dict[str, int] = {}
     for per in dropped.values():
         for reason, n in per.items():
             dropped_all[reason] = dropped_all.get(reason, 0) + n
-    hits = sum(1 for r in stats if r["cache_hit"])
     manifest = {
         "format": 1,
         "task": "video",
@@ -197,11 +271,15 @@ def preprocess_video(cfg: DataConfig, force: bool = False) -> tuple[str, dict[st
         "rows_kept": sum(kept_caps.values()),
         "dropped": dropped_all,
         "splits": {s: {"kept": kept_caps[s], "videos": kept_videos[s], "dropped": dropped[s]} for s in SPLITS},
-        "videos": {"read": n_videos + len([v for v in seen if v not in corpus["splits"]]),
-                   "kept": sum(kept_videos.values()), "dropped": vdropped, "errors": errors},
-        "cache": {"hits": hits, "misses": len(stats) - hits, "dir": redact(cfg.feature_cache)},
+        "videos": {"read": corpus["videos_read"], "kept": sum(kept_videos.values()), "dropped": vdropped,
+                   "errors": errors},
+        # A cache entry that cannot be read is recomputed (the cache is derived data: the clip
+        # is fine) and rewritten; counted here, with the first entries named.
+        "cache": {"hits": res["hits"], "misses": res["rows"] - res["hits"], "dir": redact(cfg.feature_cache),
+                  **({"errors": res["n_cache_errors"], "error_files": res["cache_errors"]}
+                     if res["n_cache_errors"] else {})},
         "video": {"kind": "frames" if first["dtype"] == "uint8" else "features",
-                  "shape": [int(x) for x in first["shape"]], "num_frames": cfg.num_frames, "fps": cfg.fps,
+                  "shape": first["shape"], "num_frames": cfg.num_frames, "fps": cfg.fps,
                   "frame_size": cfg.frame_size, "encoder": cfg.frame_encoder,
                   "feature_dim": int(first["shape"][-1]) if first["dtype"] != "uint8" else 0},
         "tokenizer": tokenizer_info(cfg, tok_json, tok_json),
@@ -210,6 +288,9 @@ def preprocess_video(cfg: DataConfig, force: bool = False) -> tuple[str, dict[st
     if manifest["rows_read"] != manifest["rows_kept"] + sum(dropped_all.values()):
         raise AssertionError(f"caption counts do not add up: {manifest['rows_read']} read != "
                              f"{manifest['rows_kept']} kept + {dropped_all}")
-    print(f"[preprocess] videos: {manifest['videos']['kept']} kept, dropped {vdropped or 0}; cache hits {hits}/"
-          f"{len(stats)}", flush=True)
-    return out, write_manifest(out, manifest)
+    if manifest["videos"]["read"] != manifest["videos"]["kept"] + sum(vdropped.values()):
+        raise AssertionError(f"video counts do not add up: {manifest['videos']['read']} read != "
+                             f"{manifest['videos']['kept']} kept + {vdropped}")
+    print(f"[preprocess] videos: {manifest['videos']['kept']} kept, dropped {vdropped or 0}; cache hits {res['hits']}/"
+          f"{res['rows']}", flush=True)
+    return check_manifest(manifest)

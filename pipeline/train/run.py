@@ -8,10 +8,12 @@ and the MLflow run with that name is reopened.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,8 @@ def init_ray(min_cpus: int = 1) -> None:
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        with _loopback_node(_loopback_only(address)):
+            ray.init(address=address, log_to_driver=True)
     else:
         # Logical CPUs above the training workers' share leave room for Ray Data's tasks
         # (whole-CPU file listing) and a sweep's trial drivers; without them, workers
@@ -50,8 +53,45 @@ def init_ray(min_cpus: int = 1) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
-def _start_local_ray(num_cpus: int) -> None:
+@contextlib.contextmanager
+def _loopback_node(on: bool) -> Iterator[None]:
+    """Ray's single-node mode while ``ray.init`` runs (see _start_local_ray): the node's
+    address stays 127.0.0.1 instead of being turned into the machine's routable one."""
     from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    if on:
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+def _loopback_only(address: str) -> bool:
+    """A RAY_ADDRESS on loopback whose GCS answers there but not on the machine's routable
+    address: a local Ray that pipeline started (bound to 127.0.0.1). Ray would rewrite the
+    address to the routable one and never reach it. A cluster from ``ray start`` listens on
+    every interface and is joined as Ray does by default."""
+    import socket
+
+    from ray._private.services import node_ip_address_from_perspective
+
+    host, _, port = address.rpartition(":")
+    if host not in ("127.0.0.1", "localhost") or not port.isdigit():
+        return False
+
+    def answers(ip: str) -> bool:
+        try:
+            with socket.create_connection((ip, int(port)), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    return answers("127.0.0.1") and not answers(node_ip_address_from_perspective())
+
+
+def _start_local_ray(num_cpus: int) -> None:
     from ray._private.authentication.authentication_utils import is_token_auth_enabled
 
     from ..cluster import ClusterError
@@ -65,13 +105,9 @@ def _start_local_ray(num_cpus: int) -> None:
     # workers and agents then listen on all interfaces. With "clusters" off, the mode Ray
     # itself uses on macOS and Windows, the node address stays 127.0.0.1 and every process
     # binds there. Off only while this node starts: ray.init reads it, nothing after does.
-    saved = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
+    with _loopback_node(True):
         # The dashboard serves Ray's state API, which Ray Train's cleanup polls; 127.0.0.1 only.
         ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", log_to_driver=True)
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved
     if not is_token_auth_enabled():  # Ray turns it on for a new local cluster; make sure it did
         ray.shutdown()
         raise ClusterError("the local Ray started without token authentication; set RAY_AUTH_MODE=token")

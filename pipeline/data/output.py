@@ -1,0 +1,191 @@
+"""Preprocessing outputs (text and video alike): built whole in a staging folder, made visible
+complete, one builder at a time, and demo corpora generated only into folders they own.
+
+A build writes its shards and tokenizers into ``{out}.staging-{uuid}``; ``publish`` then
+writes ``manifest.json`` (atomically: a temporary name, then a rename) and makes the folder
+visible under ``out``. On a local path that is one ``os.rename`` of the staging folder (an
+old complete output, under ``--force``, is renamed aside first and removed after); on an
+object store the files are copied and the manifest is written last. The manifest marks a
+complete output: ``read_manifest`` trusts a folder only when its manifest is there, parses
+and names this very output, so a folder cut short is never reused.
+
+``reuse_or_build`` holds ``{out}.lock`` (a :class:`pipeline.lock.StorageLock`) around the
+reuse-or-build step, so two ``pipeline preprocess`` of the same output never interleave:
+the second waits, then reuses what the first built. Staging folders left by a crashed run
+are removed by the next build (under the lock nobody else is writing one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import fsspec
+
+from ..lock import StorageLock, describe
+from ..tracking import redact
+from .readers import DataError
+
+MANIFEST = "manifest.json"
+DEMO_MARKER = ".pipeline-demo"  # written by the demo generators in the folders they create
+
+
+def _local(path: str) -> bool:
+    return "://" not in path or path.startswith("file://")
+
+
+def _name(out: str) -> str:
+    return out.rstrip("/").rsplit("/", 1)[-1]
+
+
+def read_manifest(out: str) -> dict[str, Any] | None:
+    """The manifest of a complete output at ``out``, else None (absent, damaged, or written
+    for another output, e.g. by a version that did not mark its outputs)."""
+    fs, p = fsspec.core.url_to_fs(f"{out.rstrip('/')}/{MANIFEST}")
+    try:
+        with fs.open(p, "r") as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return None  # half a file: not complete
+    if not isinstance(manifest, dict) or manifest.get("output") != _name(out):
+        return None
+    return manifest
+
+
+def _write_json_atomic(path: str, obj: Any) -> None:
+    fs, p = fsspec.core.url_to_fs(path)
+    tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    if _local(path):
+        os.replace(tmp, p)
+    else:  # an object store's put is all-or-nothing already; the move keeps one code path
+        fs.mv(tmp, p)
+
+
+def staging_dir(out: str) -> str:
+    return f"{out.rstrip('/')}.staging-{uuid.uuid4().hex[:12]}"
+
+
+def remove_leftovers(out: str) -> list[str]:
+    """Staging (and set-aside) folders of ``out`` left by an interrupted run; call under the lock."""
+    fs, root = fsspec.core.url_to_fs(out.rstrip("/"))
+    found = [p for pattern in (f"{root}.staging-*", f"{root}.old-*") for p in fs.glob(pattern)]
+    for p in found:
+        fs.rm(p, recursive=True)
+    return found
+
+
+def publish(staging: str, out: str, manifest: dict[str, Any]) -> None:
+    """Make the complete staging folder visible as ``out``, the manifest last."""
+    manifest = {**manifest, "output": _name(out)}
+    fs, root = fsspec.core.url_to_fs(out.rstrip("/"))
+    _, stage = fsspec.core.url_to_fs(staging)
+    if _local(out):
+        _write_json_atomic(f"{stage}/{MANIFEST}", manifest)
+        os.makedirs(os.path.dirname(root), exist_ok=True)
+        aside = None
+        if os.path.exists(root):
+            # rename() will not replace a non-empty folder. Between the two renames `out` is
+            # absent: a reader then finds no manifest and, like any builder, waits on the lock
+            # we hold, so it reuses the new output rather than seeing a mix of old and new.
+            aside = f"{root}.old-{uuid.uuid4().hex[:12]}"
+            os.rename(root, aside)
+        os.rename(stage, root)
+        if aside:
+            shutil.rmtree(aside, ignore_errors=True)
+        return
+    if fs.exists(root):  # the manifest goes first, so the old folder reads as incomplete from now on
+        if fs.exists(f"{root}/{MANIFEST}"):
+            fs.rm(f"{root}/{MANIFEST}")
+        fs.rm(root, recursive=True)
+    for f in sorted(fs.find(stage)):
+        fs.makedirs(os.path.dirname(f"{root}/{f[len(stage) + 1:]}"), exist_ok=True)
+        fs.copy(f, f"{root}/{f[len(stage) + 1:]}")
+    _write_json_atomic(f"{out.rstrip('/')}/{MANIFEST}", manifest)
+    fs.rm(stage, recursive=True)
+
+
+def reuse_or_build(out: str, force: bool, build: Callable[[str], dict[str, Any]]) -> tuple[dict[str, Any], bool]:
+    """(manifest, built): the complete output at ``out``, or ``build(staging)``'s, published.
+
+    ``build`` writes shards and tokenizers under the staging folder it is given and returns
+    the manifest. Only one process at a time builds an output; others wait for it."""
+    manifest = None if force else read_manifest(out)
+    if manifest is not None:
+        return manifest, False
+    lock = StorageLock(f"{out.rstrip('/')}.lock", what=f"pipeline preprocess -> {redact(out)}")
+    lock.acquire(wait=True, on_wait=lambda info: print(
+        f"[preprocess] waiting for {redact(out)}: another preprocess is building it ({describe(info) if info else 'lock unreadable'})",
+        flush=True))
+    try:
+        if not force:  # the holder we waited for has built it
+            manifest = read_manifest(out)
+            if manifest is not None:
+                return manifest, False
+        for p in remove_leftovers(out):
+            print(f"[preprocess] removed {redact(p)}, left by an interrupted run", flush=True)
+        staging = staging_dir(out)
+        try:
+            manifest = build(staging)
+            publish(staging, out, manifest)
+        except BaseException:
+            fs, p = fsspec.core.url_to_fs(staging)
+            try:
+                if fs.exists(p):
+                    fs.rm(p, recursive=True)
+            except OSError:
+                pass  # the next build removes it
+            raise
+        return {**manifest, "output": _name(out)}, True
+    finally:
+        lock.release()
+
+
+# ---------------------------------------------------------------- demo corpora
+
+def demo_folder(root: str, complete: Callable[[], bool], generate: Callable[[], None], what: str,
+                refuse: str = "") -> None:
+    """Generate a demo corpus into ``root`` unless it is already there, and only into a folder
+    the generators own: absent, empty, or holding the marker they write.
+
+    ``complete()`` says whether the corpus files are all there (then nothing is written, whoever
+    made them); ``refuse`` is a reason not to generate at all (the config names a user's files)."""
+    marker = f"{root.rstrip('/')}/{DEMO_MARKER}"
+    fs, p = fsspec.core.url_to_fs(root)
+
+    def done() -> bool:
+        if fs.exists(f"{p}/{DEMO_MARKER}"):
+            try:
+                return json.loads(fs.cat_file(f"{p}/{DEMO_MARKER}")).get("complete") is True
+            except (OSError, ValueError):
+                return False
+        return complete()
+
+    if done():
+        return
+    if refuse:
+        raise DataError(f"{what}: not generating a demo corpus into {redact(root)}: {refuse}")
+    with StorageLock(f"{root.rstrip('/')}.lock", what=f"generating {what} in {redact(root)}").acquire(
+            wait=True, on_wait=lambda info: print(f"[preprocess] waiting for {redact(root)}: {describe(info) if info else ''}",
+                                                  flush=True)):
+        if done():  # generated by the process we waited for
+            return
+        if fs.exists(p):
+            entries = sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(p, detail=False))
+            others = [e for e in entries if e != DEMO_MARKER]
+            if others and DEMO_MARKER not in entries:
+                shown = ", ".join(others[:5]) + (f", ... ({len(others)} entries)" if len(others) > 5 else "")
+                raise DataError(f"{what}: {root} is not empty ({shown}) and was not made by the demo generator "
+                                f"(no {DEMO_MARKER}); refusing to write generated files into it. Point data.root at an "
+                                "empty or new folder, or use the reader for your corpus")
+        fs.makedirs(p, exist_ok=True)
+        _write_json_atomic(marker, {"generator": what, "complete": False})  # a crash from here leaves it ours
+        generate()
+        _write_json_atomic(marker, {"generator": what, "complete": True})
