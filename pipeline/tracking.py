@@ -200,7 +200,7 @@ def is_outage(e: BaseException | None) -> bool:
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         if isinstance(e, (requests.ConnectionError, requests.Timeout, requests.exceptions.RetryError,
-                          Urllib3Error, ConnectionError, TimeoutError)):
+                          Urllib3Error, ConnectionError, TimeoutError, TrackingError)):
             return True
         if isinstance(e, requests.HTTPError) and e.response is not None and e.response.status_code >= 500:
             return True
@@ -349,12 +349,20 @@ class RunLogger:
         """Send the queue, head first; False when the server is away (the rest kept)."""
         import time
 
+        probe = self.uri.startswith(("http://", "https://"))
         while True:
             with self._cond:
                 if not self._queue:
                     return True
                 chunk = _next_chunk(self._queue)
             try:
+                if probe:
+                    # One short probe a pass: MLflow's client retries a call to a server that is
+                    # away for minutes (MLFLOW_HTTP_REQUEST_MAX_RETRIES=0 may not be set where this
+                    # runs, e.g. in the workers of a running Ray cluster), and a call still retrying
+                    # at close() would spill records that the returned server could have taken.
+                    probe = False
+                    check_reachable(self.uri, timeout=5.0)
                 self._send(chunk)
             except Exception as e:  # noqa: BLE001 - an outage (keep, retry) or an error (raise in the caller)
                 if not is_outage(e):
@@ -364,14 +372,14 @@ class RunLogger:
                     continue
                 if self._down_since is None:
                     self._down_since = time.time()
-                    print(f"[tracking] MLflow at {redact(self.uri)} is away ({type(e).__name__}): "
-                          f"{self.pending} record(s) kept, sent when it answers", flush=True)
+                    _say(f"[tracking] MLflow at {redact(self.uri)} is away ({type(e).__name__}): "
+                         f"{self.pending} record(s) kept, sent when it answers")
                 return False
             with self._cond:
                 del self._queue[: len(chunk)]
             if self._down_since is not None:
-                print(f"[tracking] MLflow at {redact(self.uri)} answers again after "
-                      f"{time.time() - self._down_since:.0f} s; sending the kept records", flush=True)
+                _say(f"[tracking] MLflow at {redact(self.uri)} answers again after "
+                     f"{time.time() - self._down_since:.0f} s; sending the kept records")
                 self._down_since = None
 
     def _send(self, chunk: list[dict[str, Any]]) -> None:
@@ -394,7 +402,7 @@ class RunLogger:
         elif kind == "skip_logged":
             self._floor = max(max((m.step for m in c.get_metric_history(run_id, k)), default=-1) for k in first["keys"])
         else:
-            raise TrackingError(f"unknown record kind {kind!r} for run {run_id}")
+            raise ValueError(f"unknown record kind {kind!r} for run {run_id}")
 
     # -- the end --
     def close(self, wait_s: float = 15.0) -> int:
@@ -426,6 +434,14 @@ class RunLogger:
     def unsent_message(self, left: int) -> str:
         return (f"[tracking] MLflow at {redact(self.uri)} did not answer: {left} record(s) of run {self.run_id} are "
                 f"not logged yet, kept in {self.spilled_to}; send them with: pipeline tracking replay {self.spill_dir}")
+
+
+def _say(message: str) -> None:
+    """Print once: in a Ray Train worker a plain ``print`` from this thread reached the driver
+    twice (see ``train.loop.say``); elsewhere ``sys.__stdout__`` is stdout."""
+    import sys
+
+    print(message, file=sys.__stdout__ or sys.stdout, flush=True)
 
 
 def _next_chunk(queue: list[dict[str, Any]]) -> list[dict[str, Any]]:

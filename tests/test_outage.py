@@ -6,6 +6,7 @@ step and timestamp, when it answers; what is still unsent at close goes to a spi
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -33,7 +34,7 @@ class Server:
         self.proc = None
 
     def start(self) -> None:
-        log = open(self.tmp / "mlflow.log", "a")
+        log = open(self.tmp / "mlflow.log", "a")  # noqa: SIM115 - the server's, for as long as it runs
         self.proc = subprocess.Popen(
             [f"{VENV_BIN}/mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
              "--backend-store-uri", f"sqlite:///{self.tmp}/mlflow.db", "--serve-artifacts",
@@ -41,7 +42,7 @@ class Server:
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_until(lambda: urllib.request.urlopen(f"{self.uri}/health", timeout=2).status == 200,
-                       "the MLflow server", 120)
+                       "the MLflow server", 300)
         except TimeoutError as e:
             pytest.fail(f"{e}\n{(self.tmp / 'mlflow.log').read_text()[-3000:]}")
 
@@ -132,7 +133,7 @@ def test_close_during_an_outage_spills_and_replay_sends_once(server, tmp_path):
     server.start()
     env = {**os.environ, "MLFLOW_TRACKING_URI": server.uri}
     first = subprocess.run([sys.executable, "-m", "pipeline.cli", "tracking", "replay", str(spill)],
-                           capture_output=True, text=True, timeout=120, env=env)
+                           capture_output=True, text=True, timeout=120, env=env, check=False)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "sent 5 record(s)" in first.stdout, first.stdout
     assert tracking.replay(str(spill), server.uri) == (0, 0), "a second replay sent something again"
@@ -170,3 +171,61 @@ def test_a_restarted_logger_skips_steps_mlflow_has_even_when_it_asks_during_an_o
     server.start()
     assert again.flush(timeout=30) == 0 and again.close() == 0
     assert [s for s, _ in _history(server.uri, run_id, "train_loss")] == [20, 40, 60, 80]
+
+
+@pytest.mark.slow
+def test_pipeline_train_survives_an_mlflow_outage_and_logs_every_step_once(server, tmp_path):
+    """The issue's test: `pipeline train` against a real server that is stopped once training
+    steps are logged and started again a while later (same port, same database). It starts
+    its own local Ray (not the session's): the Ray workers must inherit the fail-fast client
+    setting, as they do for a user's `pipeline train`, else MLflow's retries hide the outage."""
+    run_name = "outage"
+    args = [sys.executable, "-m", "pipeline.cli", "train", "data=demo_text", "model=small", f"data.root={tmp_path}/demo",
+            "data.demo_size=3000", "data.vocab_size=500", f"data.output_dir={tmp_path}/data",
+            f"train.storage_path={tmp_path}/ray", f"train.run_name={run_name}", "train.num_workers=1",
+            "train.max_epochs=2", "train.batch_tokens=300", "train.eval_every=40", "train.test_beam_size=1",
+            "tracking.log_model=false"]
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "MLFLOW_TRACKING_URI": server.uri,
+           "MLFLOW_EXPERIMENT_NAME": "outage", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    out = open(tmp_path / "train.log", "w")  # noqa: SIM115 - the run's output, read at the end
+    proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    c = MlflowClient(server.uri)
+
+    def train_steps() -> list[int]:
+        exp = c.get_experiment_by_name("outage")
+        runs = c.search_runs([exp.experiment_id]) if exp else []
+        return [m.step for m in c.get_metric_history(runs[0].info.run_id, "train_loss")] if runs else []
+
+    try:
+        wait_until(lambda: len(train_steps()) >= 2 or proc.poll() is not None, "logged training steps", 400)
+        assert proc.poll() is None, "training ended before the outage:\n" + (tmp_path / "train.log").read_text()[-3000:]
+        server.stop()
+        down_at = time.time()
+        time.sleep(25)  # several log intervals (and validations) fall in the outage
+        assert proc.poll() is None, "training ended during the outage:\n" + (tmp_path / "train.log").read_text()[-3000:]
+        server.start()
+        up_at = time.time()
+        rc = proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            stop(proc)
+    log = (tmp_path / "train.log").read_text()
+    assert rc == 0, log[-4000:]
+    runs = c.search_runs([c.get_experiment_by_name("outage").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED", [r.info.status for r in runs]
+    run_id = runs[0].info.run_id
+    history = c.get_metric_history(run_id, "train_loss")
+    train = sorted(m.step for m in history)
+    assert train == list(range(LOG_EVERY, LOG_EVERY * len(train) + 1, LOG_EVERY)), f"gaps or duplicate steps: {train}"
+    during = [m.step for m in history if down_at * 1000 <= m.timestamp <= up_at * 1000]
+    validations = sorted({int(s) for s in re.findall(r"\[train\] step (\d+) epoch", log)})
+    val = sorted(m.step for m in c.get_metric_history(run_id, "val_loss"))
+    assert val == validations and val, f"val_loss steps {val}, validations run {validations}"
+    for key in ("val_bleu", "val_chrf", "best_val_bleu"):
+        assert len(c.get_metric_history(run_id, key)) == len(val), key
+    assert "test_bleu" in runs[0].data.metrics
+    assert "is away" in log and "answers again" in log
+    assert not list((tmp_path / "ray" / run_name).glob("mlflow-unsent/*.jsonl")), "records were left unsent"
+    print(f"\n[outage] MLflow server away {up_at - down_at:.1f} s; {len(during)} train_loss step(s) logged during it "
+          f"({during}); {len(train)} train steps and {len(val)} validations in MLflow, none lost or repeated")
+    assert during, "no training step fell in the outage"

@@ -307,15 +307,18 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                           t.grad_compression)
     nodes = _all_gather(ray.get_runtime_context().get_node_id())
     logged_upto = -1
+    # Rank 0's MLflow calls go through a buffer sent by a background thread: an outage of the
+    # tracking server neither stalls nor kills training; what is unsent at the end is spilled.
+    logger = tracking.RunLogger(uri, run_id, loop_config["tracking_spill_dir"], who="rank0") if rank == 0 else None
     if rank == 0:
-        tracking.set_tags(uri, run_id, {"ray.worker_nodes": ",".join(sorted(set(nodes))),
-                                        "ray.num_worker_nodes": str(len(set(nodes)))})
+        logger.set_tags({"ray.worker_nodes": ",".join(sorted(set(nodes))), "ray.num_worker_nodes": str(len(set(nodes)))})
         if ckpt:
-            # Steps between the checkpoint and a failure were logged once already; they
-            # are recomputed now, so their metrics are not logged again (no duplicate steps).
-            logged_upto = max(tracking.last_step(uri, run_id, k) for k in ("train_loss", "val_loss"))
-            tracking.set_tags(uri, run_id, {"pipeline.resumed_at": f"{time.time():.3f}",
-                                            "pipeline.resumed_from_step": str(state["step"])})
+            # Steps between the checkpoint and a failure were logged once already; they are
+            # recomputed now, so their metrics are not logged again (no duplicate steps). The
+            # logger asks MLflow for the last logged step when it answers (maybe after an outage).
+            logger.skip_logged_steps(("train_loss", "val_loss"))
+            logger.set_tags({"pipeline.resumed_at": f"{time.time():.3f}", "pipeline.resumed_from_step": str(state["step"])})
+        logger.flush()
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     best_dir = loop_config["best_dir"]
@@ -323,7 +326,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     def log(values: dict[str, float]) -> None:
         if rank == 0 and state["step"] > logged_upto:
-            tracking.log_metrics(uri, run_id, values, state["step"])
+            logger.log_metrics(values, state["step"])
+            logger.flush()  # wakes the sender; never waits for MLflow
 
     def validate_and_report() -> None:
         res = evaluate(raw, val_shard, cfg, tgt_tok, device, t.eval_beam_size)
@@ -337,7 +341,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         seen_all = np.unique(np.concatenate(_all_gather(_ids(seen))))  # empty right after an epoch ends
         ckpt_dir = None
         if rank == 0:
-            log({**val, f"best_{metric}": state["best"]})
             if improved:
                 save_bundle(best_dir, raw, meta, loop_config["src_tokenizer"], loop_config["tgt_tokenizer"])
             ckpt_dir = _save_checkpoint(raw, opt, sched, scaler, state, seen_all)
@@ -345,6 +348,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 f"{metric} {val[metric]:.3f}{' (best)' if improved else ''}")
         checkpoint = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
         ray.train.report({**val, "step": state["step"], f"best_{metric}": state["best"]}, checkpoint=checkpoint)
+        log({**val, f"best_{metric}": state["best"]})  # after the checkpoint is saved (report persists it)
 
     t_start = time.time() - state["elapsed_s"]
     budget_s = t.max_minutes * 60.0
@@ -431,3 +435,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if rank == 0:
         say(f"[train] finished: {state['step']} steps, {state['epoch']} epochs, best {metric} "
             f"{state['best']:.3f}, stop reason: {state['stop'] or 'max_epochs'}")
+        left = logger.close()
+        if left:
+            say(logger.unsent_message(left))
