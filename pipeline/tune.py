@@ -18,7 +18,7 @@ import ray
 
 from . import tracking
 from .config import Config, ConfigError, default_metric, set_key, validate
-from .train.run import _close, fit_run, prepare, test_and_log
+from .train.run import close_logger, fit_run, prepare, test_and_log
 
 EARLY_STOPPED_TAG = "tune.early_stopped"
 # A trial's driver only waits on its TorchTrainer, whose workers hold the CPUs; Tune
@@ -126,7 +126,7 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
     best_log = tracking.RunLogger(uri, best["run_id"], tracking.spill_dir(storage, best["run_name"]))
     tested = test_and_log(best_cfg, best_log, best_dir, prep["data_dir"], prep["manifest"])
     out.update(tested)
-    out["unsent_records"] = _close(best_log)
+    out["unsent_records"] = close_logger(best_log)
     if tested.get("model_uri"):
         name = tc.register_as or f"{experiment}-{cfg.data.name}"
         out["registered_model"] = name
@@ -137,7 +137,7 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
     log.log_metrics({f"best_{metric}": best["best"], **{k: v for k, v in tested.items() if k.startswith("test_")}}, 0)
     log.set_tags({"best_trial_run_id": best["run_id"], "best_trial": best["run_name"]})
     log.end_run("FINISHED" if not failed else "FAILED")
-    out["unsent_records"] += _close(log)
+    out["unsent_records"] += close_logger(log)
     return out
 
 

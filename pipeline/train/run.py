@@ -230,7 +230,7 @@ def fit_run(cfg: Config, prep: dict[str, Any], run_name: str, parent_run_id: str
         if not in_tune:
             log.end_run("FAILED")
         try:
-            _close(log)
+            close_logger(log)
         except Exception as e:  # noqa: BLE001 - the training error is the one to raise
             print(f"[tracking] closing the MLflow run failed too: {e}", flush=True)
         raise
@@ -241,11 +241,11 @@ def fit_run(cfg: Config, prep: dict[str, Any], run_name: str, parent_run_id: str
     if not in_tune and fs.exists(f"{best_root}/model.pt"):
         results.update(test_and_log(cfg, log, best_dir, data_dir, manifest))
     log.end_run("FINISHED")
-    results["unsent_records"] = _close(log)
+    results["unsent_records"] = close_logger(log)
     return results
 
 
-def _close(log: tracking.RunLogger) -> int:
+def close_logger(log: tracking.RunLogger) -> int:
     """Close a run's logger; say where its unsent records are, if the server is still away."""
     left = log.close(wait_s=30.0)
     if left:
