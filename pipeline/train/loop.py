@@ -435,6 +435,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if rank == 0:
         say(f"[train] finished: {state['step']} steps, {state['epoch']} epochs, best {metric} "
             f"{state['best']:.3f}, stop reason: {state['stop'] or 'max_epochs'}")
-        left = logger.close()
+        left = logger.close(wait_s=30.0)
         if left:
             say(logger.unsent_message(left))
