@@ -13,6 +13,7 @@
     pipeline submit [--address URL] -- train ...   run a command as a job on a Ray cluster
     pipeline jobs status|logs|stop ID   follow a submitted job
     pipeline download multi30k DIR      fetch the public Multi30k files
+    pipeline tracking replay PATH       send MLflow records kept while the server was away
 """
 
 from __future__ import annotations
@@ -82,6 +83,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("action", choices=["status", "logs", "stop"])
     c.add_argument("job_id")
     c.add_argument("--address", default=None, help="default: RAY_ADDRESS")
+    c = cmd("tracking", "MLflow records a run kept while the tracking server was away")
+    c.add_argument("action", choices=["replay"])
+    c.add_argument("path", help="a spill folder (TRAIN.STORAGE_PATH/RUN/mlflow-unsent, printed by the run) or one .jsonl file in it")
+    c.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI, else the URI in the file")
     c = cmd("download", "download a public corpus (needs internet)")
     c.add_argument("corpus", choices=["multi30k"])
     c.add_argument("dest", help="destination folder")
@@ -131,6 +136,12 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         download_multi30k(args.dest)
         return 0
+    if args.command == "tracking":
+        from .tracking import replay
+
+        sent, left = replay(args.path, args.tracking_uri)
+        print(f"sent {sent} record(s)" + (f"; {left} left (MLflow did not answer), run it again" if left else ""))
+        return 0 if not left else 1
     if args.command == "submit":
         from .cluster import submit
 

@@ -137,13 +137,6 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> 
     client(uri).log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
 
-def last_step(uri: str, run_id: str, key: str) -> int:
-    """The highest step logged for ``key`` (-1 when none): a restarted worker group re-runs
-    steps past its checkpoint and must not log them twice."""
-    history = client(uri).get_metric_history(run_id, key)
-    return max((m.step for m in history), default=-1)
-
-
 def last_steps(uri: str, run_id: str) -> dict[str, int]:
     """The highest step logged for each metric of the run: a worker group that restarts
     (from a checkpoint, or from scratch before its first one) re-runs steps and logs a
@@ -205,3 +198,385 @@ def register_champion(uri: str, model_uri: str, name: str, alias: str = "champio
     version = mlflow.register_model(model_uri, name).version
     client(uri).set_registered_model_alias(name, alias, version)
     return str(version)
+
+
+# ---- Buffered logging: an MLflow outage neither stops training nor loses a record ----------
+
+SPILL_FOLDER = "mlflow-unsent"
+_HTTP_5XX = re.compile(r"error code (5\d\d)\b")
+
+
+def is_outage(e: BaseException | None) -> bool:
+    """True for the errors of a tracking server that is away (refused or dropped connections,
+    timeouts, exhausted retries, HTTP 5xx); False for a request MLflow refused (a bad value),
+    which sending again would not fix."""
+    import requests
+    from mlflow.exceptions import MlflowException, RestException
+    from urllib3.exceptions import HTTPError as Urllib3Error
+
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (requests.ConnectionError, requests.Timeout, requests.exceptions.RetryError,
+                          Urllib3Error, ConnectionError, TimeoutError, TrackingError)):
+            return True
+        if isinstance(e, requests.HTTPError) and e.response is not None and e.response.status_code >= 500:
+            return True
+        if isinstance(e, RestException):
+            return e.get_http_status_code() >= 500
+        if isinstance(e, MlflowException) and _HTTP_5XX.search(str(e.message)):
+            return True  # a 5xx answer without a JSON body (a proxy in front of the server)
+        # MLflow raises its wrapper of a failed request inside ``except``: the original is the context.
+        e = e.__cause__ or e.__context__
+    return False
+
+
+class RunLogger:
+    """Metrics, tags, artifacts and the end of one MLflow run, sent by a background thread.
+
+    Calls queue a record (metrics keep their step and the timestamp of the call) and return
+    at once; ``flush()`` wakes the sender, which sends the queue in order (consecutive metrics
+    in one ``log_batch``) and drops each record once MLflow has taken it. While the server is
+    away the records stay queued and the sender tries again every ``retry_s`` seconds, so a
+    training step never waits on MLflow (with MLflow's default retries one attempt can itself
+    take minutes: it does so on the sender's thread). A chunk sent again after a failure that
+    came past the server's commit holds the same records: a SQL store keeps a metric (key,
+    step, timestamp, value) once, tags and artifacts are overwritten, so nothing is logged
+    twice. ``close()`` keeps trying for up to ``wait_s`` and writes what is left as JSON lines
+    (artifact copies beside them) into ``spill_dir``, for ``pipeline tracking replay``.
+    An error that is not an outage (a value MLflow refuses) drops that record and is raised
+    in the caller's thread by the next ``flush()`` or ``close()``.
+    """
+
+    def __init__(self, uri: str, run_id: str, spill_dir: str, who: str = "driver", retry_s: float = 10.0,
+                 records: list[dict[str, Any]] | None = None):
+        import tempfile
+        import threading
+
+        self.uri, self.run_id, self.spill_dir, self.who, self.retry_s = uri, run_id, spill_dir, who, retry_s
+        self.spilled_to: str | None = None
+        self._queue: list[dict[str, Any]] = list(records or [])
+        self._floors: dict[str, int] = {}  # metric -> the highest step MLflow already has (skip_logged_steps)
+        self._stage = tempfile.mkdtemp(prefix="mlflow-unsent-")  # artifact copies, until sent
+        self._cond = threading.Condition()
+        self._wanted = self._done = 0  # flush requests made / served by a send pass
+        self._closing = self._stop = False
+        self._error: BaseException | None = None
+        self._down_since: float | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- queueing: never waits on MLflow --
+    def _put(self, record: dict[str, Any]) -> None:
+        with self._cond:
+            self._queue.append({"run_id": self.run_id, **record})
+
+    def log_metrics(self, values: dict[str, float], step: int) -> None:
+        import time
+
+        self._put({"kind": "metrics", "step": int(step), "timestamp": int(time.time() * 1000),
+                   "values": {k: float(v) for k, v in values.items()}})
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._put({"kind": "tags", "tags": {k: str(v) for k, v in tags.items()}})
+
+    def _stage_file(self, name: str) -> Path:
+        import uuid
+
+        dest = Path(self._stage) / uuid.uuid4().hex / name
+        dest.parent.mkdir(parents=True)
+        return dest
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """A copy is queued: the file may change or go (a temp dir) right after the call."""
+        import shutil
+
+        dest = self._stage_file(Path(path).name)
+        shutil.copyfile(path, dest)
+        self._put({"kind": "artifact", "path": str(dest), "artifact_path": artifact_path})
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        dest = self._stage_file(Path(artifact_file).name)
+        dest.write_text(text)
+        folder = str(Path(artifact_file).parent)
+        self._put({"kind": "artifact", "path": str(dest), "artifact_path": None if folder == "." else folder})
+
+    def log_table(self, data: dict[str, list], artifact_file: str) -> None:
+        """A table in MLflow's table layout (``columns``/``data``); replaces an older one."""
+        import json
+
+        cols = list(data)
+        self.log_text(json.dumps({"columns": cols, "data": [list(r) for r in zip(*(data[c] for c in cols))]}),
+                      artifact_file)
+
+    def end_run(self, status: str = "FINISHED") -> None:
+        self._put({"kind": "end_run", "status": status})
+
+    def skip_logged_steps(self) -> None:
+        """Drop each metric queued after this call at the steps MLflow already has for it (up
+        to its highest logged step, asked when the server first answers): a restarted worker
+        group recomputes the steps after its checkpoint (all of them, when it had none),
+        logged once before the failure."""
+        self._put({"kind": "skip_logged"})
+
+    def _new(self, key: str, step: int) -> bool:
+        return step > self._floors.get(key, -1)
+
+    # -- sending --
+    @property
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    def flush(self, timeout: float = 0.0) -> int:
+        """Wake the sender and return at once, or with ``timeout`` > 0 wait up to that long for
+        its next pass (which waits out the retry interval while the server is away). Returns
+        the number of records still queued."""
+        import threading
+        import time
+
+        with self._cond:
+            self._raise_error()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=f"mlflow-sender-{self.who}", daemon=True)
+                self._thread.start()
+            self._wanted += 1
+            target = self._wanted
+            self._cond.notify_all()
+            deadline = time.monotonic() + timeout
+            while self._done < target and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(left)
+            self._raise_error()
+            return len(self._queue)
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise e
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._done < self._wanted or self._closing or self._stop)
+                if self._stop or (self._closing and not self._queue):
+                    return
+                target = self._wanted
+            ok = self._send_all()
+            with self._cond:
+                self._done = max(self._done, target)
+                self._cond.notify_all()
+                if not ok:  # the server is away: one attempt per retry_s, whatever flush() asks
+                    self._cond.wait_for(lambda: self._stop, self.retry_s)
+
+    def _send_all(self) -> bool:
+        """Send the queue, head first; False when the server is away (the rest kept)."""
+        import time
+
+        probe = self.uri.startswith(("http://", "https://"))
+        while True:
+            with self._cond:
+                if not self._queue:
+                    return True
+                chunk = _next_chunk(self._queue)
+            try:
+                if probe:
+                    # One short probe a pass: MLflow's client retries a call to a server that is
+                    # away for minutes (MLFLOW_HTTP_REQUEST_MAX_RETRIES=0 may not be set where this
+                    # runs, e.g. in the workers of a running Ray cluster), and a call still retrying
+                    # at close() would spill records that the returned server could have taken.
+                    probe = False
+                    check_reachable(self.uri, timeout=5.0)
+                self._send(chunk)
+            except Exception as e:  # noqa: BLE001 - an outage (keep, retry) or an error (raise in the caller)
+                if not is_outage(e):
+                    with self._cond:
+                        self._error = self._error or e
+                        del self._queue[: len(chunk)]  # refused now, refused again: it would block the rest
+                    continue
+                if self._down_since is None:
+                    self._down_since = time.time()
+                    _say(f"[tracking] MLflow at {redact(self.uri)} is away ({type(e).__name__}): "
+                         f"{self.pending} record(s) kept, sent when it answers")
+                return False
+            with self._cond:
+                del self._queue[: len(chunk)]
+            if self._down_since is not None:
+                _say(f"[tracking] MLflow at {redact(self.uri)} answers again after "
+                     f"{time.time() - self._down_since:.0f} s; sending the kept records")
+                self._down_since = None
+
+    def _send(self, chunk: list[dict[str, Any]]) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        first = chunk[0]
+        c = client(self.uri)
+        kind, run_id = first["kind"], first["run_id"]
+        if kind == "metrics":
+            metrics = [Metric(k, v, r["timestamp"], r["step"]) for r in chunk
+                       for k, v in r["values"].items() if self._new(k, r["step"])]
+            if metrics:
+                c.log_batch(run_id, metrics=metrics)
+        elif kind == "tags":
+            c.log_batch(run_id, tags=[RunTag(k, v) for r in chunk for k, v in r["tags"].items()])
+        elif kind == "artifact":
+            c.log_artifact(run_id, first["path"], first["artifact_path"])
+        elif kind == "end_run":
+            c.set_terminated(run_id, status=first["status"])
+        elif kind == "skip_logged":
+            self._floors = last_steps(self.uri, run_id)
+        else:
+            raise ValueError(f"unknown record kind {kind!r} for run {run_id}")
+
+    # -- the end --
+    def close(self, wait_s: float = 15.0) -> int:
+        """Send what is queued, trying for up to ``wait_s``; write what is left to a spill file
+        under ``spill_dir`` (``spilled_to``) and return how many records it holds (0: all sent)."""
+        import shutil
+
+        if self._queue:
+            self.flush(0.0)
+        if self._thread is not None:
+            with self._cond:
+                self._closing = True
+                self._cond.notify_all()
+            self._thread.join(wait_s)
+            with self._cond:
+                self._stop = True  # a sender still waiting out the server gives up now
+                self._cond.notify_all()
+        with self._cond:
+            left = []
+            for r in self._queue:  # metrics MLflow has already are not spilled (a replay would add them)
+                if r["kind"] == "metrics":
+                    r = {**r, "values": {k: v for k, v in r["values"].items() if self._new(k, r["step"])}}
+                    if not r["values"]:
+                        continue
+                left.append(r)
+            self._queue = []
+        if left:
+            self.spilled_to = write_spill(self.spill_dir, left, self.who, self.uri)
+        if self._thread is None or not self._thread.is_alive():  # else its request in flight reads the copies
+            shutil.rmtree(self._stage, ignore_errors=True)
+        self._raise_error()
+        return len(left)
+
+    def unsent_message(self, left: int) -> str:
+        return (f"[tracking] MLflow at {redact(self.uri)} did not answer: {left} record(s) of run {self.run_id} are "
+                f"not logged yet, kept in {self.spilled_to}; send them with: pipeline tracking replay {self.spill_dir}")
+
+
+def _say(message: str) -> None:
+    """Print once: in a Ray Train worker a plain ``print`` from this thread reached the driver
+    twice (see ``train.loop.say``); elsewhere ``sys.__stdout__`` is stdout."""
+    import sys
+
+    print(message, file=sys.__stdout__ or sys.stdout, flush=True)
+
+
+def _next_chunk(queue: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The head of the queue that goes in one request: consecutive metrics (up to 1000
+    values) or tags (up to 100) of one run; any other record alone."""
+    first = queue[0]
+    if first["kind"] not in ("metrics", "tags"):
+        return queue[:1]
+    limit, field = (1000, "values") if first["kind"] == "metrics" else (100, "tags")
+    chunk: list[dict[str, Any]] = []
+    n = 0
+    for r in queue:
+        if r["kind"] != first["kind"] or r["run_id"] != first["run_id"] or (chunk and n + len(r[field]) > limit):
+            break
+        chunk.append(r)
+        n += len(r[field])
+    return chunk
+
+
+def spill_dir(storage: str, run_name: str) -> str:
+    """Where a run's unsent records go: beside its checkpoints, so they are as durable."""
+    return f"{storage.rstrip('/')}/{run_name}/{SPILL_FOLDER}"
+
+
+def write_spill(folder: str, records: list[dict[str, Any]], who: str, uri: str) -> str:
+    """Write records as JSON lines into ``folder`` (local or an fsspec URI), artifacts copied
+    to ``files/`` beside them; returns the file's path. Names start with the time, so a
+    replay sends older files first."""
+    import json
+    import time
+    import uuid
+
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(folder)
+    fs.makedirs(root, exist_ok=True)
+    lines = []
+    for r in records:
+        if r["kind"] == "artifact":
+            rel = f"files/{uuid.uuid4().hex}/{Path(r['path']).name}"
+            fs.makedirs(f"{root}/{Path(rel).parent}", exist_ok=True)
+            fs.put_file(r["path"], f"{root}/{rel}")
+            r = {**r, "path": rel}
+        lines.append(json.dumps({**r, "tracking_uri": redact(uri)}) + "\n")
+    now = time.time()
+    path = f"{root}/{time.strftime('%Y%m%d-%H%M%S', time.gmtime(now))}.{int(now * 1000) % 1000:03d}-{who}-{os.getpid()}.jsonl"
+    with fs.open(path, "w") as f:
+        f.write("".join(lines))
+    return fs.unstrip_protocol(path) if "://" in folder else path
+
+
+def replay(path: str, uri: str | None = None) -> tuple[int, int]:
+    """Send the records of spill file(s) (a ``.jsonl`` file, or a folder of them), oldest
+    file first, to ``uri`` (default: ``MLFLOW_TRACKING_URI``, else the URI in the file). A file
+    whose records were all taken is removed with its artifact copies; one with some left
+    keeps only those, so replaying again sends nothing twice. Returns (sent, left)."""
+    import json
+    import shutil
+    import tempfile
+
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(path)
+    if root.endswith(".jsonl") and fs.isfile(root):
+        files, folder = [root], str(Path(root).parent)
+    elif fs.isdir(root):
+        files, folder = sorted(p for p in fs.ls(root, detail=False) if p.endswith(".jsonl")), root
+    else:
+        raise FileNotFoundError(f"no spill file or folder at {path}")
+    sent = left = 0
+    for file in files:
+        records = [json.loads(line) for line in fs.cat_file(file).decode().splitlines() if line.strip()]
+        if not records:
+            fs.rm(file)
+            continue
+        target = uri or os.environ.get("MLFLOW_TRACKING_URI") or records[0]["tracking_uri"]
+        if "***" in target:
+            raise TrackingError(f"{file} was written for {target}: give the tracking URI with its password "
+                                "in MLFLOW_TRACKING_URI or --tracking-uri")
+        local = tempfile.mkdtemp(prefix="mlflow-replay-")
+        try:
+            spilled: dict[str, str] = {}  # local copy -> its path in the spill folder
+            for r in records:
+                if r["kind"] == "artifact":
+                    dest = Path(local) / r["path"]
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    fs.get_file(f"{folder}/{r['path']}", str(dest))
+                    spilled[str(dest)], r["path"] = r["path"], str(dest)
+            rest: list[dict[str, Any]] = []
+            error: BaseException | None = None
+            for run_id in dict.fromkeys(r["run_id"] for r in records):
+                log = RunLogger(target, run_id, folder, who="replay", records=[r for r in records if r["run_id"] == run_id])
+                log._send_all()  # in this thread: a replay may wait on MLflow
+                rest += log._queue
+                error = error or log._error
+                shutil.rmtree(log._stage, ignore_errors=True)
+            sent, left = sent + len(records) - len(rest), left + len(rest)
+            kept = {spilled[r["path"]] for r in rest if r["kind"] == "artifact"}
+            for copy in set(spilled.values()) - kept:
+                fs.rm(f"{folder}/{Path(copy).parent}", recursive=True)
+            if rest:
+                with fs.open(file, "w") as f:
+                    f.write("".join(json.dumps({**r, "path": spilled[r["path"]]} if r["kind"] == "artifact" else r)
+                                    + "\n" for r in rest))
+            else:
+                fs.rm(file)
+            if error is not None:
+                raise error
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
+    return sent, left

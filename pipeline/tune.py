@@ -20,7 +20,7 @@ from . import tracking
 from .config import Config, ConfigError, default_metric, set_key, validate
 from .lock import LockError, StorageLock
 from .train.loop import latest_checkpoint
-from .train.run import check_fingerprint, fit_run, prepare, run_fingerprint, test_and_log
+from .train.run import check_fingerprint, close_logger, fit_run, prepare, run_fingerprint, test_and_log
 
 EARLY_STOPPED_TAG = "tune.early_stopped"
 # A trial's driver only waits on its TorchTrainer, whose workers hold the CPUs; Tune
@@ -151,19 +151,22 @@ def _run_sweep(cfg: Config, prep: dict[str, Any], sweep: str) -> dict[str, Any]:
     best_cfg = trial_config(cfg.to_dict(), best["params"])
     best_dir = f"{storage}/{best['run_name']}/best"
     final = latest_checkpoint(f"{storage}/{best['run_name']}")
-    tested = test_and_log(best_cfg, uri, best["run_id"], best_dir, prep["data_dir"], prep["manifest"],
-                          final[0] if final else 0)
+    # Buffered like a training run's logging: a server away now leaves spill files, not a crash.
+    best_log = tracking.RunLogger(uri, best["run_id"], tracking.spill_dir(storage, best["run_name"]))
+    tested = test_and_log(best_cfg, best_log, best_dir, prep["data_dir"], prep["manifest"], final[0] if final else 0)
     out.update(tested)
+    out["unsent_records"] = close_logger(best_log)
     if tested.get("model_uri"):
         name = tc.register_as or f"{experiment}-{cfg.data.name}"
         out["registered_model"] = name
         out["registered_version"] = tracking.register_champion(uri, tested["model_uri"], name)
-    tracking.log_table(uri, parent_id, {k: [r.get(k) for r in rows] for k in rows[0] if k != "params"} |
-                       {"params": [json.dumps(r["params"]) for r in rows]}, "trials.json")
-    tracking.log_metrics(uri, parent_id, {f"best_{metric}": best["best"], **{k: v for k, v in tested.items()
-                                                                              if k.startswith("test_")}}, 0)
-    tracking.set_tags(uri, parent_id, {"best_trial_run_id": best["run_id"], "best_trial": best["run_name"]})
-    tracking.end_run(uri, parent_id, "FINISHED" if not failed else "FAILED")
+    log = tracking.RunLogger(uri, parent_id, tracking.spill_dir(storage, sweep))
+    log.log_table({k: [r.get(k) for r in rows] for k in rows[0] if k != "params"} |
+                  {"params": [json.dumps(r["params"]) for r in rows]}, "trials.json")
+    log.log_metrics({f"best_{metric}": best["best"], **{k: v for k, v in tested.items() if k.startswith("test_")}}, 0)
+    log.set_tags({"best_trial_run_id": best["run_id"], "best_trial": best["run_name"]})
+    log.end_run("FINISHED" if not failed else "FAILED")
+    out["unsent_records"] += close_logger(log)
     return out
 
 

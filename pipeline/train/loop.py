@@ -349,26 +349,28 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     model = configure_ddp(ray.train.torch.prepare_model(raw, parallel_strategy_kwargs={"bucket_cap_mb": t.ddp_bucket_mb}),
                           t.grad_compression)
     nodes = _all_gather(ray.get_runtime_context().get_node_id())
-    logged_upto: dict[str, int] = {}
+    # Rank 0's MLflow calls go through a buffer sent by a background thread: an outage of the
+    # tracking server neither stalls nor kills training; what is unsent at the end is spilled.
+    logger = tracking.RunLogger(uri, run_id, loop_config["tracking_spill_dir"], who="rank0") if rank == 0 else None
     if rank == 0:
-        tracking.set_tags(uri, run_id, {"ray.worker_nodes": ",".join(sorted(set(nodes))),
-                                        "ray.num_worker_nodes": str(len(set(nodes)))})
         # Steps after the last checkpoint (or all steps, when a group restarts before its
         # first checkpoint) were logged once already; they are recomputed now, and each
-        # metric is not logged again at a step it already has (no duplicate steps).
-        logged_upto = tracking.last_steps(uri, run_id)
+        # metric is not logged again at a step it already has (no duplicate steps). The
+        # logger asks MLflow for those steps when it answers (maybe after an outage).
+        logger.skip_logged_steps()
+        logger.set_tags({"ray.worker_nodes": ",".join(sorted(set(nodes))), "ray.num_worker_nodes": str(len(set(nodes)))})
         if ckpt:
-            tracking.set_tags(uri, run_id, {"pipeline.resumed_at": f"{time.time():.3f}",
-                                            "pipeline.resumed_from_step": str(state["step"])})
+            logger.set_tags({"pipeline.resumed_at": f"{time.time():.3f}", "pipeline.resumed_from_step": str(state["step"])})
+        logger.flush()
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     best_dir = loop_config["best_dir"]
     meta = bundle_meta(cfg.model, vocab, cfg.data)
 
     def log(values: dict[str, float]) -> None:
-        fresh = {k: v for k, v in values.items() if state["step"] > logged_upto.get(k, -1)}
-        if rank == 0 and fresh:
-            tracking.log_metrics(uri, run_id, fresh, state["step"])
+        if rank == 0:
+            logger.log_metrics(values, state["step"])
+            logger.flush()  # wakes the sender; never waits for MLflow
 
     def validate_and_report() -> str:
         """Validate, checkpoint, log; returns "early_stopping" when this validation ends the run."""
@@ -393,7 +395,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                     _save_checkpoint(raw, opt, sched, scaler, state, seen_all, ckpt_dir))
             ray.train.report({**val, "step": state["step"], f"best_{metric}": state["best"]}, checkpoint=checkpoint)
         if rank == 0:
-            log({**val, f"best_{metric}": state["best"]})
+            log({**val, f"best_{metric}": state["best"]})  # after the checkpoint is saved (report persists it)
             say(f"[train] step {state['step']} epoch {state['epoch']}: val_loss {res['loss']:.3f} "
                 f"{metric} {val[metric]:.3f}{' (best)' if improved else ''}")
         # Decided right after the validation that triggers it (every rank holds the same counts).
@@ -492,3 +494,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if rank == 0:
         say(f"[train] finished: {state['step']} steps, {state['epoch']} epochs, best {metric} "
             f"{state['best']:.3f}, stop reason: {stop or 'max_epochs'}")
+        left = logger.close(wait_s=30.0)
+        if left:
+            say(logger.unsent_message(left))

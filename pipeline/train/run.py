@@ -316,12 +316,17 @@ def _fit_run(cfg: Config, prep: dict[str, Any], run_name: str, run_dir: str, par
     run_id, resumed = tracking.open_run(uri, experiment, run_name, cfg.redacted_flat(), tags)
     print(f"[train] MLflow run {run_id} ({'resumed' if resumed else 'new'}) in experiment '{experiment}' at "
           f"{tracking.redact(uri)}", flush=True)
+    # The driver's logging is buffered like rank 0's: a server away at the end of a run that
+    # trained well costs a spill file to replay, not the run.
+    spill = tracking.spill_dir(prep["storage"], run_name)
+    log = tracking.RunLogger(uri, run_id, spill, who="driver")
     if not resumed:
-        tracking.log_text(uri, run_id, cfg.redacted_yaml(), "config.yaml")
-        with tempfile.TemporaryDirectory(prefix="pipeline-data-") as tmp:
+        log.log_text(cfg.redacted_yaml(), "config.yaml")
+        with tempfile.TemporaryDirectory(prefix="pipeline-data-") as tmp:  # the logger keeps its own copies
             for name in ("manifest.json", "src_tokenizer.json", "tgt_tokenizer.json"):
-                tracking.log_artifact(uri, run_id, _local_copy(f"{data_dir}/{name}", tmp), "data")
-        tracking.log_metrics(uri, run_id, data_metrics(manifest), 0)
+                log.log_artifact(_local_copy(f"{data_dir}/{name}", tmp), "data")
+        log.log_metrics(data_metrics(manifest), 0)
+        log.flush()
     best_dir = f"{prep['storage']}/{run_name}/best"
 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -339,7 +344,7 @@ def _fit_run(cfg: Config, prep: dict[str, Any], run_name: str, run_dir: str, par
         train_loop_config={"config": cfg.to_dict(), "vocab": prep["vocab"], "mlflow_run_id": run_id,
                            "tracking_uri": uri, "src_tokenizer": prep["src_json"], "tgt_tokenizer": prep["tgt_json"],
                            "best_dir": best_dir, "latest_checkpoint": latest_checkpoint(run_dir),
-                           "fingerprint": fingerprint},
+                           "fingerprint": fingerprint, "tracking_spill_dir": spill},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, placement_strategy=t.placement_strategy,
                                      resources_per_worker={"CPU": t.cpus_per_worker,
                                                            **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}),
@@ -360,26 +365,48 @@ def _fit_run(cfg: Config, prep: dict[str, Any], run_name: str, run_dir: str, par
         # A trial that Tune stops (ASHA) lands here too: the sweep driver, which knows
         # stopped from failed, closes its run; a plain run failed.
         if not in_tune:
-            tracking.end_run(uri, run_id, "FAILED")
+            log.end_run("FAILED")
+        try:
+            close_logger(log)
+        except Exception as e:  # noqa: BLE001 - the training error is the one to raise
+            print(f"[tracking] closing the MLflow run failed too: {e}", flush=True)
         raise
     results: dict[str, Any] = {"run_id": run_id, "run_name": run_name, "tracking_uri": uri, "experiment": experiment,
                                "best_dir": best_dir, "data_dir": data_dir, "train_seconds": round(time.time() - t0, 1),
                                "video": is_video(cfg)}
     fs, best_root = fsspec.core.url_to_fs(best_dir)
     final = latest_checkpoint(run_dir)
-    tested = tracking.client(uri).get_run(run_id).data.tags.get(TESTED_TAG)
+    tested = _tested_at(uri, run_id)
     if not in_tune and fs.exists(f"{best_root}/model.pt"):
         if final and tested == str(final[0]):
             print(f"[test] already tested at step {final[0]}: nothing was trained since", flush=True)
         else:
-            results.update(test_and_log(cfg, uri, run_id, best_dir, data_dir, manifest, final[0] if final else 0))
+            results.update(test_and_log(cfg, log, best_dir, data_dir, manifest, final[0] if final else 0))
             if final:
-                tracking.set_tags(uri, run_id, {TESTED_TAG: str(final[0])})
-    tracking.end_run(uri, run_id, "FINISHED")
+                log.set_tags({TESTED_TAG: str(final[0])})
+    log.end_run("FINISHED")
+    results["unsent_records"] = close_logger(log)
     return results
 
 
 TESTED_TAG = "pipeline.tested_at_step"  # a rerun that trained nothing does not log its test again
+
+
+def _tested_at(uri: str, run_id: str) -> str | None:
+    try:
+        return tracking.client(uri).get_run(run_id).data.tags.get(TESTED_TAG)
+    except Exception as e:  # noqa: BLE001 - with the server away, test again (at the same step)
+        if not tracking.is_outage(e):
+            raise
+        return None
+
+
+def close_logger(log: tracking.RunLogger) -> int:
+    """Close a run's logger; say where its unsent records are, if the server is still away."""
+    left = log.close(wait_s=30.0)
+    if left:
+        print(log.unsent_message(left), flush=True)
+    return left
 
 
 def data_metrics(manifest: dict[str, Any]) -> dict[str, float]:
@@ -404,8 +431,8 @@ def _local_copy(path: str, dest_dir: str) -> str:
     return dest
 
 
-def test_and_log(cfg: Config, uri: str, run_id: str, best_dir: str, data_dir: str,
-                  manifest: dict[str, Any], step: int = 0) -> dict[str, Any]:
+def test_and_log(cfg: Config, log: tracking.RunLogger, best_dir: str, data_dir: str,
+                 manifest: dict[str, Any], step: int = 0) -> dict[str, Any]:
     """Decode the test split with the best checkpoint and log the scores at ``step`` (the
     run's last training step: a resumed run that trained on is tested again at a new step)."""
     t = cfg.train
@@ -418,27 +445,35 @@ def test_and_log(cfg: Config, uri: str, run_id: str, best_dir: str, data_dir: st
             out = {f"test_{k}": v for k, v in scores.items()}
         else:
             out = {"test_bleu": metrics.bleu(res["hyp"], res["tgt"]), "test_chrf": metrics.chrf(res["hyp"], res["tgt"])}
-        tracking.log_metrics(uri, run_id, out, step)
+        log.log_metrics(out, step)
         k = min(t.num_samples, len(res["src"]))
         picks = np.linspace(0, len(res["src"]) - 1, k).astype(int).tolist() if k else []
         if is_video(cfg):
-            tracking.log_table(uri, run_id, {"video_id": [res["src"][i] for i in picks],
+            log.log_table({"video_id": [res["src"][i] for i in picks],
                                              "references": [" | ".join(res["tgt"][i]) for i in picks],
                                              "caption": [res["hyp"][i] for i in picks]}, "samples/test_captions.json")
-            _log_contact_sheet(uri, run_id, data_dir, [res["src"][i] for i in picks], res, picks)
+            _log_contact_sheet(log, data_dir, [res["src"][i] for i in picks], res, picks)
         else:
-            tracking.log_table(uri, run_id, {"source": [res["src"][i] for i in picks],
+            log.log_table({"source": [res["src"][i] for i in picks],
                                              "reference": [res["tgt"][i] for i in picks],
                                              "translation": [res["hyp"][i] for i in picks]}, "samples/test_translations.json")
         print("[test] " + " ".join(f"{k} {v:.3f}" for k, v in out.items()), flush=True)
-    with tempfile.TemporaryDirectory(prefix="pipeline-bundle-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="pipeline-bundle-") as tmp:  # the logger keeps its own copies
         local_best = _local_bundle(best_dir, tmp)
         for name in BUNDLE_FILES:
-            tracking.log_artifact(uri, run_id, os.path.join(local_best, name), "best_checkpoint")
+            log.log_artifact(os.path.join(local_best, name), "best_checkpoint")
+        log.flush()
         if cfg.tracking.log_model:
             tr = (Captioner if is_video(cfg) else Translator).load(local_best)
-            out["model_uri"] = tracking.log_model(uri, run_id, tr.model,
-                                                  [os.path.join(local_best, n) for n in BUNDLE_FILES])
+            try:
+                out["model_uri"] = tracking.log_model(log.uri, log.run_id, tr.model,
+                                                      [os.path.join(local_best, n) for n in BUNDLE_FILES])
+            except Exception as e:  # noqa: BLE001 - an outage costs the MLflow model, not the run
+                if not tracking.is_outage(e):
+                    raise
+                # Not spilled: the bundle in best_checkpoint/ (queued above) reloads the same model.
+                print(f"[tracking] MLflow at {tracking.redact(log.uri)} is away: the model was not logged as an "
+                      f"MLflow model (its files go to best_checkpoint/; {best_dir} has them too)", flush=True)
     return out
 
 
@@ -450,7 +485,7 @@ def _local_bundle(bundle: str, dest: str) -> str:
     return dest
 
 
-def _log_contact_sheet(uri: str, run_id: str, data_dir: str, video_ids: list[str], res: dict[str, list],
+def _log_contact_sheet(log: tracking.RunLogger, data_dir: str, video_ids: list[str], res: dict[str, list],
                        picks: list[int]) -> None:
     """A PNG of a few test clips (frames in a row) with predicted and reference captions."""
     from ..data.video import clip_array, decode_clip
@@ -472,7 +507,7 @@ def _log_contact_sheet(uri: str, run_id: str, data_dir: str, video_ids: list[str
             except Exception:  # noqa: BLE001 - a .npy features file has no frames to show
                 frames = None
         items.append({"video_id": vid, "frames": frames, "hyp": res["hyp"][i], "refs": res["tgt"][i]})
-    with tempfile.TemporaryDirectory(prefix="pipeline-sheet-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="pipeline-sheet-") as tmp:  # the logger keeps its own copy
         path = os.path.join(tmp, "test_contact_sheet.png")
         contact_sheet(items, path)
-        tracking.log_artifact(uri, run_id, path, "samples")
+        log.log_artifact(path, "samples")
