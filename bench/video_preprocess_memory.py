@@ -28,19 +28,8 @@ import time
 
 import psutil
 
-
-def _tree_pss(root: psutil.Process) -> int:
-    total = 0
-    try:
-        procs = [root] + root.children(recursive=True)
-    except psutil.Error:
-        return 0
-    for p in procs:
-        try:
-            total += p.memory_full_info().pss
-        except psutil.Error:
-            pass
-    return total
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from preprocess import _tree_pss  # noqa: E402 - one memory measure for both preprocessing benchmarks
 
 
 def generate(root: str, demo_size: int) -> float:

@@ -178,3 +178,13 @@ class StorageLock:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+def hold_named(folder: str, key: str, name: str, command: str) -> StorageLock:
+    """The lock of a named run or sweep (``key`` = ``train.run_name`` or ``tune.name``): a
+    second one refuses, naming the first and what to do."""
+    lock = StorageLock(f"{folder}/.pipeline-lock.json", what=f"{command} {key}={name}")
+    try:
+        return lock.acquire()
+    except LockError as e:
+        raise LockError(f"{key} '{name}' is already running ({e}); wait for it to end, or choose another {key}") from None

@@ -18,7 +18,7 @@ import ray
 
 from . import tracking
 from .config import Config, ConfigError, default_metric, set_key, validate
-from .lock import LockError, StorageLock
+from .lock import hold_named
 from .train.loop import latest_checkpoint
 from .train.run import check_fingerprint, close_logger, fit_run, prepare, run_fingerprint, test_and_log
 
@@ -76,12 +76,7 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
                           "or pick a prepared sweep, e.g. tune=hidden_depth")
     prep = prepare(cfg)
     sweep = tc.name or f"sweep-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    lock = StorageLock(f"{prep['storage']}/{sweep}/.pipeline-lock.json", what=f"pipeline tune tune.name={sweep}")
-    try:
-        lock.acquire()
-    except LockError as e:
-        raise LockError(f"tune.name '{sweep}' is already running ({e}); wait for it to end, "
-                        "or choose another tune.name") from None
+    lock = hold_named(f"{prep['storage']}/{sweep}", "tune.name", sweep, "pipeline tune")
     try:
         return _run_sweep(cfg, prep, sweep)
     finally:

@@ -27,7 +27,7 @@ from ..config import Config, ConfigError, is_video
 from ..data.preprocess import preprocess, read_tokenizers
 from ..data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from ..inference import BUNDLE_FILES, Captioner, Translator
-from ..lock import LockError, StorageLock
+from ..lock import hold_named
 
 
 def init_ray(min_cpus: int = 1) -> None:
@@ -286,14 +286,8 @@ def fit_run(cfg: Config, prep: dict[str, Any], run_name: str, parent_run_id: str
     t = cfg.train
     t.run_name = run_name
     run_dir = f"{prep['storage']}/{run_name}"
-    lock = None
-    if not in_tune:  # a sweep holds its own lock; Tune may restart a trial while the old one winds down
-        lock = StorageLock(f"{run_dir}/.pipeline-lock.json", what=f"pipeline train train.run_name={run_name}")
-        try:
-            lock.acquire()
-        except LockError as e:
-            raise LockError(f"train.run_name '{run_name}' is already running ({e}); wait for it to end, "
-                            "or choose another train.run_name") from None
+    # A sweep holds its own lock; Tune may restart a trial while the old one winds down.
+    lock = None if in_tune else hold_named(run_dir, "train.run_name", run_name, "pipeline train")
     try:
         return _fit_run(cfg, prep, run_name, run_dir, parent_run_id, in_tune)
     finally:
