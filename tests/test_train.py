@@ -11,7 +11,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import load_config
+from pipeline.config import ConfigError, load_config
 from pipeline.inference import Translator
 from pipeline.train.run import run_training
 
@@ -163,7 +163,17 @@ def test_checkpoint_of_another_config_is_refused_naming_keys(trained):
                  f"data.output_dir={tmp}/data", f"train.storage_path={tmp}/ray", "train.run_name=e2e",
                  "train.num_workers=1", "train.max_epochs=5", "model.hidden_size=64",
                  f"tracking.tracking_uri={trained['uri']}", "tracking.experiment=e2e-test"]
-    with pytest.raises(Exception) as info:
+    # The run's fingerprint refuses it before training, naming the key that differs.
+    with pytest.raises(ConfigError, match="model.hidden_size: 128 != 64"):
         run_training(load_config(overrides))
+    # A run folder from before fingerprints (none recorded): the checkpoint's shapes still refuse it.
+    fingerprint = tmp / "ray" / "e2e" / "run_fingerprint.json"
+    saved = fingerprint.read_text()
+    fingerprint.unlink()
+    try:
+        with pytest.raises(Exception) as info:
+            run_training(load_config(overrides))
+    finally:
+        fingerprint.write_text(saved)
     text = str(info.value)
     assert "does not fit this model config; mismatched keys" in text and "decoder.lstm.weight_ih_l0" in text

@@ -23,7 +23,7 @@ def trained(ray_session, tmp_path_factory):
     uri = f"sqlite:///{tmp}/mlflow.db"
     overrides = ["data=demo_video", f"data.root={tmp}/demo", "data.demo_size=384", f"data.output_dir={tmp}/data",
                  f"data.feature_cache={tmp}/cache", "data.frame_size=48", f"train.storage_path={tmp}/ray",
-                 "train.run_name=video-e2e", "train.num_workers=2", "train.max_minutes=2.5", "train.max_epochs=40",
+                 "train.run_name=video-e2e", "train.num_workers=2", "train.max_minutes=3", "train.max_epochs=40",
                  "train.test_beam_size=2", f"tracking.tracking_uri={uri}", "tracking.experiment=video-test"]
     res = run_training(load_config(overrides))
     return {"uri": uri, "tmp": tmp, "res": res}
