@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("name", help="the registered model (tune.register_as)")
     c.add_argument("version", help="the version to make champion")
     c.add_argument("--reason", default="promoted by hand", help="why; kept as the version's promotion_reason tag")
-    c.add_argument("overrides", nargs="*", help="tracking overrides, e.g. tracking.tracking_uri=URI")
+    c.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
     c = cmd("submit", "submit a pipeline command to a Ray cluster as a Ray job: pipeline submit -- train ...")
     c.add_argument("--address", default=None, help="the cluster's dashboard/jobs URL (default: RAY_ADDRESS)")
     c.add_argument("--wait", dest="wait", action="store_true", default=True, help="stream the logs and exit with the job's outcome (default)")
@@ -160,9 +160,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "promote":
         import getpass
 
+        from .config import TrackingConfig
         from .tracking import promote, resolve
 
-        uri, _ = resolve(load_config(args.overrides).tracking)
+        uri, _ = resolve(TrackingConfig(tracking_uri=args.tracking_uri or ""))
         before = promote(uri, args.name, args.version, args.reason, getpass.getuser())
         print(f"champion of {args.name}: v{before} -> v{args.version}" if before else
               f"champion of {args.name}: v{args.version} (there was none)")

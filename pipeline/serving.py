@@ -86,7 +86,12 @@ class BundleModel(PythonModel):
                 raise MlflowException.invalid_parameter_value(f"params.{key} must be >= 1, got {p[key]}")
         items = column(model_input)
         if self.video:
-            clips = self.model.load_clips(items, p["backbone"])
+            from pipeline.inference import BundleError
+
+            try:
+                clips = self.model.load_clips(items, p["backbone"])
+            except (BundleError, OSError) as e:  # a missing clip, .npy for a frames model, no backbone
+                raise MlflowException.invalid_parameter_value(str(e)) from e
             return self.model.caption(clips, int(p["beam_size"]), float(p["length_penalty"]), int(p["batch_size"]))
         return self.model.translate(items, int(p["beam_size"]), float(p["length_penalty"]), int(p["batch_size"]))
 
