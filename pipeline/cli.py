@@ -7,6 +7,7 @@
     pipeline doctor [key=value ...]     preflight checks for a run with that config
     pipeline tune [key=value ...]       a Ray Tune sweep of Ray Train runs
     pipeline report --sweep NAME        a sweep's plots and summary from MLflow
+    pipeline promote NAME VERSION       move a registered model's champion alias by hand
     pipeline translate --model M        stdin -> stdout
     pipeline caption --model M CLIP...  captions of video clips
     pipeline evaluate --model M [...]   BLEU and chrF on a split
@@ -74,6 +75,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--sweep", required=True, help="the sweep's name (tune.name, printed by pipeline tune)")
     c.add_argument("--out", default=None, help="output folder (default: reports/SWEEP)")
     c.add_argument("overrides", nargs="*", help="tracking overrides, e.g. tracking.experiment=NAME")
+    c = cmd("promote", "move the alias champion of a registered model to VERSION by hand, tagging who and why")
+    c.add_argument("name", help="the registered model (tune.register_as)")
+    c.add_argument("version", help="the version to make champion")
+    c.add_argument("--reason", default="promoted by hand", help="why; kept as the version's promotion_reason tag")
+    c.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
     c = cmd("submit", "submit a pipeline command to a Ray cluster as a Ray job: pipeline submit -- train ...")
     c.add_argument("--address", default=None, help="the cluster's dashboard/jobs URL (default: RAY_ADDRESS)")
     c.add_argument("--wait", dest="wait", action="store_true", default=True, help="stream the logs and exit with the job's outcome (default)")
@@ -151,6 +157,17 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .cluster import jobs
 
         return jobs(args.action, args.job_id, args.address)
+    if args.command == "promote":
+        import getpass
+
+        from .config import TrackingConfig
+        from .tracking import promote, resolve
+
+        uri, _ = resolve(TrackingConfig(tracking_uri=args.tracking_uri or ""))
+        before = promote(uri, args.name, args.version, args.reason, getpass.getuser())
+        print(f"champion of {args.name}: v{before} -> v{args.version}" if before else
+              f"champion of {args.name}: v{args.version} (there was none)")
+        return 0
     if args.command == "translate":
         from .inference import Translator
 
@@ -223,8 +240,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"\n== sweep {res['sweep']} ==\n{format_table(res['trials'], metric)}")
         if res.get("registered_model"):
             tests = " ".join(f"{k} {v:.3f}" for k, v in res.items() if k.startswith("test_") and isinstance(v, float))
-            print(f"champion: {res['best']['run_name']} -> models:/{res['registered_model']}@champion "
+            print(f"challenger: {res['best']['run_name']} -> models:/{res['registered_model']}@challenger "
                   f"(version {res['registered_version']}); {tests}")
+            print(res["promotion"])
+            print(f"serve it:   mlflow models serve -m models:/{res['registered_model']}@champion --env-manager local "
+                  "--host 127.0.0.1 --port 5001")
         print(f"review: pipeline report --sweep {res['sweep']}")
         return 0
     from .train.run import run_training

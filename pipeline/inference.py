@@ -3,7 +3,8 @@
 A *bundle* is a folder (local or URI) with ``model.pt`` (a state dict, loaded with
 ``weights_only=True``), ``model.json`` (model config, vocabulary sizes, special ids,
 text cleaning) and ``src_tokenizer.json`` / ``tgt_tokenizer.json``. The best checkpoint
-of a run is written as one, and the MLflow model carries the same files.
+of a run is written as one, and the MLflow model carries the same files (as the
+artifact ``bundle`` of a pyfunc, see ``serving.py``).
 """
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ def _located(location: str) -> Iterator[tuple[Any, str, dict[str, Any]]]:
             import mlflow.artifacts
 
             local = mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp)
-            found = list(Path(local).rglob("model.json"))
+            # The pyfunc keeps the bundle in artifacts/bundle/ (tracking.log_model); a folder of
+            # bundle files (best_checkpoint/, or a model logged before) has it at its top.
+            found = sorted(Path(local).rglob("model.json"), key=lambda p: p.parent.name != "bundle")
             if not found:
                 raise FileNotFoundError(f"{location} has no model.json: not a model logged by this project")
             location = str(found[0].parent)

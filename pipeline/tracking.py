@@ -172,32 +172,178 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     client(uri).set_terminated(run_id, status=status)
 
 
-def log_model(uri: str, run_id: str, model: Any, extra_files: list[str]) -> str:
-    """Log the nn.Module with ``mlflow.pytorch.log_model`` into the given run.
+def model_requirements(video: bool) -> list[str]:
+    """The packages the logged model imports, pinned to the versions installed here (a
+    local build tag such as torch's ``+cpu`` dropped: pip would not find it on PyPI).
+    MLflow adds itself."""
+    from importlib.metadata import version
 
-    Pickle format keeps the decoding methods (an exported pt2 graph would keep only
-    ``forward``); ``pipeline translate`` itself reloads the weights-only state dict and
-    the JSON files in ``extra_files``, never the pickle.
+    names = ["torch", "tokenizers", "numpy", "pandas", "fsspec", "pyyaml"] + (["pyarrow", "av"] if video else [])
+    return [f"{n}=={version(n).split('+')[0]}" for n in names]
+
+
+def log_model(uri: str, run_id: str, bundle: str, video: bool, example: list[str] | None = None) -> str:
+    """Log a local model bundle folder as an MLflow "models from code" pyfunc in the run;
+    returns the model's URI (``runs:/ID/model``).
+
+    The model is ``serving.py`` (code, not a pickle) with the bundle as its artifact
+    ``bundle`` and the ``pipeline`` package as its code, so MLflow's own tools load and
+    serve it. ``example``: a few inputs (sentences; clip files for a captioner) saved as
+    the input example; MLflow loads the logged model and predicts on it once, a check
+    that it serves (a failure there is MLflow's warning, not an error).
     """
-    import mlflow
-    import mlflow.pytorch
+    import shutil
+    import sys
+    import tempfile
 
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
-                                        extra_files=extra_files, pip_requirements=["torch", "tokenizers"])
+    import mlflow
+    import mlflow.pyfunc
+
+    from . import serving
+    from .inference import BUNDLE_FILES
+
+    with tempfile.TemporaryDirectory(prefix="pipeline-pyfunc-") as tmp:
+        # Exactly the bundle's files: a best/ folder may hold others beside them.
+        folder = os.path.join(tmp, "bundle")
+        os.makedirs(folder)
+        for name in BUNDLE_FILES:
+            shutil.copyfile(os.path.join(bundle, name), os.path.join(folder, name))
+        mlflow.set_tracking_uri(uri)
+        # MLflow's check of the input example loads the model, which puts the model's code/
+        # folder (a temporary copy) first on sys.path for good; put the path back after.
+        saved_path = sys.path[:]
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=serving.__file__, artifacts={"bundle": folder},
+                code_paths=[str(Path(__file__).resolve().parent)], signature=serving.signature(video),
+                input_example=example or None, pip_requirements=model_requirements(video))
+        sys.path[:] = saved_path
     return info.model_uri
 
 
-def register_champion(uri: str, model_uri: str, name: str, alias: str = "champion") -> str:
-    """Register a logged model under ``name`` and point the alias at the new version."""
+def pickles_in(folder: str | Path) -> list[str]:
+    """Files under ``folder`` that are pickles: by name, or by content (a pickle of
+    protocol 2-5 starts with 0x80 and the protocol byte). torch's zip format (``PK``) is
+    not one; the state dict inside it is read with ``weights_only=True``."""
+    found = []
+    for path in sorted(Path(folder).rglob("*")):
+        if not path.is_file():
+            continue
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if path.suffix in (".pkl", ".pickle", ".pth") or (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
+            found.append(str(path.relative_to(folder)))
+    return found
+
+
+# ---- The registry: every sweep's best a challenger; champion moves only when it is beaten -------
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+# Tags on a registered version: what it scored, on which data, from which sweep and commit.
+SWEEP_TAG, METRIC_TAG, VALUE_TAG, DATA_TAG, COMMIT_TAG = (
+    "pipeline.sweep", "pipeline.metric", "pipeline.metric_value", "pipeline.data_fingerprint", "pipeline.git_commit")
+
+
+def data_fingerprint(data_dir: str, manifest: dict[str, Any]) -> str:
+    """The test data a score was measured on: the preprocessed folder's name (it hashes the
+    data config and the input files) and the test split's kept count."""
+    return f"{os.path.basename(data_dir.rstrip('/'))}/test={manifest['splits']['test']['kept']}"
+
+
+def register_challenger(uri: str, model_uri: str, name: str, tags: dict[str, str]) -> str:
+    """Register a logged model as a new version of ``name``, tagged, with the alias
+    ``challenger``; returns the version."""
     import mlflow
 
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    version = mlflow.register_model(model_uri, name).version
-    client(uri).set_registered_model_alias(name, alias, version)
-    return str(version)
+    version = str(mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()}).version)
+    client(uri).set_registered_model_alias(name, CHALLENGER, version)
+    return version
+
+
+def _champion(uri: str, name: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client(uri).get_model_version_by_alias(name, CHAMPION)
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(e).lower():
+            return None
+        raise
+
+
+def _score(uri: str, mv: Any, metric: str) -> float | None:
+    """A version's score on ``metric``: its tag, else (a version registered before tags
+    were written) the metric of the run it came from."""
+    if mv.tags.get(METRIC_TAG) == metric and mv.tags.get(VALUE_TAG):
+        return float(mv.tags[VALUE_TAG])
+    if mv.run_id:
+        value = client(uri).get_run(mv.run_id).data.metrics.get(metric)
+        return None if value is None else float(value)
+    return None
+
+
+def promote_if_better(uri: str, name: str, version: str, metric: str, mode: str,
+                      data_fingerprint: str) -> tuple[bool, str]:
+    """Move ``champion`` to ``version`` when there is no champion yet, or when the version
+    beats the champion on ``metric`` (``mode`` max|min) measured on the same test data
+    (``data_fingerprint``). Returns (promoted, the reason in one line)."""
+    c = client(uri)
+    mv = c.get_model_version(name, version)
+    value = _score(uri, mv, metric)
+    shown = "no score" if value is None else f"{metric} {value:.2f}"
+    champ = _champion(uri, name)
+    if champ is None:
+        _promote(uri, name, version, f"first champion ({shown})", "pipeline tune")
+        return True, f"champion: v{version} ({shown}), the first of {name}"
+    if str(champ.version) == str(version):
+        return False, f"champion: v{version} already"
+    champ_value = _score(uri, champ, metric)
+    champ_shown = "no score" if champ_value is None else f"{metric} {champ_value:.2f}"
+    kept = f"champion: v{champ.version} ({champ_shown}) kept; challenger v{version} ({shown})"
+    hint = f"`pipeline promote {name} {version}` moves it by hand"
+    if champ.tags.get(DATA_TAG) != data_fingerprint:
+        return False, (f"{kept} was tested on other data ({data_fingerprint} vs the champion's "
+                       f"{champ.tags.get(DATA_TAG, 'unknown')}): not comparable; {hint}")
+    if value is None or champ_value is None:
+        return False, f"{kept}: without both scores there is nothing to compare; {hint}"
+    better = value > champ_value if mode == "max" else value < champ_value
+    if not better:
+        return False, f"{kept} does not beat it ({'higher' if mode == 'max' else 'lower'} is better)"
+    _promote(uri, name, version, f"beat v{champ.version}: {metric} {value:.2f} vs {champ_value:.2f}", "pipeline tune")
+    return True, f"champion moved v{champ.version} -> v{version} ({metric} {champ_value:.2f} -> {value:.2f})"
+
+
+def _promote(uri: str, name: str, version: str, reason: str, by: str) -> None:
+    import time
+
+    c = client(uri)
+    # Tags first: a champion is never without its why.
+    for k, v in {"promoted_by": by, "promotion_reason": reason,
+                 "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}.items():
+        c.set_model_version_tag(name, version, k, v)
+    c.set_registered_model_alias(name, CHAMPION, version)
+
+
+def promote(uri: str, name: str, version: str, reason: str, by: str) -> str | None:
+    """Move ``champion`` to ``version`` by hand, tagging who and why; returns the version
+    that was champion before (None: there was none)."""
+    from mlflow.exceptions import MlflowException
+
+    c = client(uri)
+    try:
+        c.get_model_version(name, version)
+    except MlflowException as e:
+        try:
+            known = sorted(int(v.version) for v in c.search_model_versions(f"name = '{name}'"))
+        except MlflowException:
+            known = []
+        raise TrackingError(f"registered model '{name}' has no version {version} at {redact(uri)} "
+                            f"(versions: {', '.join(map(str, known)) or 'none'})") from e
+    before = _champion(uri, name)
+    _promote(uri, name, version, reason, by)
+    return None if before is None else str(before.version)
 
 
 # ---- Buffered logging: an MLflow outage neither stops training nor loses a record ----------

@@ -5,7 +5,9 @@ reports reach Tune through ``TuneReportCallback``, so ASHA can stop bad trials o
 validation metric. The sweep is one MLflow parent run; each trial a child
 (``mlflow.parentRunId``) named ``<sweep>-<trial id>``, so re-running an interrupted sweep
 (same ``tune.name``) resumes the unfinished trials into the same children. At the end
-the best trial is tested, its model logged and registered with the alias ``champion``.
+the best trial is tested, its model logged and registered as a new version with the alias
+``challenger``; ``champion`` moves to it only when it beats the champion's test score on
+the same test data (``tracking.promote_if_better``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 import ray
 
 from . import tracking
-from .config import Config, ConfigError, default_metric, set_key, validate
+from .config import Config, ConfigError, default_metric, is_video, set_key, validate
 from .lock import hold_named
 from .train.loop import latest_checkpoint
 from .train.run import check_fingerprint, close_logger, fit_run, prepare, run_fingerprint, test_and_log
@@ -152,9 +154,7 @@ def _run_sweep(cfg: Config, prep: dict[str, Any], sweep: str) -> dict[str, Any]:
     out.update(tested)
     out["unsent_records"] = close_logger(best_log)
     if tested.get("model_uri"):
-        name = tc.register_as or f"{experiment}-{cfg.data.name}"
-        out["registered_model"] = name
-        out["registered_version"] = tracking.register_champion(uri, tested["model_uri"], name)
+        out.update(_register(cfg, prep, sweep, best["run_name"], metric, tested))  # `pipeline tune` prints why
     log = tracking.RunLogger(uri, parent_id, tracking.spill_dir(storage, sweep))
     log.log_table({k: [r.get(k) for r in rows] for k in rows[0] if k != "params"} |
                   {"params": [json.dumps(r["params"]) for r in rows]}, "trials.json")
@@ -163,6 +163,35 @@ def _run_sweep(cfg: Config, prep: dict[str, Any], sweep: str) -> dict[str, Any]:
     log.end_run("FINISHED" if not failed else "FAILED")
     out["unsent_records"] += close_logger(log)
     return out
+
+
+def champion_metric(metric: str, mode: str, tested: dict[str, Any], video: bool) -> tuple[str, str]:
+    """The test metric that stands for the sweep's validation metric (val_bleu -> test_bleu),
+    and its mode; a validation metric with no test counterpart (val_loss) falls back to the
+    default one (test_bleu, test_cider: higher is better)."""
+    counterpart = "test_" + metric.removeprefix("val_")
+    if counterpart in tested:
+        return counterpart, mode
+    return ("test_cider" if video else "test_bleu"), "max"
+
+
+def _register(cfg: Config, prep: dict[str, Any], sweep: str, run_name: str, metric: str,
+              tested: dict[str, Any]) -> dict[str, Any]:
+    """The best trial's model becomes a new version with the alias ``challenger``, tagged
+    with what it scored on which data; ``champion`` moves to it only when it wins."""
+    tc, uri = cfg.tune, prep["uri"]
+    name = tc.register_as or f"{prep['experiment']}-{cfg.data.name}"
+    key, mode = champion_metric(metric, tc.mode, tested, is_video(cfg))
+    fingerprint = tracking.data_fingerprint(prep["data_dir"], prep["manifest"])
+    tags = {tracking.SWEEP_TAG: sweep, "pipeline.trial": run_name, tracking.METRIC_TAG: key,
+            tracking.DATA_TAG: fingerprint, tracking.COMMIT_TAG: tracking.git_commit() or "unknown"}
+    if key in tested:
+        tags[tracking.VALUE_TAG] = repr(float(tested[key]))
+    version = tracking.register_challenger(uri, tested["model_uri"], name, tags)
+    promoted, reason = tracking.promote_if_better(uri, name, version, key, mode, fingerprint)
+    champion = version if promoted else str(tracking.client(uri).get_model_version_by_alias(name, tracking.CHAMPION).version)
+    return {"registered_model": name, "registered_version": version, "promoted": promoted, "promotion": reason,
+            "champion_version": champion}
 
 
 def summarize(uri: str, parent_id: str, metric: str, mode: str,

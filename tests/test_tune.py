@@ -76,6 +76,11 @@ def test_champion_alias_on_best_trial(sweep):
     assert res["best"]["run_id"] == ranked[0]["run_id"]
     mv = c.get_model_version_by_alias("demo-champion", "champion")
     assert mv.run_id == ranked[0]["run_id"]
+    # The first sweep into a registered model: its challenger becomes champion, tagged.
+    assert res["promoted"] and mv.version == c.get_model_version_by_alias("demo-champion", "challenger").version
+    assert mv.tags["pipeline.sweep"] == "grid" and mv.tags["pipeline.metric"] == "test_bleu"
+    assert float(mv.tags["pipeline.metric_value"]) == c.get_run(mv.run_id).data.metrics["test_bleu"]
+    assert mv.tags["pipeline.data_fingerprint"].split("/test=")[0] in os.listdir(sweep["tmp"] / "data")
     best_bleu = max(m.value for m in c.get_metric_history(mv.run_id, "val_bleu"))
     for k in children_of(sweep["uri"], res["parent_run_id"]):
         assert max(m.value for m in c.get_metric_history(k.info.run_id, "val_bleu")) <= best_bleu

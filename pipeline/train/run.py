@@ -431,6 +431,7 @@ def test_and_log(cfg: Config, log: tracking.RunLogger, best_dir: str, data_dir: 
     run's last training step: a resumed run that trained on is tested again at a new step)."""
     t = cfg.train
     out: dict[str, Any] = {}
+    res: dict[str, list] = {}
     if manifest["splits"]["test"]["kept"]:
         print(f"[test] decoding the test split with beam {t.test_beam_size}", flush=True)
         res = translate_split(best_dir, f"{data_dir}/test", t.test_beam_size, t.length_penalty, is_video(cfg))
@@ -458,10 +459,9 @@ def test_and_log(cfg: Config, log: tracking.RunLogger, best_dir: str, data_dir: 
             log.log_artifact(os.path.join(local_best, name), "best_checkpoint")
         log.flush()
         if cfg.tracking.log_model:
-            tr = (Captioner if is_video(cfg) else Translator).load(local_best)
             try:
-                out["model_uri"] = tracking.log_model(log.uri, log.run_id, tr.model,
-                                                      [os.path.join(local_best, n) for n in BUNDLE_FILES])
+                out["model_uri"] = tracking.log_model(log.uri, log.run_id, local_best, is_video(cfg),
+                                                      _model_example(cfg, data_dir, res))
             except Exception as e:  # noqa: BLE001 - an outage costs the MLflow model, not the run
                 if not tracking.is_outage(e):
                     raise
@@ -469,6 +469,17 @@ def test_and_log(cfg: Config, log: tracking.RunLogger, best_dir: str, data_dir: 
                 print(f"[tracking] MLflow at {tracking.redact(log.uri)} is away: the model was not logged as an "
                       f"MLflow model (its files go to best_checkpoint/; {best_dir} has them too)", flush=True)
     return out
+
+
+def _model_example(cfg: Config, data_dir: str, res: dict[str, list]) -> list[str]:
+    """The logged model's input example: two test sentences, or one test clip file (a
+    captioner's input is a clip file's path)."""
+    if not is_video(cfg):
+        return res.get("src", [])[:2] or ["a sentence ."]
+    if not res.get("src") or cfg.data.frame_encoder == "frozen":  # frozen: predicting needs the backbone file
+        return []
+    row = ray.data.read_parquet(f"{data_dir}/test").select_columns(["path"]).take(1)
+    return [row[0]["path"]] if row else []
 
 
 def _local_bundle(bundle: str, dest: str) -> str:
