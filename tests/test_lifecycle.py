@@ -31,7 +31,8 @@ def _overrides(tmp, name, *extra):
 
 
 def _history(uri, run_id, key):
-    return MlflowClient(uri).get_metric_history(run_id, key)
+    """A metric's history in step order (MLflow returns it in no set order)."""
+    return sorted(MlflowClient(uri).get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
 
 
 def _steps(uri, run_id, key):
