@@ -155,8 +155,12 @@ def test_killed_worker_does_not_extend_the_budget(ray_session, tmp_path):
     lost = killed_at - ckpt_at
     print(f"\n[lifecycle] budget 45 s: trained {trained:.1f} s that count, {lost:.1f} s lost to the kill, "
           f"restart {resumed_at - killed_at:.1f} s, {ckpt_at - first_step_at:.1f} s before the checkpoint")
-    # The second attempt's share includes its data pipeline's start (not budget time), a few s.
-    assert trained < 45 + 15, f"{trained:.1f} s of training for a 45 s budget: the restart extended it"
+    # A restart that started the clock again would train the whole budget after the kill, on
+    # top of the time before the checkpoint; the second attempt's share here also holds its data
+    # pipeline's start (not budget time: seconds, more on a loaded machine).
+    before = ckpt_at - first_step_at
+    assert trained < 45 + 0.5 * before + 12, \
+        f"{trained:.1f} s of training for a 45 s budget ({before:.1f} s before the checkpoint): the restart extended it"
     assert _state(tmp_path, name)["elapsed_s"] >= 45
     steps = [m.step for m in train]
     assert steps == list(range(LOG_EVERY, LOG_EVERY * len(steps) + 1, LOG_EVERY)), "gaps or duplicate steps"
