@@ -38,8 +38,9 @@ class BareSeq2Seq(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def encode(self, src, lens):
-        packed = nn.utils.rnn.pack_padded_sequence(self.drop(self.src_emb(src)), lens, batch_first=True,
-                                                   enforce_sorted=False)
+        packed = nn.utils.rnn.pack_padded_sequence(
+            self.drop(self.src_emb(src)), lens, batch_first=True, enforce_sorted=False
+        )
         out, (h, c) = self.enc(packed)
         out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=src.size(1))
         L = h.size(0) // 2
@@ -123,10 +124,21 @@ def main() -> None:
                 hyps.append(row[: row.index(EOS)] if EOS in row else row)
     text = tok.decode_batch(hyps, skip_special_tokens=True)
     bleu = sacrebleu.corpus_bleu(text, [test["tgt"]]).score
-    print(json.dumps({"bench": "bare_loop", "minutes": args.minutes, "hidden": args.hidden, "steps": steps,
-                      "epochs": epoch, "target_tokens_per_s": round(tokens / train_s, 1),
-                      "test_bleu_greedy": round(bleu, 2), "threads": torch.get_num_threads(),
-                      "final_train_ppl": round(math.exp(min(float(loss), 50)), 3)}))
+    print(
+        json.dumps(
+            {
+                "bench": "bare_loop",
+                "minutes": args.minutes,
+                "hidden": args.hidden,
+                "steps": steps,
+                "epochs": epoch,
+                "target_tokens_per_s": round(tokens / train_s, 1),
+                "test_bleu_greedy": round(bleu, 2),
+                "threads": torch.get_num_threads(),
+                "final_train_ppl": round(math.exp(min(float(loss), 50)), 3),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -40,12 +40,18 @@ def main() -> None:
         single = [decode_ids(tr.model, [s], beam, 0.6, 1, dev)[0] for s in src]
         t_single = time.perf_counter() - t0
         same = sum(a == b for a, b in zip(batched, single)) / len(src)
-        out[name] = {"batched_sent_per_s": round(len(src) / t_batched, 1), "single_sent_per_s": round(len(src) / t_single, 1),
-                     "ratio_batched_over_single": round(t_single / t_batched, 2), "identical_outputs": round(same, 3)}
+        out[name] = {
+            "batched_sent_per_s": round(len(src) / t_batched, 1),
+            "single_sent_per_s": round(len(src) / t_single, 1),
+            "ratio_batched_over_single": round(t_single / t_batched, 2),
+            "identical_outputs": round(same, 3),
+        }
     print(json.dumps(out))
-    print(f"decode: greedy {out['greedy']['batched_sent_per_s']} sent/s ({out['greedy']['ratio_batched_over_single']}x one-at-a-time), "
-          f"beam{args.beam} {out[f'beam{args.beam}']['batched_sent_per_s']} sent/s "
-          f"({out[f'beam{args.beam}']['ratio_batched_over_single']}x)")
+    print(
+        f"decode: greedy {out['greedy']['batched_sent_per_s']} sent/s ({out['greedy']['ratio_batched_over_single']}x one-at-a-time), "
+        f"beam{args.beam} {out[f'beam{args.beam}']['batched_sent_per_s']} sent/s "
+        f"({out[f'beam{args.beam}']['ratio_batched_over_single']}x)"
+    )
 
 
 if __name__ == "__main__":

@@ -35,8 +35,9 @@ def bare_loop(cfg, prep, seconds: float) -> dict:
     torch.set_num_threads(cfg.train.cpus_per_worker)
     torch.manual_seed(cfg.train.seed)
     v = prep["vocab"]
-    model = build_model(cfg.model, v["src_vocab_size"], v["tgt_vocab_size"], v["joint_vocab"],
-                        v["pad_id"], v["bos_id"], v["eos_id"])
+    model = build_model(
+        cfg.model, v["src_vocab_size"], v["tgt_vocab_size"], v["joint_vocab"], v["pad_id"], v["bos_id"], v["eos_id"]
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.train.warmup_steps))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -66,10 +67,19 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="bench-pipeline-")
-    cfg = load_config(["data=demo_text", "model=small", "train.num_workers=1", "train.max_epochs=1000",
-                       f"train.max_minutes={args.minutes}", f"train.storage_path={tmp}/ray",
-                       f"tracking.tracking_uri=sqlite:///{tmp}/mlflow.db", "tracking.log_model=false",
-                       *args.overrides])
+    cfg = load_config(
+        [
+            "data=demo_text",
+            "model=small",
+            "train.num_workers=1",
+            "train.max_epochs=1000",
+            f"train.max_minutes={args.minutes}",
+            f"train.storage_path={tmp}/ray",
+            f"tracking.tracking_uri=sqlite:///{tmp}/mlflow.db",
+            "tracking.log_model=false",
+            *args.overrides,
+        ]
+    )
     prep = prepare(cfg)
     bare = bare_loop(cfg, prep, args.minutes * 60)
     t0 = time.time()
@@ -80,16 +90,28 @@ def main() -> None:
     tps = [m.value for m in c.get_metric_history(res["run_id"], "train_tokens_per_s")][1:]  # first: warm-up
     wait = [m.value for m in c.get_metric_history(res["run_id"], "data_wait_fraction")][1:]
     ours = statistics.median(tps)
-    out = {"bench": "pipeline", "device": "cpu", "minutes": args.minutes, "data": cfg.data.name,
-           "hidden": cfg.model.hidden_size, "batch_tokens": cfg.train.batch_tokens,
-           "bare": {k: round(v, 1) if isinstance(v, float) else v for k, v in bare.items()},
-           "pipeline": {"tokens_per_s_median": round(ours, 1), "windows": len(tps),
-                        "data_wait_fraction_median": round(statistics.median(wait), 4),
-                        "data_wait_fraction_max": round(max(wait), 4), "wall_s": round(time.time() - t0, 1)},
-           "ratio_pipeline_over_bare": round(ours / bare["tokens_per_s"], 3)}
+    out = {
+        "bench": "pipeline",
+        "device": "cpu",
+        "minutes": args.minutes,
+        "data": cfg.data.name,
+        "hidden": cfg.model.hidden_size,
+        "batch_tokens": cfg.train.batch_tokens,
+        "bare": {k: round(v, 1) if isinstance(v, float) else v for k, v in bare.items()},
+        "pipeline": {
+            "tokens_per_s_median": round(ours, 1),
+            "windows": len(tps),
+            "data_wait_fraction_median": round(statistics.median(wait), 4),
+            "data_wait_fraction_max": round(max(wait), 4),
+            "wall_s": round(time.time() - t0, 1),
+        },
+        "ratio_pipeline_over_bare": round(ours / bare["tokens_per_s"], 3),
+    }
     print(json.dumps(out))
-    print(f"pipeline: {ours:.0f} vs bare {bare['tokens_per_s']:.0f} target tokens/s -> "
-          f"{out['ratio_pipeline_over_bare']:.2f}x; data wait {out['pipeline']['data_wait_fraction_median']:.1%}")
+    print(
+        f"pipeline: {ours:.0f} vs bare {bare['tokens_per_s']:.0f} target tokens/s -> "
+        f"{out['ratio_pipeline_over_bare']:.2f}x; data wait {out['pipeline']['data_wait_fraction_median']:.1%}"
+    )
 
 
 if __name__ == "__main__":

@@ -61,11 +61,21 @@ def single_process(root: str, shards: int, tok_json: str, out: str, fast: bool =
         for lang in ("en", "de"):
             with gzip.open(f"{root}/part{s:03d}.{lang}.gz", "rt", encoding="utf-8") as f:
                 sides.append([toklib.clean_text(line, "NFC", False) for line in f])
-        ids = [[e.ids for i in range(0, len(side), 2048) for e in encode(side[i : i + 2048], add_special_tokens=False)]
-               for side in sides]
-        pq.write_table(pa.table({"src": sides[0], "tgt": sides[1],
-                                 "src_ids": pa.array(ids[0], type=pa.list_(pa.int32())),
-                                 "tgt_ids": pa.array(ids[1], type=pa.list_(pa.int32()))}), f"{out}/part{s:03d}.parquet")
+        ids = [
+            [e.ids for i in range(0, len(side), 2048) for e in encode(side[i : i + 2048], add_special_tokens=False)]
+            for side in sides
+        ]
+        pq.write_table(
+            pa.table(
+                {
+                    "src": sides[0],
+                    "tgt": sides[1],
+                    "src_ids": pa.array(ids[0], type=pa.list_(pa.int32())),
+                    "tgt_ids": pa.array(ids[1], type=pa.list_(pa.int32())),
+                }
+            ),
+            f"{out}/part{s:03d}.parquet",
+        )
         n += len(sides[0])
     return n / (time.perf_counter() - t0)
 
@@ -103,7 +113,9 @@ def our_stages_in_process(root: str, tok_json: str, out: str) -> float:
     from pipeline.data.readers import list_tasks
 
     cfg = load_config(["data=pairs", f"data.src_files={root}/*.en.gz", f"data.tgt_files={root}/*.de.gz"]).data
-    clean_cfg = {k: getattr(cfg, k) for k in ("normalization", "lowercase", "max_chars", "val_fraction", "test_fraction")}
+    clean_cfg = {
+        k: getattr(cfg, k) for k in ("normalization", "lowercase", "max_chars", "val_fraction", "test_fraction")
+    }
     rates = []
     for _ in range(2):
         t0, n = time.perf_counter(), 0
@@ -137,10 +149,23 @@ def _tree_pss(root: psutil.Process) -> int:
 
 def peak_memory(root: str, out: str) -> tuple[float, float]:
     """Run `pipeline preprocess` on root's shards; (peak PSS of its process tree, seconds)."""
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "preprocess", "data=pairs",
-                             f"data.src_files={root}/*.en.gz", f"data.tgt_files={root}/*.de.gz",
-                             f"data.output_dir={out}", "data.vocab_size=4000"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "preprocess",
+            "data=pairs",
+            f"data.src_files={root}/*.en.gz",
+            f"data.tgt_files={root}/*.de.gz",
+            f"data.output_dir={out}",
+            "data.vocab_size=4000",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     t0 = time.time()
     peak = 0
     ps = psutil.Process(proc.pid)
@@ -170,30 +195,51 @@ def main() -> None:
     cold, warm = ray_data(f"{tmp}/x1", tok_json, f"{tmp}/ray")
     # One tokenizer thread, as in one Ray task; in a child process, since the thread pool is
     # fixed at its first use in this one.
-    ours_one = float(subprocess.run(
-        [sys.executable, "-c", f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
-         f"from preprocess import our_stages_in_process as f; print(f({tmp + '/x1'!r}, open({tmp + '/tok.json'!r}).read(), "
-         f"{tmp + '/ours'!r}))"], env={**os.environ, "RAYON_NUM_THREADS": "1"}, check=True, capture_output=True,
-        text=True).stdout.split()[-1])
+    ours_one = float(
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
+                f"from preprocess import our_stages_in_process as f; print(f({tmp + '/x1'!r}, open({tmp + '/tok.json'!r}).read(), "
+                f"{tmp + '/ours'!r}))",
+            ],
+            env={**os.environ, "RAYON_NUM_THREADS": "1"},
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.split()[-1]
+    )
     mem1, sec1 = peak_memory(f"{tmp}/x1", f"{tmp}/out1")
     mem10, sec10 = peak_memory(f"{tmp}/x10", f"{tmp}/out10")
-    out = {"bench": "preprocess", "cpus": os.cpu_count(), "pairs": args.pairs,
-           "rows_per_s": {"single_process_encode_batch": round(single), "single_process_encode_batch_fast": round(single_fast),
-                          "ray_data_warm": round(warm), "ray_data_cold": round(cold),
-                          "our_stages_one_process_one_thread": round(ours_one)},
-           "ratio_ray_over_single": round(warm / single, 3),
-           "ratio_ray_over_single_fast": round(warm / single_fast, 3),
-           "ratio_ray_cold_over_single": round(cold / single, 3),
-           "ratio_ray_over_our_stages_one_process": round(warm / ours_one, 3),
-           "peak_memory_mb": {"x1": round(mem1 / 2**20), "x10": round(mem10 / 2**20)},
-           "seconds": {"x1": round(sec1, 1), "x10": round(sec10, 1)},
-           "memory_ratio_x10_over_x1": round(mem10 / max(mem1, 1), 2)}
+    out = {
+        "bench": "preprocess",
+        "cpus": os.cpu_count(),
+        "pairs": args.pairs,
+        "rows_per_s": {
+            "single_process_encode_batch": round(single),
+            "single_process_encode_batch_fast": round(single_fast),
+            "ray_data_warm": round(warm),
+            "ray_data_cold": round(cold),
+            "our_stages_one_process_one_thread": round(ours_one),
+        },
+        "ratio_ray_over_single": round(warm / single, 3),
+        "ratio_ray_over_single_fast": round(warm / single_fast, 3),
+        "ratio_ray_cold_over_single": round(cold / single, 3),
+        "ratio_ray_over_our_stages_one_process": round(warm / ours_one, 3),
+        "peak_memory_mb": {"x1": round(mem1 / 2**20), "x10": round(mem10 / 2**20)},
+        "seconds": {"x1": round(sec1, 1), "x10": round(sec10, 1)},
+        "memory_ratio_x10_over_x1": round(mem10 / max(mem1, 1), 2),
+    }
     print(json.dumps(out))
-    print(f"preprocess: Ray Data {warm:.0f} rows/s (cold cluster {cold:.0f}) vs single process {single:.0f} "
-          f"(encode_batch) -> {out['ratio_ray_over_single']:.2f}x, vs {single_fast:.0f} (encode_batch_fast) -> "
-          f"{out['ratio_ray_over_single_fast']:.2f}x; our stages in one process, one thread: {ours_one:.0f} "
-          f"(Ray / that {out['ratio_ray_over_our_stages_one_process']:.2f}x); peak memory {out['peak_memory_mb']['x1']} MB at 1x, "
-          f"{out['peak_memory_mb']['x10']} MB at 10x ({out['memory_ratio_x10_over_x1']}x)")
+    print(
+        f"preprocess: Ray Data {warm:.0f} rows/s (cold cluster {cold:.0f}) vs single process {single:.0f} "
+        f"(encode_batch) -> {out['ratio_ray_over_single']:.2f}x, vs {single_fast:.0f} (encode_batch_fast) -> "
+        f"{out['ratio_ray_over_single_fast']:.2f}x; our stages in one process, one thread: {ours_one:.0f} "
+        f"(Ray / that {out['ratio_ray_over_our_stages_one_process']:.2f}x); peak memory {out['peak_memory_mb']['x1']} MB at 1x, "
+        f"{out['peak_memory_mb']['x10']} MB at 10x ({out['memory_ratio_x10_over_x1']}x)"
+    )
+
 
 if __name__ == "__main__":
     main()

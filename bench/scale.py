@@ -14,6 +14,7 @@ step times, so the cost of the second worker can be set against what it communic
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -33,29 +34,49 @@ def run(workers: int, minutes: float, tmp: str, overrides: list[str], address: s
     from mlflow.tracking import MlflowClient
 
     name = f"scale-{workers}"
-    args = ["data=demo_text", "model=small", f"data.root={tmp}/demo", f"data.output_dir={tmp}/data",
-            f"train.num_workers={workers}", "train.placement_strategy=STRICT_SPREAD", "train.max_epochs=1000",
-            f"train.max_minutes={minutes}", f"train.storage_path={tmp}/ray", f"train.run_name={name}",
-            "train.test_beam_size=1", "tracking.log_model=false", f"tracking.tracking_uri={uri}",
-            "tracking.experiment=scale", *overrides]
+    args = [
+        "data=demo_text",
+        "model=small",
+        f"data.root={tmp}/demo",
+        f"data.output_dir={tmp}/data",
+        f"train.num_workers={workers}",
+        "train.placement_strategy=STRICT_SPREAD",
+        "train.max_epochs=1000",
+        f"train.max_minutes={minutes}",
+        f"train.storage_path={tmp}/ray",
+        f"train.run_name={name}",
+        "train.test_beam_size=1",
+        "tracking.log_model=false",
+        f"tracking.tracking_uri={uri}",
+        "tracking.experiment=scale",
+        *overrides,
+    ]
     env = {**os.environ, "RAY_ADDRESS": address, "RAY_AUTH_MODE": "token"}
     t0 = time.time()
     p = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", *args], env=env, capture_output=True, text=True)
     if p.returncode:
         raise RuntimeError(p.stdout[-2000:] + p.stderr[-3000:])
     c = MlflowClient(uri)
-    r = c.search_runs([c.get_experiment_by_name("scale").experiment_id],
-                      filter_string=f"tags.`pipeline.run_name` = '{name}'")[0]
-    hist = {k: c.get_metric_history(r.info.run_id, k)[1:]  # first window: warm-up
-            for k in ("train_tokens_per_s", "data_wait_fraction")}
+    r = c.search_runs(
+        [c.get_experiment_by_name("scale").experiment_id], filter_string=f"tags.`pipeline.run_name` = '{name}'"
+    )[0]
+    hist = {
+        k: c.get_metric_history(r.info.run_id, k)[1:]  # first window: warm-up
+        for k in ("train_tokens_per_s", "data_wait_fraction")
+    }
     tps = hist["train_tokens_per_s"]
     # A window is LOG_EVERY steps; its wall time from the log timestamps (median: windows
     # holding a validation are outliers).
-    step_ms = statistics.median((b.timestamp - a.timestamp) / (b.step - a.step) for a, b in zip(tps, tps[1:]))
-    return {"workers": workers, "nodes": r.data.tags.get("ray.num_worker_nodes"),
-            "tokens_per_s": statistics.median(m.value for m in tps), "windows": len(tps), "step_ms": round(step_ms, 1),
-            "data_wait_fraction": statistics.median(m.value for m in hist["data_wait_fraction"]),
-            "wall_s": round(time.time() - t0, 1)}
+    step_ms = statistics.median((b.timestamp - a.timestamp) / (b.step - a.step) for a, b in itertools.pairwise(tps))
+    return {
+        "workers": workers,
+        "nodes": r.data.tags.get("ray.num_worker_nodes"),
+        "tokens_per_s": statistics.median(m.value for m in tps),
+        "windows": len(tps),
+        "step_ms": round(step_ms, 1),
+        "data_wait_fraction": statistics.median(m.value for m in hist["data_wait_fraction"]),
+        "wall_s": round(time.time() - t0, 1),
+    }
 
 
 def main() -> None:
@@ -67,19 +88,34 @@ def main() -> None:
     cfg = load_config(["data=demo_text", "model=small", *args.overrides])
     from pipeline.models import build_model
 
-    params = sum(p.numel() for p in build_model(cfg.model, cfg.data.vocab_size, cfg.data.vocab_size, True,
-                                                0, 2, 3).parameters())
+    params = sum(
+        p.numel() for p in build_model(cfg.model, cfg.data.vocab_size, cfg.data.vocab_size, True, 0, 2, 3).parameters()
+    )
     results = []
     # A multi-node run needs a tracking server every node reaches (pipeline refuses a
     # node-local SQLite store on a multi-node cluster): a real `mlflow server` on 127.0.0.1.
     port = free_port()
-    mlflow = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-                               "--port", str(port), "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
-                               "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
+    mlflow = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp}/mlflow.db",
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     uri = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200, "the MLflow server")
+        health = f"{uri}/health"  # http on 127.0.0.1
+        wait_until(lambda: urllib.request.urlopen(health, timeout=2).status == 200, "the MLflow server")  # noqa: S310
         with loopback_cluster(nodes=2, cpus=2, logs=Path(tmp) / "logs") as cluster:
             for workers in (1, 2):
                 results.append(run(workers, args.minutes, tmp, args.overrides, cluster.gcs, uri))
@@ -87,14 +123,22 @@ def main() -> None:
         stop_process_group(mlflow)
     one, two = results
     efficiency = two["tokens_per_s"] / (2 * one["tokens_per_s"])
-    out = {"bench": "scale", "cpus": os.cpu_count(), "minutes": args.minutes, "parameters": params,
-           "allreduce_mb_per_worker_per_step": round(2 * (2 - 1) / 2 * params * 4 / 2**20, 2),
-           "runs": results, "step_ms_added_by_the_second_worker": round(two["step_ms"] - one["step_ms"], 1),
-           "efficiency_2_over_1": round(efficiency, 3)}
+    out = {
+        "bench": "scale",
+        "cpus": os.cpu_count(),
+        "minutes": args.minutes,
+        "parameters": params,
+        "allreduce_mb_per_worker_per_step": round(2 * (2 - 1) / 2 * params * 4 / 2**20, 2),
+        "runs": results,
+        "step_ms_added_by_the_second_worker": round(two["step_ms"] - one["step_ms"], 1),
+        "efficiency_2_over_1": round(efficiency, 3),
+    }
     print(json.dumps(out))
-    print(f"scale: 1 worker {one['tokens_per_s']:.0f}, 2 workers on 2 nodes {two['tokens_per_s']:.0f} target tokens/s "
-          f"-> efficiency {efficiency:.2f}; step {one['step_ms']} -> {two['step_ms']} ms with "
-          f"{out['allreduce_mb_per_worker_per_step']} MB allreduced per worker per step")
+    print(
+        f"scale: 1 worker {one['tokens_per_s']:.0f}, 2 workers on 2 nodes {two['tokens_per_s']:.0f} target tokens/s "
+        f"-> efficiency {efficiency:.2f}; step {one['step_ms']} -> {two['step_ms']} ms with "
+        f"{out['allreduce_mb_per_worker_per_step']} MB allreduced per worker per step"
+    )
 
 
 if __name__ == "__main__":

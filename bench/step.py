@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bare_loop import BareSeq2Seq, pad  # noqa: E402
+from bare_loop import BareSeq2Seq, pad
 
-from pipeline.config import ModelConfig  # noqa: E402
-from pipeline.models import build_model  # noqa: E402
-from pipeline.train.batching import collate, plan_batches  # noqa: E402
-from pipeline.train.loop import batch_flops, train_step  # noqa: E402
+from pipeline.config import ModelConfig
+from pipeline.models import build_model
+from pipeline.train.batching import collate, plan_batches
+from pipeline.train.loop import batch_flops, train_step
 
 
 def make_rows(n: int, vocab: int, rng: np.random.Generator):
@@ -57,12 +57,24 @@ def main() -> None:
         bare_batches.append((pad(s), torch.tensor([len(x) for x in s]), pad(t, prefix=[2]), pad(t, suffix=[3])))
     # Ours: the same sentences, length-sorted and cut by the same total token budget.
     budget = int(np.mean([b[3].numel() for b in bare_batches]))
-    ours_batches = [collate([src[i] for i in idx], [tgt[i] for i in idx], idx, 0, 2, 3)
-                    for idx in plan_batches(np.array([len(x) for x in src]), np.array([len(x) for x in tgt]), budget)]
+    ours_batches = [
+        collate([src[i] for i in idx], [tgt[i] for i in idx], idx, 0, 2, 3)
+        for idx in plan_batches(np.array([len(x) for x in src]), np.array([len(x) for x in tgt]), budget)
+    ]
     real_tokens = sum(len(x) + 1 for x in tgt)
 
-    ours = build_model(ModelConfig(embedding_size=args.emb, hidden_size=args.hidden, num_layers=args.layers,
-                                   dropout=0.2, attention="dot", tie_embeddings=True), args.vocab, args.vocab)
+    ours = build_model(
+        ModelConfig(
+            embedding_size=args.emb,
+            hidden_size=args.hidden,
+            num_layers=args.layers,
+            dropout=0.2,
+            attention="dot",
+            tie_embeddings=True,
+        ),
+        args.vocab,
+        args.vocab,
+    )
     bare = BareSeq2Seq(args.vocab, args.emb, args.hidden, args.layers, 0.2)
     opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-3)
     opt_bare = torch.optim.Adam(bare.parameters(), lr=1e-3)
@@ -79,8 +91,9 @@ def main() -> None:
         for s, lens, t_in, t_out in bare_batches:
             enc, state, mask = bare.encode(s, lens)
             logits, _ = bare.decode(t_in, enc, state, mask)
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), t_out.reshape(-1), ignore_index=0,
-                                   label_smoothing=0.1)
+            loss = F.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), t_out.reshape(-1), ignore_index=0, label_smoothing=0.1
+            )
             opt_bare.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(bare.parameters(), 1.0)
@@ -96,14 +109,23 @@ def main() -> None:
     tps = {k: real_tokens / min(v) for k, v in times.items()}
     flops = sum(batch_flops(ours, b, 0) for b in ours_batches)  # the same sentences, real tokens only
     padded = {"bare": sum(b[3].numel() for b in bare_batches), "ours": sum(b.padded_tokens for b in ours_batches)}
-    out = {"bench": "step", "device": "cpu", "threads": torch.get_num_threads(), "hidden": args.hidden,
-           "layers": args.layers, "vocab": args.vocab, "target_tokens": real_tokens,
-           "tokens_per_s": {k: round(v, 1) for k, v in tps.items()},
-           "padding_fraction": {k: round(1 - real_tokens / v, 3) for k, v in padded.items()},
-           "model_tflops": {k: round(flops / min(v) / 1e12, 4) for k, v in times.items()},
-           "ratio_ours_over_bare": round(tps["ours"] / tps["bare"], 3)}
+    out = {
+        "bench": "step",
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "hidden": args.hidden,
+        "layers": args.layers,
+        "vocab": args.vocab,
+        "target_tokens": real_tokens,
+        "tokens_per_s": {k: round(v, 1) for k, v in tps.items()},
+        "padding_fraction": {k: round(1 - real_tokens / v, 3) for k, v in padded.items()},
+        "model_tflops": {k: round(flops / min(v) / 1e12, 4) for k, v in times.items()},
+        "ratio_ours_over_bare": round(tps["ours"] / tps["bare"], 3),
+    }
     print(json.dumps(out))
-    print(f"step: ours {tps['ours']:.0f} vs bare {tps['bare']:.0f} target tokens/s -> {out['ratio_ours_over_bare']:.2f}x")
+    print(
+        f"step: ours {tps['ours']:.0f} vs bare {tps['bare']:.0f} target tokens/s -> {out['ratio_ours_over_bare']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

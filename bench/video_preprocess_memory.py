@@ -29,7 +29,7 @@ import time
 import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from preprocess import _tree_pss  # noqa: E402 - one memory measure for both preprocessing benchmarks
+from preprocess import _tree_pss
 
 
 def generate(root: str, demo_size: int) -> float:
@@ -46,10 +46,24 @@ def generate(root: str, demo_size: int) -> float:
 def peak_memory(root: str, demo_size: int, out: str) -> tuple[int, float, dict]:
     """(peak PSS of the preprocess process tree in bytes, seconds, the printed summary)."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own cluster: all of it is counted
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "preprocess", "data=demo_video",
-                             f"data.root={root}", f"data.demo_size={demo_size}", f"data.output_dir={out}",
-                             "data.feature_cache="], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "preprocess",
+            "data=demo_video",
+            f"data.root={root}",
+            f"data.demo_size={demo_size}",
+            f"data.output_dir={out}",
+            "data.feature_cache=",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     t0 = time.time()
     peak = 0
     ps = psutil.Process(proc.pid)
@@ -59,7 +73,7 @@ def peak_memory(root: str, demo_size: int, out: str) -> tuple[int, float, dict]:
     stdout, err = proc.communicate()
     if proc.returncode:
         raise RuntimeError(err[-3000:])
-    summary = json.loads(stdout[stdout.index("{\n"):])
+    summary = json.loads(stdout[stdout.index("{\n") :])
     return peak, time.time() - t0, summary
 
 
@@ -76,14 +90,24 @@ def main() -> None:
             done = os.path.exists(f"{corpus}/train_val_videodatainfo.json")  # written after every clip
             gen_s = 0.0 if done else generate(corpus, n)
             peak, sec, summary = peak_memory(corpus, n, f"{tmp}/out-{label}")
-            res[label] = {"demo_size": n, "captions_read": summary["rows_read"], "peak_pss_mb": round(peak / 2**20),
-                          "seconds": round(sec, 1), "generate_seconds": round(gen_s, 1)}
+            res[label] = {
+                "demo_size": n,
+                "captions_read": summary["rows_read"],
+                "peak_pss_mb": round(peak / 2**20),
+                "seconds": round(sec, 1),
+                "generate_seconds": round(gen_s, 1),
+            }
     big = f"x{args.factor}"
-    out = {**res, "ratio": round(res[big]["peak_pss_mb"] / res["x1"]["peak_pss_mb"], 2),
-           "method": "peak of the summed PSS of `pipeline preprocess` and its Ray cluster, sampled every 0.3 s"}
+    out = {
+        **res,
+        "ratio": round(res[big]["peak_pss_mb"] / res["x1"]["peak_pss_mb"], 2),
+        "method": "peak of the summed PSS of `pipeline preprocess` and its Ray cluster, sampled every 0.3 s",
+    }
     print(json.dumps(out, indent=2))
-    print(f"peak memory {res['x1']['peak_pss_mb']} MB at 1x ({args.demo_size} clips), {res[big]['peak_pss_mb']} MB at "
-          f"{args.factor}x: {out['ratio']}x")
+    print(
+        f"peak memory {res['x1']['peak_pss_mb']} MB at 1x ({args.demo_size} clips), {res[big]['peak_pss_mb']} MB at "
+        f"{args.factor}x: {out['ratio']}x"
+    )
 
 
 if __name__ == "__main__":

@@ -1,20 +1,20 @@
 """Command line: parse, load the config, dispatch. No logic lives here.
 
-    pipeline demo                       train on the embedded demo corpus (a few minutes)
-    pipeline train [key=value ...]      preprocess if needed, train, test, log to MLflow
-    pipeline preprocess [key=value ...] only the Ray Data preprocessing
-    pipeline config [key=value ...]     print the resolved config
-    pipeline doctor [key=value ...]     preflight checks for a run with that config
-    pipeline tune [key=value ...]       a Ray Tune sweep of Ray Train runs
-    pipeline report --sweep NAME        a sweep's plots and summary from MLflow
-    pipeline promote NAME VERSION       move a registered model's champion alias by hand
-    pipeline translate --model M        stdin -> stdout
-    pipeline caption --model M CLIP...  captions of video clips
-    pipeline evaluate --model M [...]   BLEU and chrF on a split
-    pipeline submit [--address URL] -- train ...   run a command as a job on a Ray cluster
-    pipeline jobs status|logs|stop ID   follow a submitted job
-    pipeline download multi30k DIR      fetch the public Multi30k files
-    pipeline tracking replay PATH       send MLflow records kept while the server was away
+pipeline demo                       train on the embedded demo corpus (a few minutes)
+pipeline train [key=value ...]      preprocess if needed, train, test, log to MLflow
+pipeline preprocess [key=value ...] only the Ray Data preprocessing
+pipeline config [key=value ...]     print the resolved config
+pipeline doctor [key=value ...]     preflight checks for a run with that config
+pipeline tune [key=value ...]       a Ray Tune sweep of Ray Train runs
+pipeline report --sweep NAME        a sweep's plots and summary from MLflow
+pipeline promote NAME VERSION       move a registered model's champion alias by hand
+pipeline translate --model M        stdin -> stdout
+pipeline caption --model M CLIP...  captions of video clips
+pipeline evaluate --model M [...]   BLEU and chrF on a split
+pipeline submit [--address URL] -- train ...   run a command as a job on a Ray cluster
+pipeline jobs status|logs|stop ID   follow a submitted job
+pipeline download multi30k DIR      fetch the public Multi30k files
+pipeline tracking replay PATH       send MLflow records kept while the server was away
 """
 
 from __future__ import annotations
@@ -35,27 +35,38 @@ DEMO_OVERRIDES = ["data=demo_text", "model=small", "train=demo"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pipeline", description="LSTM encoder-decoder training on Ray, tracked in MLflow.",
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
+    p = argparse.ArgumentParser(
+        prog="pipeline",
+        description="LSTM encoder-decoder training on Ray, tracked in MLflow.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLES,
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def cmd(name: str, help: str) -> argparse.ArgumentParser:
-        c = sub.add_parser(name, help=help, description=help, epilog=EXAMPLES,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        c = sub.add_parser(
+            name, help=help, description=help, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
         return c
 
-    for name, help in (("demo", "train end to end on the embedded demo corpus (data=demo_text, a few minutes on a CPU)"),
-                       ("train", "preprocess (if needed), train on Ray Train, test, and log everything to MLflow"),
-                       ("preprocess", "run the Ray Data preprocessing only and print the manifest"),
-                       ("tune", "a Ray Tune sweep: each trial a Ray Train run, MLflow parent + child runs"),
-                       ("config", "print the resolved config as YAML"),
-                       ("doctor", "preflight: data readable, storage writable, MLflow and Ray reachable, resources")):
+    for name, help in (
+        ("demo", "train end to end on the embedded demo corpus (data=demo_text, a few minutes on a CPU)"),
+        ("train", "preprocess (if needed), train on Ray Train, test, and log everything to MLflow"),
+        ("preprocess", "run the Ray Data preprocessing only and print the manifest"),
+        ("tune", "a Ray Tune sweep: each trial a Ray Train run, MLflow parent + child runs"),
+        ("config", "print the resolved config as YAML"),
+        ("doctor", "preflight: data readable, storage writable, MLflow and Ray reachable, resources"),
+    ):
         c = cmd(name, help)
         c.add_argument("overrides", nargs="*", help="config overrides: key=value")
         if name == "preprocess":
             c.add_argument("--force", action="store_true", help="redo it even if a matching output exists")
     c = cmd("translate", "translate lines from stdin to stdout")
-    c.add_argument("--model", required=True, help="model bundle folder (e.g. ray_results/RUN/best) or MLflow model URI (runs:/ID/model, models:/NAME@champion)")
+    c.add_argument(
+        "--model",
+        required=True,
+        help="model bundle folder (e.g. ray_results/RUN/best) or MLflow model URI (runs:/ID/model, models:/NAME@champion)",
+    )
     c.add_argument("--beam", type=int, default=4, help="beam size (1 = greedy)")
     c.add_argument("--length-penalty", type=float, default=0.6)
     c.add_argument("--batch-size", type=int, default=64)
@@ -82,7 +93,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
     c = cmd("submit", "submit a pipeline command to a Ray cluster as a Ray job: pipeline submit -- train ...")
     c.add_argument("--address", default=None, help="the cluster's dashboard/jobs URL (default: RAY_ADDRESS)")
-    c.add_argument("--wait", dest="wait", action="store_true", default=True, help="stream the logs and exit with the job's outcome (default)")
+    c.add_argument(
+        "--wait",
+        dest="wait",
+        action="store_true",
+        default=True,
+        help="stream the logs and exit with the job's outcome (default)",
+    )
     c.add_argument("--no-wait", dest="wait", action="store_false", help="print the job id and return")
     c.add_argument("job", nargs=argparse.REMAINDER, help="-- then the pipeline command and its overrides")
     c = cmd("jobs", "status, logs or stop of a submitted job")
@@ -91,7 +108,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--address", default=None, help="default: RAY_ADDRESS")
     c = cmd("tracking", "MLflow records a run kept while the tracking server was away")
     c.add_argument("action", choices=["replay"])
-    c.add_argument("path", help="a spill folder (TRAIN.STORAGE_PATH/RUN/mlflow-unsent, printed by the run) or one .jsonl file in it")
+    c.add_argument(
+        "path",
+        help="a spill folder (TRAIN.STORAGE_PATH/RUN/mlflow-unsent, printed by the run) or one .jsonl file in it",
+    )
     c.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI, else the URI in the file")
     c = cmd("download", "download a public corpus (needs internet)")
     c.add_argument("corpus", choices=["multi30k"])
@@ -106,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001 - turn known user errors into one clear line
+    except Exception as e:
         cause = _user_error(e)
         if cause is None:
             raise
@@ -119,14 +139,21 @@ def main(argv: list[str] | None = None) -> int:
 def _user_error(e: BaseException) -> BaseException | None:
     from .cluster import ClusterError
     from .data.readers import DataError
-    from .tracking import TrackingError
-
     from .inference import BundleError
     from .lock import LockError
+    from .tracking import TrackingError
 
-    known = (ConfigError, DataError, TrackingError, ClusterError, BundleError, LockError, FileNotFoundError,
-             PermissionError,
-             ConnectionError)
+    known = (
+        ConfigError,
+        DataError,
+        TrackingError,
+        ClusterError,
+        BundleError,
+        LockError,
+        FileNotFoundError,
+        PermissionError,
+        ConnectionError,
+    )
     seen = set()
     while e is not None and id(e) not in seen:  # Ray wraps worker errors; find ours inside
         seen.add(id(e))
@@ -165,8 +192,11 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         uri, _ = resolve(TrackingConfig(tracking_uri=args.tracking_uri or ""))
         before = promote(uri, args.name, args.version, args.reason, getpass.getuser())
-        print(f"champion of {args.name}: v{before} -> v{args.version}" if before else
-              f"champion of {args.name}: v{args.version} (there was none)")
+        print(
+            f"champion of {args.name}: v{before} -> v{args.version}"
+            if before
+            else f"champion of {args.name}: v{args.version} (there was none)"
+        )
         return 0
     if args.command == "translate":
         from .inference import Translator
@@ -181,8 +211,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .inference import Captioner
 
         cap = Captioner.load(args.model)
-        for path, text in zip(args.clips, cap.caption(cap.load_clips(args.clips, args.backbone), args.beam,
-                                                       args.length_penalty)):
+        for path, text in zip(
+            args.clips, cap.caption(cap.load_clips(args.clips, args.backbone), args.beam, args.length_penalty)
+        ):
             print(f"{path}\t{text}")
         return 0
     overrides = list(args.overrides)
@@ -203,13 +234,17 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         init_ray()
         out, manifest = preprocess(cfg.data, force=args.force)
-        print(json.dumps({"output": redact(out), **{k: manifest[k] for k in ("rows_read", "rows_kept", "dropped", "splits")}},
-                         indent=2))
+        print(
+            json.dumps(
+                {"output": redact(out), **{k: manifest[k] for k in ("rows_read", "rows_kept", "dropped", "splits")}},
+                indent=2,
+            )
+        )
         return 0
     if args.command == "evaluate":
         from . import metrics
-        from .data.preprocess import preprocess
         from .config import is_video
+        from .data.preprocess import preprocess
         from .train.run import init_ray, translate_split
 
         init_ray()
@@ -217,12 +252,21 @@ def _dispatch(args: argparse.Namespace) -> int:
         video = is_video(cfg)
         res = translate_split(args.model, f"{out}/{args.split}", args.beam, args.length_penalty, video)
         if video:
-            scores = {k: round(v, 4) for k, v in metrics.caption_scores(res["hyp"], res["tgt"], with_meteor=True).items()}
+            scores = {
+                k: round(v, 4) for k, v in metrics.caption_scores(res["hyp"], res["tgt"], with_meteor=True).items()
+            }
             print(json.dumps({"split": args.split, "videos": len(res["hyp"]), **scores}))
         else:
-            print(json.dumps({"split": args.split, "sentences": len(res["hyp"]),
-                              "bleu": round(metrics.bleu(res["hyp"], res["tgt"]), 2),
-                              "chrf": round(metrics.chrf(res["hyp"], res["tgt"]), 2)}))
+            print(
+                json.dumps(
+                    {
+                        "split": args.split,
+                        "sentences": len(res["hyp"]),
+                        "bleu": round(metrics.bleu(res["hyp"], res["tgt"]), 2),
+                        "chrf": round(metrics.chrf(res["hyp"], res["tgt"]), 2),
+                    }
+                )
+            )
         return 0
     if args.command == "report":
         from .report import write_report
@@ -240,11 +284,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"\n== sweep {res['sweep']} ==\n{format_table(res['trials'], metric)}")
         if res.get("registered_model"):
             tests = " ".join(f"{k} {v:.3f}" for k, v in res.items() if k.startswith("test_") and isinstance(v, float))
-            print(f"challenger: {res['best']['run_name']} -> models:/{res['registered_model']}@challenger "
-                  f"(version {res['registered_version']}); {tests}")
+            print(
+                f"challenger: {res['best']['run_name']} -> models:/{res['registered_model']}@challenger "
+                f"(version {res['registered_version']}); {tests}"
+            )
             print(res["promotion"])
-            print(f"serve it:   mlflow models serve -m models:/{res['registered_model']}@champion --env-manager local "
-                  "--host 127.0.0.1 --port 5001")
+            print(
+                f"serve it:   mlflow models serve -m models:/{res['registered_model']}@champion --env-manager local "
+                "--host 127.0.0.1 --port 5001"
+            )
         print(f"review: pipeline report --sweep {res['sweep']}")
         return 0
     from .train.run import run_training
@@ -270,8 +318,12 @@ def _chunks(lines, size: int):
 def _summary(res: dict) -> str:
     from .tracking import redact
 
-    lines = ["", "== done ==", f"MLflow run:   {res['run_id']} (experiment '{res['experiment']}', run name {res['run_name']})",
-             f"tracking URI: {redact(res['tracking_uri'])}"]
+    lines = [
+        "",
+        "== done ==",
+        f"MLflow run:   {res['run_id']} (experiment '{res['experiment']}', run name {res['run_name']})",
+        f"tracking URI: {redact(res['tracking_uri'])}",
+    ]
     for k, v in res.items():
         if k.startswith("test_") and isinstance(v, float):
             lines.append(f"{k + ':':<13} {v:.3f}")
@@ -279,8 +331,9 @@ def _summary(res: dict) -> str:
     lines.append(f"best model:   {best}")
     if res.get("model_uri"):
         lines.append(f"MLflow model: {res['model_uri']}")
-    lines.append(f"look at it:   mlflow ui --backend-store-uri {redact(res['tracking_uri'])}   "
-                 f"(then open http://127.0.0.1:5000)")
+    lines.append(
+        f"look at it:   mlflow ui --backend-store-uri {redact(res['tracking_uri'])}   (then open http://127.0.0.1:5000)"
+    )
     if res.get("video"):
         lines.append(f"caption:      pipeline caption --model {best} CLIP.mp4 ...")
     else:

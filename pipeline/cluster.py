@@ -31,12 +31,29 @@ def _token_auth_env() -> None:
     if os.environ.get("RAY_AUTH_TOKEN") or token_path.exists():
         os.environ.setdefault("RAY_AUTH_MODE", "token")
 
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Never upload these with the job: history, environments, data, local stores, caches.
 # gitignore syntax: a leading "/" anchors at the project root (conf/data/ must travel).
-EXCLUDES = ["/.git", "/.venv", "/data", "/artifacts", "/ray_results", "/mlruns", "/mlartifacts", "/mlflow.db",
-            "/reports", "/outputs", "__pycache__", "*.pyc", ".pytest_cache", ".ruff_cache", "/.devwhl", "/.whl",
-            "*.egg-info"]
+EXCLUDES = [
+    "/.git",
+    "/.venv",
+    "/data",
+    "/artifacts",
+    "/ray_results",
+    "/mlruns",
+    "/mlartifacts",
+    "/mlflow.db",
+    "/reports",
+    "/outputs",
+    "__pycache__",
+    "*.pyc",
+    ".pytest_cache",
+    ".ruff_cache",
+    "/.devwhl",
+    "/.whl",
+    "*.egg-info",
+]
 
 
 class ClusterError(RuntimeError):
@@ -59,16 +76,18 @@ def _client(address: str | None):
     address = _address(address)
     try:
         return JobSubmissionClient(address)
-    except Exception as e:  # noqa: BLE001 - the SDK raises several types for one cause
+    except Exception as e:
         raise ClusterError(f"cannot reach the Ray cluster at {tracking.redact(address)}: {e}") from e
 
 
 # Ray shows a job's entrypoint and its runtime_env, env_vars included, to anyone who can see
 # the cluster (dashboard, `ray job list`, the job's metadata): a secret there is a secret leaked.
-SECRET_HINT = ("Ray shows a job's entrypoint and environment on its dashboard and in `ray job list`. Give "
-               "the cluster its credentials instead: MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD "
-               "(or MLFLOW_TRACKING_TOKEN) for MLflow, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the pods' "
-               "service account for object stores, set on the Ray pods from a Kubernetes Secret")
+SECRET_HINT = (
+    "Ray shows a job's entrypoint and environment on its dashboard and in `ray job list`. Give "
+    "the cluster its credentials instead: MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD "
+    "(or MLFLOW_TRACKING_TOKEN) for MLflow, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the pods' "
+    "service account for object stores, set on the Ray pods from a Kubernetes Secret"
+)
 
 
 def job_spec(command: list[str]) -> tuple[str, dict[str, Any]]:
@@ -78,12 +97,16 @@ def job_spec(command: list[str]) -> tuple[str, dict[str, Any]]:
     env = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME") if os.environ.get(k)}
     for arg in command:
         if tracking.redact(arg) != arg:
-            raise ClusterError(f"pipeline submit: '{tracking.redact(arg)}' holds a secret, and would be shown with "
-                               f"the job. {SECRET_HINT}")
+            raise ClusterError(
+                f"pipeline submit: '{tracking.redact(arg)}' holds a secret, and would be shown with "
+                f"the job. {SECRET_HINT}"
+            )
     for key, value in env.items():
         if tracking.redact(value) != value:
-            raise ClusterError(f"pipeline submit: {key}={tracking.redact(value)} holds a secret, and would be shown "
-                               f"with the job. {SECRET_HINT}")
+            raise ClusterError(
+                f"pipeline submit: {key}={tracking.redact(value)} holds a secret, and would be shown "
+                f"with the job. {SECRET_HINT}"
+            )
     commit = tracking.git_commit()
     if commit:
         env["PIPELINE_GIT_COMMIT"] = commit
@@ -101,8 +124,11 @@ def submit(command: list[str], address: str | None = None, wait: bool = True) ->
     entrypoint, runtime_env = job_spec(command)  # before the cluster is asked anything
     client = _client(address)
     job_id = client.submit_job(
-        entrypoint=entrypoint, submission_id=f"pipeline-{command[0]}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
-        runtime_env=runtime_env, metadata={"pipeline.command": command[0]})
+        entrypoint=entrypoint,
+        submission_id=f"pipeline-{command[0]}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
+        runtime_env=runtime_env,
+        metadata={"pipeline.command": command[0]},
+    )
     print(f"submitted job {job_id} to {tracking.redact(_address(address))}: {entrypoint}", flush=True)
     if not wait:
         print(f"follow it: pipeline jobs logs {job_id}   status: pipeline jobs status {job_id}")
@@ -156,9 +182,11 @@ def check_fits(train: Any) -> None:
     for kind, key, per_worker in wanted:
         need, have = train.num_workers * per_worker, res.get(kind, 0)
         if need > have:
-            raise ConfigError(f"this cluster has {have:g} {kind}s; train.num_workers={train.num_workers} x "
-                              f"train.{key}={per_worker:g} needs {need:g}: lower train.num_workers or "
-                              f"train.{key}, or use a bigger cluster")
+            raise ConfigError(
+                f"this cluster has {have:g} {kind}s; train.num_workers={train.num_workers} x "
+                f"train.{key}={per_worker:g} needs {need:g}: lower train.num_workers or "
+                f"train.{key}, or use a bigger cluster"
+            )
 
 
 def _can_see(path: str) -> bool:
@@ -174,9 +202,11 @@ def check_multi_node(storage: str, data_output: str, tracking_uri: str) -> None:
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) < 2:
         return
-    if tracking_uri.startswith("sqlite:") or tracking_uri.startswith("file:") or "://" not in tracking_uri:
-        raise ClusterError(f"this Ray cluster has {len(nodes)} nodes but MLflow is the node-local store "
-                           f"{tracking.redact(tracking_uri)}: use a tracking server (MLFLOW_TRACKING_URI=http://...)")
+    if tracking_uri.startswith(("sqlite:", "file:")) or "://" not in tracking_uri:
+        raise ClusterError(
+            f"this Ray cluster has {len(nodes)} nodes but MLflow is the node-local store "
+            f"{tracking.redact(tracking_uri)}: use a tracking server (MLFLOW_TRACKING_URI=http://...)"
+        )
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     for key, path in (("train.storage_path", storage), ("data.output_dir", data_output)):
@@ -188,14 +218,22 @@ def check_multi_node(storage: str, data_output: str, tracking_uri: str) -> None:
         fs.touch(probe)
         try:
             can_see = ray.remote(num_cpus=0)(_can_see)
-            seen = ray.get([can_see.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-                            .remote(probe) for n in nodes])
+            seen = ray.get(
+                [
+                    can_see.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+                        probe
+                    )
+                    for n in nodes
+                ]
+            )
         finally:
             fs.rm(probe)
         blind = [n["NodeManagerAddress"] for n, ok in zip(nodes, seen) if not ok]
         if blind:
-            raise ClusterError(f"{key}={path} is not shared storage: node(s) {', '.join(blind)} cannot see it. "
-                               f"On a multi-node cluster use a shared mount (NFS) or a URI such as s3://bucket/path")
+            raise ClusterError(
+                f"{key}={path} is not shared storage: node(s) {', '.join(blind)} cannot see it. "
+                f"On a multi-node cluster use a shared mount (NFS) or a URI such as s3://bucket/path"
+            )
 
 
 def free_port() -> int:
@@ -226,7 +264,7 @@ def wait_until(check: Any, what: str, timeout: float = 120.0, hint: str = "") ->
         try:
             if check():
                 return
-        except Exception:  # noqa: BLE001 - not up yet
+        except Exception:  # noqa: S110 (not up yet: asked again until the deadline)
             pass
         time.sleep(1)
     raise TimeoutError(f"timed out waiting for {what}{hint}")
@@ -251,38 +289,76 @@ class loopback_cluster:
         import subprocess
 
         log = open(self.logs / f"{name}.log", "w") if self.logs else subprocess.DEVNULL
-        self.procs.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                           env=self.env))
+        self.procs.append(
+            subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=self.env)
+        )
 
-    def __enter__(self) -> "loopback_cluster":
+    def __enter__(self) -> loopback_cluster:
         import shutil
         import subprocess
         import tempfile
         import urllib.error
         import urllib.request
 
-        self.env = {**os.environ, "RAY_AUTH_MODE": "token",
-                    "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+        self.env = {
+            **os.environ,
+            "RAY_AUTH_MODE": "token",
+            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
+        }
         self._short = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
         if self.logs:
             self.logs.mkdir(parents=True, exist_ok=True)
         ray_bin = shutil.which("ray", path=self.env["PATH"]) or "ray"
         gcs, dash = free_port(), free_port()
         self.gcs, self.dashboard = f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}"
-        common = [f"--num-cpus={self.cpus}", "--block", "--disable-usage-stats", "--include-log-monitor=false",
-                  "--node-ip-address=127.0.0.1"]
+        common = [
+            f"--num-cpus={self.cpus}",
+            "--block",
+            "--disable-usage-stats",
+            "--include-log-monitor=false",
+            "--node-ip-address=127.0.0.1",
+        ]
         try:
-            self._start([ray_bin, "start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",
-                         f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={free_port()}",
-                         f"--temp-dir={self._short}/head", *common], "head")
+            self._start(
+                [
+                    ray_bin,
+                    "start",
+                    "--head",
+                    f"--port={gcs}",
+                    "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dash}",
+                    f"--dashboard-agent-listen-port={free_port()}",
+                    f"--temp-dir={self._short}/head",
+                    *common,
+                ],
+                "head",
+            )
             self._wait(lambda: self._answers(f"{self.dashboard}/api/version", urllib), "the head node's dashboard")
             for i in range(1, self.nodes):
-                self._start([ray_bin, "start", f"--address={self.gcs}", f"--dashboard-agent-listen-port={free_port()}",
-                             f"--temp-dir={self._short}/node{i}", *common], f"node{i}")
-            count = [sys.executable, "-c", f"import ray; ray.init(address='{self.gcs}', logging_level='ERROR');"
-                     "print(sum(n['Alive'] for n in ray.nodes()))"]
-            self._wait(lambda: subprocess.run(count, capture_output=True, text=True, timeout=60,
-                                              env=self.env).stdout.strip() == str(self.nodes), f"{self.nodes} alive nodes")
+                self._start(
+                    [
+                        ray_bin,
+                        "start",
+                        f"--address={self.gcs}",
+                        f"--dashboard-agent-listen-port={free_port()}",
+                        f"--temp-dir={self._short}/node{i}",
+                        *common,
+                    ],
+                    f"node{i}",
+                )
+            count = [
+                sys.executable,
+                "-c",
+                f"import ray; ray.init(address='{self.gcs}', logging_level='ERROR');"
+                "print(sum(n['Alive'] for n in ray.nodes()))",
+            ]
+            self._wait(
+                lambda: (
+                    subprocess.run(count, capture_output=True, text=True, timeout=60, env=self.env).stdout.strip()
+                    == str(self.nodes)
+                ),
+                f"{self.nodes} alive nodes",
+            )
         except BaseException:
             self.__exit__()
             raise
@@ -299,7 +375,7 @@ class loopback_cluster:
     def _wait(self, check: Any, what: str) -> None:
         wait_until(check, f"loopback cluster: {what}", self.timeout, f" (logs in {self.logs})" if self.logs else "")
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         import shutil
 
         for p in reversed(self.procs):

@@ -38,7 +38,9 @@ class DataConfig:
     # ({split}.{lang}[.gz]), globs of aligned shard pairs, or TSV/JSONL/Parquet tables.
     # Video-caption corpora: the generated demo (MSR-VTT layout), MSR-VTT, MSVD, or
     # precomputed frame features (.npy per video or Parquet) with captions in either layout.
-    name: Literal["demo_text", "multi30k", "pairs", "table", "demo_video", "msrvtt", "msvd", "video_features"] = "demo_text"
+    name: Literal["demo_text", "multi30k", "pairs", "table", "demo_video", "msrvtt", "msvd", "video_features"] = (
+        "demo_text"
+    )
     root: str = "artifacts/demo_text"
     src_lang: str = "en"
     tgt_lang: str = "de"
@@ -201,7 +203,7 @@ class Config:
         return yaml.safe_dump(self.redacted(), sort_keys=False)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "Config":
+    def from_dict(cls, raw: dict[str, Any]) -> Config:
         cfg = cls()
         for group, values in raw.items():
             _check_key(group, cfg, "")
@@ -217,11 +219,11 @@ GROUPS = [f.name for f in dataclasses.fields(Config)]
 VIDEO_DATA = ("demo_video", "msrvtt", "msvd", "video_features")
 
 
-def is_video(cfg: "Config") -> bool:
+def is_video(cfg: Config) -> bool:
     return cfg.data.name in VIDEO_DATA
 
 
-def default_metric(cfg: "Config") -> str:
+def default_metric(cfg: Config) -> str:
     """The validation metric that picks the best checkpoint and ranks sweep trials."""
     return "val_cider" if is_video(cfg) else "val_bleu"
 
@@ -308,11 +310,17 @@ def check_space_entry(cfg: Config, key: str, value: Any) -> Any:
             _check_range(key, v, where)
         return values
     if isinstance(value, dict) and len(value) == 1:
-        (dist, bounds), = value.items()
+        ((dist, bounds),) = value.items()
         if dist not in DISTRIBUTIONS:
-            raise ConfigError(f"{where}: unknown distribution '{dist}'; use one of {', '.join(DISTRIBUTIONS)} or a list")
-        if not (isinstance(bounds, list) and len(bounds) == 2 and all(isinstance(b, (int, float)) for b in bounds)
-                and bounds[0] < bounds[1]):
+            raise ConfigError(
+                f"{where}: unknown distribution '{dist}'; use one of {', '.join(DISTRIBUTIONS)} or a list"
+            )
+        if not (
+            isinstance(bounds, list)
+            and len(bounds) == 2
+            and all(isinstance(b, (int, float)) for b in bounds)
+            and bounds[0] < bounds[1]
+        ):
             raise ConfigError(f"{where}: {dist} needs [low, high] with low < high, got {bounds!r}")
         if dist == "loguniform" and bounds[0] <= 0:
             raise ConfigError(f"{where}: loguniform needs low > 0, got {bounds!r}")
@@ -322,8 +330,9 @@ def check_space_entry(cfg: Config, key: str, value: Any) -> Any:
         for b in bounds:  # a trial samples up to its bounds: both must be valid values
             _check_range(key, b, where)
         return {dist: bounds}
-    raise ConfigError(f"{where} must be a list of values ([256, 512]) or a distribution "
-                      f"({{loguniform: [1e-4, 1e-2]}}), got {value!r}")
+    raise ConfigError(
+        f"{where} must be a list of values ([256, 512]) or a distribution ({{loguniform: [1e-4, 1e-2]}}), got {value!r}"
+    )
 
 
 def options(group: str) -> list[str]:
@@ -345,7 +354,9 @@ def _apply_option(cfg: Config, group: str, option: str) -> list[tuple[str, Any]]
     data=demo_video picks a model and batch size), applied after every group's option."""
     path = CONF_DIR / group / f"{option}.yaml"
     if not path.exists():
-        raise ConfigError(f"no option '{option}' for config group '{group}'; choose one of: {', '.join(options(group))}")
+        raise ConfigError(
+            f"no option '{option}' for config group '{group}'; choose one of: {', '.join(options(group))}"
+        )
     others = []
     for key, value in _load_yaml(path).items():
         if key in GROUPS:
@@ -374,7 +385,9 @@ def load_config(overrides: list[str] | None = None) -> Config:
     dotted: list[tuple[str, Any]] = []
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override '{item}' must look like key=value (e.g. model.hidden_size=512 or data=multi30k)")
+            raise ConfigError(
+                f"override '{item}' must look like key=value (e.g. model.hidden_size=512 or data=multi30k)"
+            )
         key, text = item.split("=", 1)
         key = key.strip()
         if key in GROUPS:
@@ -383,7 +396,9 @@ def load_config(overrides: list[str] | None = None) -> Config:
         elif "." in key:
             dotted.append((key, parse_value(text)))
         else:
-            raise ConfigError(f"unknown config group '{key}'; groups: {', '.join(GROUPS)} (or set a key: group.key=value)")
+            raise ConfigError(
+                f"unknown config group '{key}'; groups: {', '.join(GROUPS)} (or set a key: group.key=value)"
+            )
     cfg = Config()
     recipe: list[tuple[str, Any]] = []
     for group, option in choices.items():
@@ -434,8 +449,7 @@ RANGES: dict[str, Rule] = {
     "data.test_fraction": _fraction(0.5),
     "data.demo_size": _above(0),
     "model.embedding_size": _above(0),
-    "model.hidden_size": (lambda v: v > 0 and v % 2 == 0,
-                          "a positive even number (bidirectional encoder halves)"),
+    "model.hidden_size": (lambda v: v > 0 and v % 2 == 0, "a positive even number (bidirectional encoder halves)"),
     "model.num_layers": _at_least(1),
     "model.dropout": _fraction(),
     "model.cnn_channels": _at_least(1),
@@ -480,8 +494,12 @@ NAMES: dict[str, tuple[re.Pattern[str], str, int, bool]] = {  # key -> (pattern,
     "train.run_name": (_NAME, NAME_CHARS, 128, True),
     "tune.name": (_NAME, NAME_CHARS, 128, True),
     "tune.register_as": (_NAME, NAME_CHARS, 128, True),
-    "tracking.experiment": (_EXPERIMENT, ("letters, digits, spaces and . _ - (not starting with a space or "
-                                          "punctuation, no ..)"), 256, True),
+    "tracking.experiment": (
+        _EXPERIMENT,
+        ("letters, digits, spaces and . _ - (not starting with a space or punctuation, no ..)"),
+        256,
+        True,
+    ),
     "data.src_lang": (_LANG, "letters, digits and _ - (e.g. en, pt_BR, zh-Hans)", 32, False),
     "data.tgt_lang": (_LANG, "letters, digits and _ - (e.g. en, pt_BR, zh-Hans)", 32, False),
     "data.train_split": (_NAME, NAME_CHARS, 128, True),
@@ -496,8 +514,10 @@ def check_name(key: str, value: str) -> None:
     if value == "" and empty_ok:
         return
     if not (0 < len(value) <= max_len and pattern.fullmatch(value) and ".." not in value):
-        raise ConfigError(f"{key}={value!r} is not a safe name: use {allowed}, 1 to {max_len} characters"
-                          + ("; \"\" picks one" if empty_ok else ""))
+        raise ConfigError(
+            f"{key}={value!r} is not a safe name: use {allowed}, 1 to {max_len} characters"
+            + ('; "" picks one' if empty_ok else "")
+        )
 
 
 def _check_range(key: str, value: Any, where: str | None = None) -> None:
@@ -526,18 +546,29 @@ def validate(cfg: Config) -> None:
             raise ConfigError(msg)
 
     if d.name in VIDEO_DATA:  # before the ranges: the message names every frame key at once
-        need(d.num_frames >= 1 and d.frame_size >= 8 and d.fps >= 0,
-             f"need data.num_frames >= 1, data.frame_size >= 8, data.fps >= 0; got {d.num_frames}, {d.frame_size}, {d.fps}")
+        need(
+            d.num_frames >= 1 and d.frame_size >= 8 and d.fps >= 0,
+            f"need data.num_frames >= 1, data.frame_size >= 8, data.fps >= 0; got {d.num_frames}, {d.frame_size}, {d.fps}",
+        )
     check_ranges(cfg)
-    need(t.grad_compression != "bf16" or t.use_gpu,
-         "train.grad_compression=bf16 needs GPUs (NCCL; PyTorch's gloo backend has no bf16 hook): use fp16 on CPU")
-    need(d.min_tokens <= d.max_tokens, f"need 1 <= data.min_tokens <= data.max_tokens, got {d.min_tokens}, {d.max_tokens}")
+    need(
+        t.grad_compression != "bf16" or t.use_gpu,
+        "train.grad_compression=bf16 needs GPUs (NCCL; PyTorch's gloo backend has no bf16 hook): use fp16 on CPU",
+    )
+    need(
+        d.min_tokens <= d.max_tokens,
+        f"need 1 <= data.min_tokens <= data.max_tokens, got {d.min_tokens}, {d.max_tokens}",
+    )
     if d.name in VIDEO_DATA:
-        need(d.frame_encoder == "cnn" or bool(d.backbone),
-             "data.frame_encoder=frozen needs data.backbone (a TorchScript file: frames (N, 3, H, W) -> features (N, D))")
+        need(
+            d.frame_encoder == "cnn" or bool(d.backbone),
+            "data.frame_encoder=frozen needs data.backbone (a TorchScript file: frames (N, 3, H, W) -> features (N, D))",
+        )
     if d.name == "video_features":
-        need(bool(d.files and d.captions_file),
-             "data=video_features needs data.files (globs of .npy or .parquet feature files) and data.captions_file")
+        need(
+            bool(d.files and d.captions_file),
+            "data=video_features needs data.files (globs of .npy or .parquet feature files) and data.captions_file",
+        )
     if d.name == "pairs":
         need(bool(d.src_files and d.tgt_files), "data=pairs needs data.src_files and data.tgt_files (globs)")
     if d.name == "table":
@@ -548,8 +579,10 @@ def validate(cfg: Config) -> None:
     for key, value in tu.space.items():
         check_space_entry(cfg, key, value)
     if tu.search == "grid":
-        need(all(isinstance(v, list) for v in tu.space.values()),
-             "tune.search=grid needs lists of values in tune.space (distributions need search=random or optuna)")
+        need(
+            all(isinstance(v, list) for v in tu.space.values()),
+            "tune.search=grid needs lists of values in tune.space (distributions need search=random or optuna)",
+        )
 
 
 def config_hash(obj: Any) -> str:

@@ -43,7 +43,9 @@ def check_ray(cfg: Config) -> str:
     if cpus < need_cpu:
         raise RuntimeError(f"{cpus:g} CPUs in the cluster, train.num_workers x train.cpus_per_worker needs {need_cpu}")
     if t.use_gpu and gpus < t.num_workers * t.gpus_per_worker:
-        raise RuntimeError(f"train.use_gpu=true needs {t.num_workers * t.gpus_per_worker:g} GPUs; the cluster has {gpus:g}")
+        raise RuntimeError(
+            f"train.use_gpu=true needs {t.num_workers * t.gpus_per_worker:g} GPUs; the cluster has {gpus:g}"
+        )
     return f"{nodes} node(s), {cpus:g} CPUs, {gpus:g} GPUs"
 
 
@@ -62,7 +64,11 @@ def check_mlflow(cfg: Config) -> str:
 
 
 CHECKS: list[tuple[str, Callable[[Config], str]]] = [
-    ("data", check_data), ("storage", check_storage), ("mlflow", check_mlflow), ("ray", check_ray)]
+    ("data", check_data),
+    ("storage", check_storage),
+    ("mlflow", check_mlflow),
+    ("ray", check_ray),
+]
 
 
 def doctor(cfg: Config, print_fn: Callable[[str], Any] = print) -> bool:
@@ -72,7 +78,7 @@ def doctor(cfg: Config, print_fn: Callable[[str], Any] = print) -> bool:
     for name, check in CHECKS:
         try:
             print_fn(redact(f"ok    {name:<8} {check(cfg)}"))
-        except Exception as e:  # noqa: BLE001 - every failure is reported, then the next check runs
+        except Exception as e:
             ok = False
             print_fn(redact(f"FAIL  {name:<8} {type(e).__name__}: {e}"))
     return ok

@@ -35,8 +35,11 @@ class BundleError(ValueError):
 def bundle_meta(model_cfg: ModelConfig, vocab: dict[str, Any], data_cfg: Any) -> dict[str, Any]:
     """model.json: what it takes to rebuild the model and feed it as in training (text
     cleaning; for video the frame sampling, and the ``video`` input entry of the manifest)."""
-    meta = {"model": asdict(model_cfg), **vocab,
-            "text": {"normalization": data_cfg.normalization, "lowercase": data_cfg.lowercase}}
+    meta = {
+        "model": asdict(model_cfg),
+        **vocab,
+        "text": {"normalization": data_cfg.normalization, "lowercase": data_cfg.lowercase},
+    }
     if vocab.get("video"):
         meta["sampling"] = {k: getattr(data_cfg, k) for k in ("num_frames", "fps", "frame_size", "frame_encoder")}
     return meta
@@ -47,8 +50,12 @@ def save_bundle(dest: str, model: torch.nn.Module, meta: dict[str, Any], src_jso
     fs.makedirs(root, exist_ok=True)
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
-    files = {"model.json": json.dumps(meta, indent=2).encode(), "src_tokenizer.json": src_json.encode(),
-             "tgt_tokenizer.json": tgt_json.encode(), "model.pt": buf.getvalue()}
+    files = {
+        "model.json": json.dumps(meta, indent=2).encode(),
+        "src_tokenizer.json": src_json.encode(),
+        "tgt_tokenizer.json": tgt_json.encode(),
+        "model.pt": buf.getvalue(),
+    }
     for name, data in files.items():  # model.pt last: a reader never sees weights without metadata
         with fs.open(f"{root}/{name}.tmp", "wb") as f:
             f.write(data)
@@ -79,8 +86,16 @@ def _located(location: str) -> Iterator[tuple[Any, str, dict[str, Any]]]:
 
 
 def load_model(fs: Any, root: str, meta: dict[str, Any]) -> Seq2Seq:
-    model = build_model(ModelConfig(**meta["model"]), meta["src_vocab_size"], meta["tgt_vocab_size"],
-                        meta["joint_vocab"], meta["pad_id"], meta["bos_id"], meta["eos_id"], meta.get("video"))
+    model = build_model(
+        ModelConfig(**meta["model"]),
+        meta["src_vocab_size"],
+        meta["tgt_vocab_size"],
+        meta["joint_vocab"],
+        meta["pad_id"],
+        meta["bos_id"],
+        meta["eos_id"],
+        meta.get("video"),
+    )
     state = torch.load(io.BytesIO(fs.cat_file(f"{root}/model.pt")), map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     return model
@@ -95,12 +110,17 @@ class Translator:
         self.device = torch.device(device)
 
     @classmethod
-    def load(cls, location: str, device: str = "cpu") -> "Translator":
+    def load(cls, location: str, device: str = "cpu") -> Translator:
         """A bundle folder (local or URI), or an MLflow model URI (runs:/, models:/)."""
         with _located(location) as (fs, root, meta):
             cls._check_kind(meta, location)
-            return cls(load_model(fs, root, meta), meta, fs.cat_file(f"{root}/src_tokenizer.json").decode(),
-                       fs.cat_file(f"{root}/tgt_tokenizer.json").decode(), device)
+            return cls(
+                load_model(fs, root, meta),
+                meta,
+                fs.cat_file(f"{root}/src_tokenizer.json").decode(),
+                fs.cat_file(f"{root}/tgt_tokenizer.json").decode(),
+                device,
+            )
 
     @staticmethod
     def _check_kind(meta: dict[str, Any], location: str) -> None:
@@ -111,8 +131,9 @@ class Translator:
         t = self.meta.get("text", {})
         return toklib.clean_text(text, t.get("normalization", "NFC"), bool(t.get("lowercase")))
 
-    def translate(self, sentences: list[str], beam_size: int = 4, length_penalty: float = 0.6,
-                  batch_size: int = 64) -> list[str]:
+    def translate(
+        self, sentences: list[str], beam_size: int = 4, length_penalty: float = 0.6, batch_size: int = 64
+    ) -> list[str]:
         ids = toklib.encode(self.src_tok, [self.clean(s) for s in sentences])
         out = decode_ids(self.model, ids, beam_size, length_penalty, batch_size, self.device)
         return toklib.decode(self.tgt_tok, out)
@@ -131,8 +152,9 @@ class Captioner(Translator):
         if not meta.get("video"):
             raise BundleError(f"{location} is a text model: use `pipeline translate`, not caption")
 
-    def caption(self, clips: list[Any], beam_size: int = 4, length_penalty: float = 0.6,
-                batch_size: int = 32) -> list[str]:
+    def caption(
+        self, clips: list[Any], beam_size: int = 4, length_penalty: float = 0.6, batch_size: int = 32
+    ) -> list[str]:
         out = decode_clips(self.model, clips, beam_size, length_penalty, batch_size, self.device)
         return toklib.decode(self.tgt_tok, out)
 
@@ -160,8 +182,15 @@ class Captioner(Translator):
         return clips
 
 
-def decode_ids(model: Seq2Seq, src_ids: list[list[int]], beam_size: int, length_penalty: float,
-               batch_size: int, device: torch.device, max_len_ratio: float = 2.0) -> list[list[int]]:
+def decode_ids(
+    model: Seq2Seq,
+    src_ids: list[list[int]],
+    beam_size: int,
+    length_penalty: float,
+    batch_size: int,
+    device: torch.device,
+    max_len_ratio: float = 2.0,
+) -> list[list[int]]:
     """Batched greedy (beam 1) or beam search over token-id lists, in input order.
 
     Sentences are decoded sorted by length so a batch holds similar lengths.
@@ -189,8 +218,15 @@ def decode_ids(model: Seq2Seq, src_ids: list[list[int]], beam_size: int, length_
     return out
 
 
-def decode_clips(model: Seq2Seq, clips: list[Any], beam_size: int, length_penalty: float, batch_size: int,
-                 device: torch.device, max_len: int = 40) -> list[list[int]]:
+def decode_clips(
+    model: Seq2Seq,
+    clips: list[Any],
+    beam_size: int,
+    length_penalty: float,
+    batch_size: int,
+    device: torch.device,
+    max_len: int = 40,
+) -> list[list[int]]:
     """Batched greedy or beam search over clips (frames or features arrays), in input order."""
     from .data.video import pad_clips
 

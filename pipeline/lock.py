@@ -47,8 +47,10 @@ def _pid_alive(pid: int) -> bool:
 def describe(info: dict[str, Any]) -> str:
     age = time.time() - float(info.get("heartbeat", 0))
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info.get("started", 0))))
-    return (f"pid {info.get('pid')} on host {info.get('host')}, started {started}, last heartbeat {age:.0f} s ago"
-            f"{': ' + info['what'] if info.get('what') else ''}")
+    return (
+        f"pid {info.get('pid')} on host {info.get('host')}, started {started}, last heartbeat {age:.0f} s ago"
+        f"{': ' + info['what'] if info.get('what') else ''}"
+    )
 
 
 class StorageLock:
@@ -56,8 +58,9 @@ class StorageLock:
     block runs. ``acquire(wait=False)`` raises :class:`LockError` naming the holder;
     ``acquire(wait=True)`` polls until the holder releases it or goes stale."""
 
-    def __init__(self, path: str, what: str = "", heartbeat_s: float = HEARTBEAT_S,
-                 stale_after_s: float = STALE_AFTER_S):
+    def __init__(
+        self, path: str, what: str = "", heartbeat_s: float = HEARTBEAT_S, stale_after_s: float = STALE_AFTER_S
+    ):
         self.path, self.what = path, what
         self.heartbeat_s, self.stale_after_s = heartbeat_s, stale_after_s
         self.fs, self.p = fsspec.core.url_to_fs(path)
@@ -68,8 +71,14 @@ class StorageLock:
 
     # ---------------------------------------------------------------- file access
     def _info(self, started: float | None = None) -> dict[str, Any]:
-        return {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(), "what": self.what,
-                "started": started if started is not None else self._started, "heartbeat": time.time()}
+        return {
+            "owner": self.owner,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "what": self.what,
+            "started": started if started is not None else self._started,
+            "heartbeat": time.time(),
+        }
 
     def read(self) -> dict[str, Any] | None:
         try:
@@ -102,8 +111,10 @@ class StorageLock:
         if not info:  # unreadable: judge by the file's age
             try:
                 mtime = self.fs.info(self.p).get("mtime") or 0
-                return time.time() - float(mtime if not hasattr(mtime, "timestamp") else mtime.timestamp()) > \
-                    self.stale_after_s
+                return (
+                    time.time() - float(mtime if not hasattr(mtime, "timestamp") else mtime.timestamp())
+                    > self.stale_after_s
+                )
             except (OSError, TypeError, ValueError):
                 return False
         if info.get("host") == socket.gethostname() and not _pid_alive(int(info.get("pid", -1))):
@@ -123,7 +134,7 @@ class StorageLock:
             pass
 
     # ---------------------------------------------------------------- API
-    def acquire(self, wait: bool = False, poll_s: float = 1.0, on_wait: Any = None) -> "StorageLock":
+    def acquire(self, wait: bool = False, poll_s: float = 1.0, on_wait: Any = None) -> StorageLock:
         self._started = time.time()
         told = False
         while True:
@@ -133,8 +144,11 @@ class StorageLock:
             if info is None:
                 continue  # released between our attempt and the read
             if self._stale(info):
-                print(f"[lock] taking over a stale lock {self.path} ({describe(info) if info else 'unreadable'})",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"[lock] taking over a stale lock {self.path} ({describe(info) if info else 'unreadable'})",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 self._take_over()
                 continue
             if not wait:
@@ -171,12 +185,12 @@ class StorageLock:
         except OSError:
             pass
 
-    def __enter__(self) -> "StorageLock":
+    def __enter__(self) -> StorageLock:
         if self._thread is None:
             self.acquire()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.release()
 
 
@@ -187,4 +201,6 @@ def hold_named(folder: str, key: str, name: str, command: str) -> StorageLock:
     try:
         return lock.acquire()
     except LockError as e:
-        raise LockError(f"{key} '{name}' is already running ({e}); wait for it to end, or choose another {key}") from None
+        raise LockError(
+            f"{key} '{name}' is already running ({e}); wait for it to end, or choose another {key}"
+        ) from None

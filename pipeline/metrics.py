@@ -69,8 +69,7 @@ def _check(hyps: list[str], refs: list[list[str]]) -> None:
 
 def _ngrams(tokens: list[str]) -> Counter[tuple[str, ...]]:
     """Counts of all 1..4-grams of a token list."""
-    return Counter(tuple(tokens[i:i + k]) for k in range(1, _N + 1)
-                   for i in range(len(tokens) - k + 1))
+    return Counter(tuple(tokens[i : i + k]) for k in range(1, _N + 1) for i in range(len(tokens) - k + 1))
 
 
 def _mean(values: list[float]) -> float:
@@ -179,8 +178,7 @@ def cider_d(hyps: list[str], refs: list[list[str]]) -> float:
         h_vec = _tfidf(_ngrams(h), df, log_n)
         # Word-count difference; pycocoevalcap counts bigrams, which differs only when one side
         # is empty, and then the similarity is 0 anyway.
-        sims = [_cider_sim(h_vec, _tfidf(rc, df, log_n), len(h) - len(rt))
-                for rt, rc in zip(rts, rcs)]
+        sims = [_cider_sim(h_vec, _tfidf(rc, df, log_n), len(h) - len(rt)) for rt, rc in zip(rts, rcs)]
         scores.append(10.0 * _mean(sims))
     return _mean(scores)
 
@@ -215,7 +213,7 @@ def meteor(hyps: list[str], refs: list[list[str]]) -> float | None:
         return 0.0
     try:
         scorer = Meteor()
-    except Exception as e:  # noqa: BLE001 - optional metric: any start failure means "none"
+    except Exception as e:
         print(f"[metrics] METEOR unavailable: {e!r}", file=sys.stderr)
         return None
     watchdog = threading.Timer(_METEOR_TIMEOUT_S, scorer.meteor_p.kill)
@@ -224,7 +222,7 @@ def meteor(hyps: list[str], refs: list[list[str]]) -> float | None:
         gts = {i: list(rs) for i, rs in enumerate(refs)}
         res = {i: [h] for i, h in enumerate(hyps)}
         return float(scorer.compute_score(gts, res)[0])
-    except Exception as e:  # noqa: BLE001 - a dead or killed JVM shows up as any error
+    except Exception as e:
         print(f"[metrics] METEOR failed: {e!r}", file=sys.stderr)
         return None
     finally:
@@ -232,16 +230,13 @@ def meteor(hyps: list[str], refs: list[list[str]]) -> float | None:
         _close_meteor(scorer)
 
 
-def caption_scores(
-    hyps: list[str], refs: list[list[str]], with_meteor: bool = False
-) -> dict[str, float]:
+def caption_scores(hyps: list[str], refs: list[list[str]], with_meteor: bool = False) -> dict[str, float]:
     """BLEU-4, ROUGE-L, CIDEr-D (and METEOR when asked and available) on caption_tokens text;
     hyps[i] is scored against the reference captions refs[i]."""
     _check(hyps, refs)
     hyp_t = [" ".join(caption_tokens(h)) for h in hyps]
     ref_t = [[" ".join(caption_tokens(r)) for r in rs] for rs in refs]
-    scores = {"bleu4": bleu4(hyp_t, ref_t), "rouge_l": rouge_l(hyp_t, ref_t),
-              "cider": cider_d(hyp_t, ref_t)}
+    scores = {"bleu4": bleu4(hyp_t, ref_t), "rouge_l": rouge_l(hyp_t, ref_t), "cider": cider_d(hyp_t, ref_t)}
     if with_meteor and (m := meteor(hyp_t, ref_t)) is not None:
         scores["meteor"] = m
     return scores

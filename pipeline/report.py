@@ -21,17 +21,29 @@ def load_sweep(uri: str, experiment: str, sweep: str) -> dict[str, Any]:
     exp = c.get_experiment_by_name(experiment)
     if exp is None:
         raise FileNotFoundError(f"no MLflow experiment '{experiment}' at {tracking.redact(uri)}")
-    found = c.search_runs([exp.experiment_id], filter_string=f"tags.`{tracking.RUN_NAME_TAG}` = '{sweep}'", max_results=1)
+    found = c.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`{tracking.RUN_NAME_TAG}` = '{sweep}'", max_results=1
+    )
     if not found or found[0].data.tags.get("pipeline.kind") != "sweep":
         raise FileNotFoundError(f"no sweep named '{sweep}' in experiment '{experiment}'")
     parent = found[0]
     metric = parent.data.params.get("tune.metric", "val_bleu")
     mode = parent.data.params.get("tune.mode", "max")
     rows = summarize(uri, parent.info.run_id, metric, mode)
-    curves = {r["run_name"]: [(m.step, m.value) for m in sorted(c.get_metric_history(r["run_id"], metric),
-                                                                 key=lambda m: m.step)] for r in rows}
-    return {"parent": parent, "metric": metric, "mode": mode, "rows": rows, "curves": curves,
-            "space": json.loads(parent.data.params.get("tune.space", "{}"))}
+    curves = {
+        r["run_name"]: [
+            (m.step, m.value) for m in sorted(c.get_metric_history(r["run_id"], metric), key=lambda m: m.step)
+        ]
+        for r in rows
+    }
+    return {
+        "parent": parent,
+        "metric": metric,
+        "mode": mode,
+        "rows": rows,
+        "curves": curves,
+        "space": json.loads(parent.data.params.get("tune.space", "{}")),
+    }
 
 
 def heatmap(sweep: dict[str, Any], x: str = "model.hidden_size", y: str = "model.num_layers"):
@@ -67,8 +79,13 @@ def learning_curves(sweep: dict[str, Any]):
     for name, points in sweep["curves"].items():
         if points:
             steps, values = zip(*points)
-            ax.plot(steps, values, marker="o", linestyle="--" if name in stopped else "-",
-                    label=name + (" (stopped early)" if name in stopped else ""))
+            ax.plot(
+                steps,
+                values,
+                marker="o",
+                linestyle="--" if name in stopped else "-",
+                label=name + (" (stopped early)" if name in stopped else ""),
+            )
     ax.set_xlabel("step")
     ax.set_ylabel(sweep["metric"])
     ax.set_title("validation curves")
@@ -80,14 +97,21 @@ def learning_curves(sweep: dict[str, Any]):
 def markdown(sweep: dict[str, Any]) -> str:
     rows, metric = sweep["rows"], sweep["metric"]
     keys = list(rows[0]["params"]) if rows else []
-    out = [f"# Sweep {sweep['parent'].data.tags.get(tracking.RUN_NAME_TAG)}", "",
-           f"{len(rows)} trials, search space `{json.dumps(sweep['space'])}`, ranked by {metric} ({sweep['mode']}).", "",
-           "| rank | " + " | ".join(keys) + f" | {metric} | validations | status |",
-           "|" + " --- |" * (len(keys) + 4)]
+    out = [
+        f"# Sweep {sweep['parent'].data.tags.get(tracking.RUN_NAME_TAG)}",
+        "",
+        f"{len(rows)} trials, search space `{json.dumps(sweep['space'])}`, ranked by {metric} ({sweep['mode']}).",
+        "",
+        "| rank | " + " | ".join(keys) + f" | {metric} | validations | status |",
+        "|" + " --- |" * (len(keys) + 4),
+    ]
     for i, r in enumerate(rows, 1):
         status = "stopped early" if r["early_stopped"] else r["status"].lower()
-        out.append(f"| {i} | " + " | ".join(str(r["params"][k]) for k in keys) +
-                   f" | {r['best']:.2f} | {r['validations']} | {status} |")
+        out.append(
+            f"| {i} | "
+            + " | ".join(str(r["params"][k]) for k in keys)
+            + f" | {r['best']:.2f} | {r['validations']} | {status} |"
+        )
     if rows:
         out += ["", f"Best: `{rows[0]['run_name']}` (MLflow run `{rows[0]['run_id']}`)."]
     return "\n".join(out) + "\n"
@@ -99,8 +123,11 @@ def write_report(uri: str, experiment: str, sweep_name: str, out_dir: str) -> li
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     keys = list(sweep["space"])
-    x, y = ("model.hidden_size", "model.num_layers") if {"model.hidden_size", "model.num_layers"} <= set(keys) else (
-        (keys + keys)[:2] if keys else ("model.hidden_size", "model.num_layers"))
+    x, y = (
+        ("model.hidden_size", "model.num_layers")
+        if {"model.hidden_size", "model.num_layers"} <= set(keys)
+        else ((keys + keys)[:2] if keys else ("model.hidden_size", "model.num_layers"))
+    )
     for name, fig in (("heatmap.png", heatmap(sweep, x, y)), ("learning_curves.png", learning_curves(sweep))):
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
@@ -128,8 +155,14 @@ def contact_sheet(items: list[dict[str, Any]], path: str, max_frames: int = 6) -
             strip = np.concatenate([x for i in picks for x in (frames[i], gap)][:-1], axis=1)
             ax.imshow(strip)
         refs = "; ".join(item["refs"][:3])
-        ax.set_title("\n".join(textwrap.wrap(f"{item['video_id']}  predicted: {item['hyp']}", 120)
-                               + textwrap.wrap(f"references: {refs}", 120)), loc="left", fontsize=9)
+        ax.set_title(
+            "\n".join(
+                textwrap.wrap(f"{item['video_id']}  predicted: {item['hyp']}", 120)
+                + textwrap.wrap(f"references: {refs}", 120)
+            ),
+            loc="left",
+            fontsize=9,
+        )
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -38,8 +38,11 @@ def signature(video: bool):
 
     kinds = {int: "long", float: "double", str: "string"}
     params = VIDEO_PARAMS if video else TEXT_PARAMS
-    return ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]),
-                          params=ParamSchema([ParamSpec(k, kinds[type(v)], v) for k, v in params.items()]))
+    return ModelSignature(
+        inputs=Schema([ColSpec("string")]),
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema([ParamSpec(k, kinds[type(v)], v) for k, v in params.items()]),
+    )
 
 
 def column(model_input: Any) -> list[str]:
@@ -50,7 +53,8 @@ def column(model_input: Any) -> list[str]:
     if isinstance(model_input, pd.DataFrame):
         if model_input.shape[1] != 1:
             raise MlflowException.invalid_parameter_value(
-                f"expected one column of strings, got columns {list(model_input.columns)}")
+                f"expected one column of strings, got columns {list(model_input.columns)}"
+            )
         model_input = model_input.iloc[:, 0]
     if isinstance(model_input, str):
         model_input = [model_input]

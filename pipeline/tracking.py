@@ -25,9 +25,11 @@ _USER_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:
 _USER_ONLY = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^:/?#@\s,]+@")
 # A query-string or key=value secret: a parameter whose name is, or ends in, one of these
 # words (token, access_token, X-Amz-Signature, sig, api_key, client_secret, ...).
-_SECRET_PARAM = re.compile(r"(?i)(?P<name>(?:^|(?<=[?&;\s]))(?:[\w.-]*[_.-])?"
-                           r"(?:token|secret|password|passwd|pwd|signature|sig|key|apikey|credential|auth)=)"
-                           r"[^&;#\s]*")
+_SECRET_PARAM = re.compile(
+    r"(?i)(?P<name>(?:^|(?<=[?&;\s]))(?:[\w.-]*[_.-])?"
+    r"(?:token|secret|password|passwd|pwd|signature|sig|key|apikey|credential|auth)=)"
+    r"[^&;#\s]*"
+)
 
 
 class TrackingError(RuntimeError):
@@ -50,7 +52,7 @@ def resolve(cfg: TrackingConfig) -> tuple[str, str]:
     uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         # Workers run in other processes (and directories): pin the file to an absolute path.
-        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
     experiment = cfg.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "pipeline"
     return uri, experiment
 
@@ -59,12 +61,14 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fail before training starts, not after, when a tracking server does not answer."""
     if uri.startswith(("http://", "https://")):
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:  # noqa: S310 (http(s) checked above)
                 if r.status != 200:
                     raise TrackingError(f"MLflow server {redact(uri)} answered /health with HTTP {r.status}")
         except OSError as e:
-            raise TrackingError(f"MLflow tracking server {redact(uri)} is unreachable ({e}); "
-                                "start it or fix MLFLOW_TRACKING_URI / tracking.tracking_uri") from e
+            raise TrackingError(
+                f"MLflow tracking server {redact(uri)} is unreachable ({e}); "
+                "start it or fix MLFLOW_TRACKING_URI / tracking.tracking_uri"
+            ) from e
 
 
 def client(uri: str):
@@ -77,7 +81,7 @@ def _artifact_root(uri: str, experiment: str) -> str | None:
     """A local SQLite store keeps its artifacts beside the database file, not in
     whatever directory the first run happened to start in (MLflow's ./mlruns)."""
     if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
+        db = Path(uri[len("sqlite:///") :])
         return (db.parent / "mlruns" / experiment).as_uri()
     return None
 
@@ -86,14 +90,17 @@ def git_commit() -> str | None:
     if os.environ.get("PIPELINE_GIT_COMMIT"):
         return os.environ["PIPELINE_GIT_COMMIT"]
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
+        )
         return out.stdout.strip() or None if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
 
 
-def open_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> tuple[str, bool]:
+def open_run(
+    uri: str, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str]
+) -> tuple[str, bool]:
     """Create the run for ``run_name``, or reopen the one that already has that name.
 
     Returns (run_id, resumed). Params already logged keep their first value (MLflow
@@ -101,7 +108,9 @@ def open_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], t
     """
     c = client(uri)
     exp = c.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else c.create_experiment(experiment, artifact_location=_artifact_root(uri, experiment))
+    exp_id = (
+        exp.experiment_id if exp else c.create_experiment(experiment, artifact_location=_artifact_root(uri, experiment))
+    )
     found = c.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
     if found:
         run = found[0]
@@ -142,8 +151,10 @@ def last_steps(uri: str, run_id: str) -> dict[str, int]:
     (from a checkpoint, or from scratch before its first one) re-runs steps and logs a
     metric only at steps it does not have yet."""
     c = client(uri)
-    return {key: max((m.step for m in c.get_metric_history(run_id, key)), default=-1)
-            for key in c.get_run(run_id).data.metrics}
+    return {
+        key: max((m.step for m in c.get_metric_history(run_id, key)), default=-1)
+        for key in c.get_run(run_id).data.metrics
+    }
 
 
 def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
@@ -214,9 +225,14 @@ def log_model(uri: str, run_id: str, bundle: str, video: bool, example: list[str
         saved_path = sys.path[:]
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
-                name="model", python_model=serving.__file__, artifacts={"bundle": folder},
-                code_paths=[str(Path(__file__).resolve().parent)], signature=serving.signature(video),
-                input_example=example or None, pip_requirements=model_requirements(video))
+                name="model",
+                python_model=serving.__file__,
+                artifacts={"bundle": folder},
+                code_paths=[str(Path(__file__).resolve().parent)],
+                signature=serving.signature(video),
+                input_example=example or None,
+                pip_requirements=model_requirements(video),
+            )
         sys.path[:] = saved_path
     return info.model_uri
 
@@ -241,7 +257,12 @@ def pickles_in(folder: str | Path) -> list[str]:
 CHAMPION, CHALLENGER = "champion", "challenger"
 # Tags on a registered version: what it scored, on which data, from which sweep and commit.
 SWEEP_TAG, METRIC_TAG, VALUE_TAG, DATA_TAG, COMMIT_TAG = (
-    "pipeline.sweep", "pipeline.metric", "pipeline.metric_value", "pipeline.data_fingerprint", "pipeline.git_commit")
+    "pipeline.sweep",
+    "pipeline.metric",
+    "pipeline.metric_value",
+    "pipeline.data_fingerprint",
+    "pipeline.git_commit",
+)
 
 
 def data_fingerprint(data_dir: str, manifest: dict[str, Any]) -> str:
@@ -284,8 +305,9 @@ def _score(uri: str, mv: Any, metric: str) -> float | None:
     return None
 
 
-def promote_if_better(uri: str, name: str, version: str, metric: str, mode: str,
-                      data_fingerprint: str) -> tuple[bool, str]:
+def promote_if_better(
+    uri: str, name: str, version: str, metric: str, mode: str, data_fingerprint: str
+) -> tuple[bool, str]:
     """Move ``champion`` to ``version`` when there is no champion yet, or when the version
     beats the champion on ``metric`` (``mode`` max|min) measured on the same test data
     (``data_fingerprint``). Returns (promoted, the reason in one line)."""
@@ -304,8 +326,10 @@ def promote_if_better(uri: str, name: str, version: str, metric: str, mode: str,
     kept = f"champion: v{champ.version} ({champ_shown}) kept; challenger v{version} ({shown})"
     hint = f"`pipeline promote {name} {version}` moves it by hand"
     if champ.tags.get(DATA_TAG) != data_fingerprint:
-        return False, (f"{kept} was tested on other data ({data_fingerprint} vs the champion's "
-                       f"{champ.tags.get(DATA_TAG, 'unknown')}): not comparable; {hint}")
+        return False, (
+            f"{kept} was tested on other data ({data_fingerprint} vs the champion's "
+            f"{champ.tags.get(DATA_TAG, 'unknown')}): not comparable; {hint}"
+        )
     if value is None or champ_value is None:
         return False, f"{kept}: without both scores there is nothing to compare; {hint}"
     better = value > champ_value if mode == "max" else value < champ_value
@@ -320,8 +344,11 @@ def _promote(uri: str, name: str, version: str, reason: str, by: str) -> None:
 
     c = client(uri)
     # Tags first: a champion is never without its why.
-    for k, v in {"promoted_by": by, "promotion_reason": reason,
-                 "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}.items():
+    for k, v in {
+        "promoted_by": by,
+        "promotion_reason": reason,
+        "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }.items():
         c.set_model_version_tag(name, version, k, v)
     c.set_registered_model_alias(name, CHAMPION, version)
 
@@ -339,8 +366,10 @@ def promote(uri: str, name: str, version: str, reason: str, by: str) -> str | No
             known = sorted(int(v.version) for v in c.search_model_versions(f"name = '{name}'"))
         except MlflowException:
             known = []
-        raise TrackingError(f"registered model '{name}' has no version {version} at {redact(uri)} "
-                            f"(versions: {', '.join(map(str, known)) or 'none'})") from e
+        raise TrackingError(
+            f"registered model '{name}' has no version {version} at {redact(uri)} "
+            f"(versions: {', '.join(map(str, known)) or 'none'})"
+        ) from e
     before = _champion(uri, name)
     _promote(uri, name, version, reason, by)
     return None if before is None else str(before.version)
@@ -363,8 +392,18 @@ def is_outage(e: BaseException | None) -> bool:
     seen: set[int] = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, (requests.ConnectionError, requests.Timeout, requests.exceptions.RetryError,
-                          Urllib3Error, ConnectionError, TimeoutError, TrackingError)):
+        if isinstance(
+            e,
+            (
+                requests.ConnectionError,
+                requests.Timeout,
+                requests.exceptions.RetryError,
+                Urllib3Error,
+                ConnectionError,
+                TimeoutError,
+                TrackingError,
+            ),
+        ):
             return True
         if isinstance(e, requests.HTTPError) and e.response is not None and e.response.status_code >= 500:
             return True
@@ -394,8 +433,15 @@ class RunLogger:
     in the caller's thread by the next ``flush()`` or ``close()``.
     """
 
-    def __init__(self, uri: str, run_id: str, spill_dir: str, who: str = "driver", retry_s: float = 10.0,
-                 records: list[dict[str, Any]] | None = None):
+    def __init__(
+        self,
+        uri: str,
+        run_id: str,
+        spill_dir: str,
+        who: str = "driver",
+        retry_s: float = 10.0,
+        records: list[dict[str, Any]] | None = None,
+    ):
         import tempfile
         import threading
 
@@ -419,8 +465,14 @@ class RunLogger:
     def log_metrics(self, values: dict[str, float], step: int) -> None:
         import time
 
-        self._put({"kind": "metrics", "step": int(step), "timestamp": int(time.time() * 1000),
-                   "values": {k: float(v) for k, v in values.items()}})
+        self._put(
+            {
+                "kind": "metrics",
+                "step": int(step),
+                "timestamp": int(time.time() * 1000),
+                "values": {k: float(v) for k, v in values.items()},
+            }
+        )
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self._put({"kind": "tags", "tags": {k: str(v) for k, v in tags.items()}})
@@ -451,8 +503,9 @@ class RunLogger:
         import json
 
         cols = list(data)
-        self.log_text(json.dumps({"columns": cols, "data": [list(r) for r in zip(*(data[c] for c in cols))]}),
-                      artifact_file)
+        self.log_text(
+            json.dumps({"columns": cols, "data": [list(r) for r in zip(*(data[c] for c in cols))]}), artifact_file
+        )
 
     def end_run(self, status: str = "FINISHED") -> None:
         self._put({"kind": "end_run", "status": status})
@@ -532,7 +585,7 @@ class RunLogger:
                     probe = False
                     check_reachable(self.uri, timeout=5.0)
                 self._send(chunk)
-            except Exception as e:  # noqa: BLE001 - an outage (keep, retry) or an error (raise in the caller)
+            except Exception as e:
                 if not is_outage(e):
                     with self._cond:
                         self._error = self._error or e
@@ -540,14 +593,18 @@ class RunLogger:
                     continue
                 if self._down_since is None:
                     self._down_since = time.time()
-                    _say(f"[tracking] MLflow at {redact(self.uri)} is away ({type(e).__name__}): "
-                         f"{self.pending} record(s) kept, sent when it answers")
+                    _say(
+                        f"[tracking] MLflow at {redact(self.uri)} is away ({type(e).__name__}): "
+                        f"{self.pending} record(s) kept, sent when it answers"
+                    )
                 return False
             with self._cond:
                 del self._queue[: len(chunk)]
             if self._down_since is not None:
-                _say(f"[tracking] MLflow at {redact(self.uri)} answers again after "
-                     f"{time.time() - self._down_since:.0f} s; sending the kept records")
+                _say(
+                    f"[tracking] MLflow at {redact(self.uri)} answers again after "
+                    f"{time.time() - self._down_since:.0f} s; sending the kept records"
+                )
                 self._down_since = None
 
     def _send(self, chunk: list[dict[str, Any]]) -> None:
@@ -557,8 +614,12 @@ class RunLogger:
         c = client(self.uri)
         kind, run_id = first["kind"], first["run_id"]
         if kind == "metrics":
-            metrics = [Metric(k, v, r["timestamp"], r["step"]) for r in chunk
-                       for k, v in r["values"].items() if self._new(k, r["step"])]
+            metrics = [
+                Metric(k, v, r["timestamp"], r["step"])
+                for r in chunk
+                for k, v in r["values"].items()
+                if self._new(k, r["step"])
+            ]
             if metrics:
                 c.log_batch(run_id, metrics=metrics)
         elif kind == "tags":
@@ -605,8 +666,10 @@ class RunLogger:
         return len(left)
 
     def unsent_message(self, left: int) -> str:
-        return (f"[tracking] MLflow at {redact(self.uri)} did not answer: {left} record(s) of run {self.run_id} are "
-                f"not logged yet, kept in {self.spilled_to}; send them with: pipeline tracking replay {self.spill_dir}")
+        return (
+            f"[tracking] MLflow at {redact(self.uri)} did not answer: {left} record(s) of run {self.run_id} are "
+            f"not logged yet, kept in {self.spilled_to}; send them with: pipeline tracking replay {self.spill_dir}"
+        )
 
 
 def _say(message: str) -> None:
@@ -692,8 +755,10 @@ def replay(path: str, uri: str | None = None) -> tuple[int, int]:
             continue
         target = uri or os.environ.get("MLFLOW_TRACKING_URI") or records[0]["tracking_uri"]
         if "***" in target:
-            raise TrackingError(f"{file} was written for {target}: give the tracking URI with its password "
-                                "in MLFLOW_TRACKING_URI or --tracking-uri")
+            raise TrackingError(
+                f"{file} was written for {target}: give the tracking URI with its password "
+                "in MLFLOW_TRACKING_URI or --tracking-uri"
+            )
         local = tempfile.mkdtemp(prefix="mlflow-replay-")
         try:
             spilled: dict[str, str] = {}  # local copy -> its path in the spill folder
@@ -706,7 +771,9 @@ def replay(path: str, uri: str | None = None) -> tuple[int, int]:
             rest: list[dict[str, Any]] = []
             error: BaseException | None = None
             for run_id in dict.fromkeys(r["run_id"] for r in records):
-                log = RunLogger(target, run_id, folder, who="replay", records=[r for r in records if r["run_id"] == run_id])
+                log = RunLogger(
+                    target, run_id, folder, who="replay", records=[r for r in records if r["run_id"] == run_id]
+                )
                 log._send_all()  # in this thread: a replay may wait on MLflow
                 rest += log._queue
                 error = error or log._error
@@ -717,8 +784,12 @@ def replay(path: str, uri: str | None = None) -> tuple[int, int]:
                 fs.rm(f"{folder}/{Path(copy).parent}", recursive=True)
             if rest:
                 with fs.open(file, "w") as f:
-                    f.write("".join(json.dumps({**r, "path": spilled[r["path"]]} if r["kind"] == "artifact" else r)
-                                    + "\n" for r in rest))
+                    f.write(
+                        "".join(
+                            json.dumps({**r, "path": spilled[r["path"]]} if r["kind"] == "artifact" else r) + "\n"
+                            for r in rest
+                        )
+                    )
             else:
                 fs.rm(file)
             if error is not None:

@@ -39,7 +39,7 @@ def search_space(space: dict[str, Any], search: str) -> dict[str, Any]:
         if isinstance(value, list):
             out[key] = tune.grid_search(value) if search == "grid" else tune.choice(value)
         else:
-            (dist, (low, high)), = value.items()
+            ((dist, (low, high)),) = value.items()
             out[key] = dists[dist](low, high)
     return out
 
@@ -52,7 +52,9 @@ def trial_config(base: dict[str, Any], params: dict[str, Any]) -> Config:
     return cfg
 
 
-def _run_trial(params: dict[str, Any], base: dict[str, Any], prep: dict[str, Any], sweep: str, parent_run_id: str) -> None:
+def _run_trial(
+    params: dict[str, Any], base: dict[str, Any], prep: dict[str, Any], sweep: str, parent_run_id: str
+) -> None:
     import ray.tune
 
     trial_id = ray.tune.get_context().get_trial_id()
@@ -74,8 +76,10 @@ def concurrent_trials(cfg: Config) -> int:
 def run_sweep(cfg: Config) -> dict[str, Any]:
     tc = cfg.tune
     if not tc.space:
-        raise ConfigError("tune.space is empty: give values, e.g. tune.space.model.hidden_size=[256,512], "
-                          "or pick a prepared sweep, e.g. tune=hidden_depth")
+        raise ConfigError(
+            "tune.space is empty: give values, e.g. tune.space.model.hidden_size=[256,512], "
+            "or pick a prepared sweep, e.g. tune=hidden_depth"
+        )
     prep = prepare(cfg)
     sweep = tc.name or f"sweep-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     lock = hold_named(f"{prep['storage']}/{sweep}", "tune.name", sweep, "pipeline tune")
@@ -89,10 +93,18 @@ def sweep_fingerprint(cfg: Config, prep: dict[str, Any]) -> dict[str, str]:
     """A run's fingerprint without the searched keys, plus the search itself."""
     tc = cfg.tune
     out = {k: v for k, v in run_fingerprint(cfg, prep).items() if k not in tc.space}
-    out.update({"tune.space": json.dumps(tc.space, sort_keys=True), "tune.search": tc.search,
-                "tune.num_samples": str(tc.num_samples), "tune.scheduler": tc.scheduler,
-                "tune.metric": tc.metric or default_metric(cfg), "tune.mode": tc.mode,
-                "tune.grace_period": str(tc.grace_period), "tune.reduction_factor": str(tc.reduction_factor)})
+    out.update(
+        {
+            "tune.space": json.dumps(tc.space, sort_keys=True),
+            "tune.search": tc.search,
+            "tune.num_samples": str(tc.num_samples),
+            "tune.scheduler": tc.scheduler,
+            "tune.metric": tc.metric or default_metric(cfg),
+            "tune.mode": tc.mode,
+            "tune.grace_period": str(tc.grace_period),
+            "tune.reduction_factor": str(tc.reduction_factor),
+        }
+    )
     return out
 
 
@@ -101,16 +113,26 @@ def _run_sweep(cfg: Config, prep: dict[str, Any], sweep: str) -> dict[str, Any]:
 
     tc = cfg.tune
     uri, experiment, storage = prep["uri"], prep["experiment"], prep["storage"]
-    check_fingerprint(f"{storage}/{sweep}", sweep_fingerprint(cfg, prep), f"tune.name '{sweep}' ({tracking.redact(storage)}/{sweep})")
+    check_fingerprint(
+        f"{storage}/{sweep}", sweep_fingerprint(cfg, prep), f"tune.name '{sweep}' ({tracking.redact(storage)}/{sweep})"
+    )
     metric = tc.metric or default_metric(cfg)
-    params = {"tune.space": json.dumps(tc.space), "tune.search": tc.search, "tune.scheduler": tc.scheduler,
-              "tune.num_samples": tc.num_samples, "tune.metric": metric, "tune.mode": tc.mode, **cfg.flat()}
+    params = {
+        "tune.space": json.dumps(tc.space),
+        "tune.search": tc.search,
+        "tune.scheduler": tc.scheduler,
+        "tune.num_samples": tc.num_samples,
+        "tune.metric": metric,
+        "tune.mode": tc.mode,
+        **cfg.flat(),
+    }
     parent_id, resumed = tracking.open_run(uri, experiment, sweep, params, {"pipeline.kind": "sweep"})
     print(f"[tune] sweep '{sweep}' ({'resumed' if resumed else 'new'}): MLflow parent run {parent_id}", flush=True)
 
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, base=cfg.to_dict(), prep=prep, sweep=sweep, parent_run_id=parent_id),
-        {"CPU": TRIAL_DRIVER_CPU})
+        {"CPU": TRIAL_DRIVER_CPU},
+    )
     path = f"{storage}/{sweep}"
     if tune.Tuner.can_restore(path):
         print(f"[tune] resuming from {path}: finished trials are kept, unfinished ones continue", flush=True)
@@ -122,8 +144,12 @@ def _run_sweep(cfg: Config, prep: dict[str, Any], sweep: str) -> dict[str, Any]:
 
             # max_t past the last epoch: a trial that runs its course ends on its own (and
             # closes its MLflow run then) rather than being stopped by the scheduler.
-            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(cfg.train.max_epochs, tc.grace_period) + 1,
-                                      grace_period=tc.grace_period, reduction_factor=tc.reduction_factor)
+            scheduler = ASHAScheduler(
+                time_attr="training_iteration",
+                max_t=max(cfg.train.max_epochs, tc.grace_period) + 1,
+                grace_period=tc.grace_period,
+                reduction_factor=tc.reduction_factor,
+            )
         search_alg = None
         if tc.search == "optuna":
             from ray.tune.search.optuna import OptunaSearch
@@ -132,10 +158,18 @@ def _run_sweep(cfg: Config, prep: dict[str, Any], sweep: str) -> dict[str, Any]:
         n = concurrent_trials(cfg)
         print(f"[tune] {tc.search} search, scheduler {tc.scheduler}, up to {n} trial(s) at once", flush=True)
         tuner = tune.Tuner(
-            trainable, param_space=search_space(tc.space, tc.search),
-            tune_config=tune.TuneConfig(metric=metric, mode=tc.mode, num_samples=tc.num_samples, scheduler=scheduler,
-                                        search_alg=search_alg, max_concurrent_trials=n),
-            run_config=tune.RunConfig(name=sweep, storage_path=storage, verbose=1))
+            trainable,
+            param_space=search_space(tc.space, tc.search),
+            tune_config=tune.TuneConfig(
+                metric=metric,
+                mode=tc.mode,
+                num_samples=tc.num_samples,
+                scheduler=scheduler,
+                search_alg=search_alg,
+                max_concurrent_trials=n,
+            ),
+            run_config=tune.RunConfig(name=sweep, storage_path=storage, verbose=1),
+        )
     grid = tuner.fit()
     failed = {f"{sweep}-{r.metrics.get('trial_id', '')}": str(r.error) for r in grid if r.error}
     rows = summarize(uri, parent_id, metric, tc.mode, failed)
@@ -143,8 +177,14 @@ def _run_sweep(cfg: Config, prep: dict[str, Any], sweep: str) -> dict[str, Any]:
         tracking.end_run(uri, parent_id, "FAILED")
         raise RuntimeError(f"no trial of sweep '{sweep}' produced a result; errors: {list(failed.values())[:1]}")
     best = rows[0]
-    out: dict[str, Any] = {"sweep": sweep, "parent_run_id": parent_id, "trials": rows, "best": best,
-                           "tracking_uri": uri, "experiment": experiment}
+    out: dict[str, Any] = {
+        "sweep": sweep,
+        "parent_run_id": parent_id,
+        "trials": rows,
+        "best": best,
+        "tracking_uri": uri,
+        "experiment": experiment,
+    }
     best_cfg = trial_config(cfg.to_dict(), best["params"])
     best_dir = f"{storage}/{best['run_name']}/best"
     final = latest_checkpoint(f"{storage}/{best['run_name']}")
@@ -156,8 +196,11 @@ def _run_sweep(cfg: Config, prep: dict[str, Any], sweep: str) -> dict[str, Any]:
     if tested.get("model_uri"):
         out.update(_register(cfg, prep, sweep, best["run_name"], metric, tested))  # `pipeline tune` prints why
     log = tracking.RunLogger(uri, parent_id, tracking.spill_dir(storage, sweep))
-    log.log_table({k: [r.get(k) for r in rows] for k in rows[0] if k != "params"} |
-                  {"params": [json.dumps(r["params"]) for r in rows]}, "trials.json")
+    log.log_table(
+        {k: [r.get(k) for r in rows] for k in rows[0] if k != "params"}
+        | {"params": [json.dumps(r["params"]) for r in rows]},
+        "trials.json",
+    )
     log.log_metrics({f"best_{metric}": best["best"], **{k: v for k, v in tested.items() if k.startswith("test_")}}, 0)
     log.set_tags({"best_trial_run_id": best["run_id"], "best_trial": best["run_name"]})
     log.end_run("FINISHED" if not failed else "FAILED")
@@ -175,34 +218,49 @@ def champion_metric(metric: str, mode: str, tested: dict[str, Any], video: bool)
     return ("test_cider" if video else "test_bleu"), "max"
 
 
-def _register(cfg: Config, prep: dict[str, Any], sweep: str, run_name: str, metric: str,
-              tested: dict[str, Any]) -> dict[str, Any]:
+def _register(
+    cfg: Config, prep: dict[str, Any], sweep: str, run_name: str, metric: str, tested: dict[str, Any]
+) -> dict[str, Any]:
     """The best trial's model becomes a new version with the alias ``challenger``, tagged
     with what it scored on which data; ``champion`` moves to it only when it wins."""
     tc, uri = cfg.tune, prep["uri"]
     name = tc.register_as or f"{prep['experiment']}-{cfg.data.name}"
     key, mode = champion_metric(metric, tc.mode, tested, is_video(cfg))
     fingerprint = tracking.data_fingerprint(prep["data_dir"], prep["manifest"])
-    tags = {tracking.SWEEP_TAG: sweep, "pipeline.trial": run_name, tracking.METRIC_TAG: key,
-            tracking.DATA_TAG: fingerprint, tracking.COMMIT_TAG: tracking.git_commit() or "unknown"}
+    tags = {
+        tracking.SWEEP_TAG: sweep,
+        "pipeline.trial": run_name,
+        tracking.METRIC_TAG: key,
+        tracking.DATA_TAG: fingerprint,
+        tracking.COMMIT_TAG: tracking.git_commit() or "unknown",
+    }
     if key in tested:
         tags[tracking.VALUE_TAG] = repr(float(tested[key]))
     version = tracking.register_challenger(uri, tested["model_uri"], name, tags)
     promoted, reason = tracking.promote_if_better(uri, name, version, key, mode, fingerprint)
-    champion = version if promoted else str(tracking.client(uri).get_model_version_by_alias(name, tracking.CHAMPION).version)
-    return {"registered_model": name, "registered_version": version, "promoted": promoted, "promotion": reason,
-            "champion_version": champion}
+    champion = (
+        version if promoted else str(tracking.client(uri).get_model_version_by_alias(name, tracking.CHAMPION).version)
+    )
+    return {
+        "registered_model": name,
+        "registered_version": version,
+        "promoted": promoted,
+        "promotion": reason,
+        "champion_version": champion,
+    }
 
 
-def summarize(uri: str, parent_id: str, metric: str, mode: str,
-              failed: dict[str, str] | None = None) -> list[dict[str, Any]]:
+def summarize(
+    uri: str, parent_id: str, metric: str, mode: str, failed: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
     """Child runs of a sweep, ranked by the best value of ``metric``. Children still
     RUNNING once Tune is done either failed (``failed``: run name -> error) or were
     stopped by the scheduler: close them as FAILED, or as KILLED with the early-stop tag."""
     c = tracking.client(uri)
     parent = c.get_run(parent_id)
-    children = c.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
-                             max_results=10_000)
+    children = c.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", max_results=10_000
+    )
     space_keys = list(json.loads(parent.data.params.get("tune.space", "{}")))
     rows = []
     for ch in children:
@@ -220,10 +278,17 @@ def summarize(uri: str, parent_id: str, metric: str, mode: str,
         history = [m.value for m in c.get_metric_history(rid, metric)]
         if not history:
             continue
-        rows.append({"run_name": name, "run_id": rid,
-                     "params": {k: _typed(ch.data.params.get(k)) for k in space_keys},
-                     "best": max(history) if mode == "max" else min(history), "validations": len(history),
-                     "status": ch.info.status, "early_stopped": ch.data.tags.get(EARLY_STOPPED_TAG) == "true"})
+        rows.append(
+            {
+                "run_name": name,
+                "run_id": rid,
+                "params": {k: _typed(ch.data.params.get(k)) for k in space_keys},
+                "best": max(history) if mode == "max" else min(history),
+                "validations": len(history),
+                "status": ch.info.status,
+                "early_stopped": ch.data.tags.get(EARLY_STOPPED_TAG) == "true",
+            }
+        )
     rows.sort(key=lambda r: r["best"], reverse=mode == "max")
     return rows
 
@@ -241,7 +306,15 @@ def format_table(rows: list[dict[str, Any]], metric: str) -> str:
     lines = [head]
     for i, r in enumerate(rows, 1):
         status = "stopped early" if r["early_stopped"] else r["status"].lower()
-        lines.append([str(i), *(str(r["params"][k]) for k in keys), f"{r['best']:.2f}", str(r["validations"]),
-                      status, r["run_name"]])
+        lines.append(
+            [
+                str(i),
+                *(str(r["params"][k]) for k in keys),
+                f"{r['best']:.2f}",
+                str(r["validations"]),
+                status,
+                r["run_name"],
+            ]
+        )
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in lines)

@@ -7,8 +7,13 @@ def rows(n, seed=0):
     rng = np.random.default_rng(seed)
     src_len = rng.integers(1, 40, n)
     tgt_len = rng.integers(1, 40, n)
-    return {"src_len": src_len, "tgt_len": tgt_len, "id": np.arange(n),
-            "src_ids": [rng.integers(4, 100, k) for k in src_len], "tgt_ids": [rng.integers(4, 100, k) for k in tgt_len]}
+    return {
+        "src_len": src_len,
+        "tgt_len": tgt_len,
+        "id": np.arange(n),
+        "src_ids": [rng.integers(4, 100, k) for k in src_len],
+        "tgt_ids": [rng.integers(4, 100, k) for k in tgt_len],
+    }
 
 
 def test_budget_respected_and_each_row_once():
@@ -27,8 +32,10 @@ def test_token_batches_over_two_workers_see_every_example_once():
     seen = []
     padded = real = 0
     for shard in halves:
-        megas = [{k: (v[idx] if isinstance(v, np.ndarray) else [v[i] for i in idx]) for k, v in r.items()}
-                 for idx in np.array_split(shard, 4)]
+        megas = [
+            {k: (v[idx] if isinstance(v, np.ndarray) else [v[i] for i in idx]) for k, v in r.items()}
+            for idx in np.array_split(shard, 4)
+        ]
         for b in token_batches(iter(megas), 1000, 0, 2, 3, np.random.default_rng(0)):
             assert b.padded_tokens <= 1000 or b.src.size(0) == 1
             seen += b.ids.tolist()
@@ -58,8 +65,13 @@ def video_rows(n, seed=0):
     rng = np.random.default_rng(seed)
     caps = [[rng.integers(4, 50, int(rng.integers(3, 12))) for _ in range(int(rng.integers(1, 7)))] for _ in range(n)]
     data = [np.full((4, 8, 8, 3), i, np.uint8).tobytes() for i in range(n)]
-    return {"id": np.arange(n), "data": np.array(data, dtype=object), "dtype": np.array(["uint8"] * n, dtype=object),
-            "shape": np.array([np.array([4, 8, 8, 3])] * n, dtype=object), "caption_ids": np.array(caps, dtype=object)}
+    return {
+        "id": np.arange(n),
+        "data": np.array(data, dtype=object),
+        "dtype": np.array(["uint8"] * n, dtype=object),
+        "shape": np.array([np.array([4, 8, 8, 3])] * n, dtype=object),
+        "caption_ids": np.array(caps, dtype=object),
+    }
 
 
 def test_caption_batches_encode_each_clip_once_and_see_every_pair_once():

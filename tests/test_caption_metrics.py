@@ -55,22 +55,22 @@ def _dataset(n: int = 50, seed: int = 7) -> tuple[list[str], list[list[str]]]:
 
 
 def _tokenised(hyps: list[str], refs: list[list[str]]) -> tuple[list[str], list[list[str]]]:
-    return ([" ".join(caption_tokens(h)) for h in hyps],
-            [[" ".join(caption_tokens(r)) for r in rs] for rs in refs])
+    return ([" ".join(caption_tokens(h)) for h in hyps], [[" ".join(caption_tokens(r)) for r in rs] for rs in refs])
 
 
 def _coco(hyps: list[str], refs: list[list[str]]) -> dict[str, float]:
     """pycocoevalcap's own scorers on the given (already tokenised) text, no Java tokeniser."""
-    gts = {i: rs for i, rs in enumerate(refs)}
+    gts = dict(enumerate(refs))
     res = {i: [h] for i, h in enumerate(hyps)}
-    return {"bleu4": float(Bleu(4).compute_score(gts, res, verbose=0)[0][3]),
-            "rouge_l": float(Rouge().compute_score(gts, res)[0]),
-            "cider": float(Cider().compute_score(gts, res)[0])}
+    return {
+        "bleu4": float(Bleu(4).compute_score(gts, res, verbose=0)[0][3]),
+        "rouge_l": float(Rouge().compute_score(gts, res)[0]),
+        "cider": float(Cider().compute_score(gts, res)[0]),
+    }
 
 
 def _ours(hyps: list[str], refs: list[list[str]]) -> dict[str, float]:
-    return {"bleu4": bleu4(hyps, refs), "rouge_l": rouge_l(hyps, refs),
-            "cider": cider_d(hyps, refs)}
+    return {"bleu4": bleu4(hyps, refs), "rouge_l": rouge_l(hyps, refs), "cider": cider_d(hyps, refs)}
 
 
 def test_parity_with_pycocoevalcap() -> None:
@@ -108,9 +108,27 @@ def test_perfect_and_constant_captions() -> None:
 
 def test_caption_tokens() -> None:
     assert caption_tokens('A Man, "Smiling" -- rides a T-shirt... (red)!') == [
-        "a", "man", "smiling", "rides", "a", "t-shirt", "red"]
+        "a",
+        "man",
+        "smiling",
+        "rides",
+        "a",
+        "t-shirt",
+        "red",
+    ]
     assert caption_tokens("The dog's ball isn't 3.5 inches; at 5 p.m.?") == [
-        "the", "dog", "'s", "ball", "is", "n't", "3.5", "inches", "at", "5", "p.m."]
+        "the",
+        "dog",
+        "'s",
+        "ball",
+        "is",
+        "n't",
+        "3.5",
+        "inches",
+        "at",
+        "5",
+        "p.m.",
+    ]
     assert caption_tokens(" ... ") == []
 
 
@@ -133,8 +151,9 @@ def test_meteor_failure_is_none_and_closes_the_process(monkeypatch: pytest.Monke
 
     class Broken:  # stands in for pycocoevalcap's Meteor: a live process, then an error
         def __init__(self) -> None:
-            self.meteor_p = subprocess.Popen(["sleep", "60"], stdin=subprocess.PIPE,
-                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            self.meteor_p = subprocess.Popen(
+                ["sleep", "60"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
             self.lock = threading.Lock()
             started.append(self)
 

@@ -14,8 +14,13 @@ def _ids(rng, files, lines, fraction):
 
 def test_packed_ids_round_trip_exactly():
     rng = np.random.default_rng(0)
-    for ids in (_ids(rng, 3, 5000, 0.3), _ids(rng, 1, 17, 1.0), np.array([7 << 32, 5], np.int64),
-                np.empty(0, np.int64), np.array([3, 3, 3], np.int64)):
+    for ids in (
+        _ids(rng, 3, 5000, 0.3),
+        _ids(rng, 1, 17, 1.0),
+        np.array([7 << 32, 5], np.int64),
+        np.empty(0, np.int64),
+        np.array([3, 3, 3], np.int64),
+    ):
         assert np.array_equal(unpack_ids(pack_ids(ids)), np.unique(ids))
 
 
@@ -27,8 +32,10 @@ def test_a_million_seen_examples_cost_about_an_eighth_of_a_megabyte():
     np.savez(buf, **pack_ids(ids))
     raw = io.BytesIO()
     np.save(raw, ids)
-    print(f"\n[checkpoint] seen ids of {len(ids)} examples: {buf.tell() / 1e3:.0f} kB packed, "
-          f"{raw.tell() / 1e6:.1f} MB as int64")
+    print(
+        f"\n[checkpoint] seen ids of {len(ids)} examples: {buf.tell() / 1e3:.0f} kB packed, "
+        f"{raw.tell() / 1e6:.1f} MB as int64"
+    )
     assert buf.tell() < 200_000
     buf.seek(0)
     with np.load(buf, allow_pickle=False) as z:

@@ -15,7 +15,9 @@ REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
 
 
 def run(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=120, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=120, **kw
+    )
 
 
 def test_help_lists_commands():
@@ -32,15 +34,23 @@ def test_config_prints_resolved_yaml():
     assert cfg["model"]["hidden_size"] == 512 and cfg["data"]["test_split"] == "test_2016_flickr"
 
 
-@pytest.mark.parametrize("args,message", [
-    (("train", "model.hidden=3"), "error: unknown config key 'model.hidden'; valid keys: model.embedding_size"),
-    (("train", "train.num_workers=two"), "error: train.num_workers must be of type int, got 'two'"),
-    (("preprocess", "data=multi30k", "data.root=/does/not/exist"), "error: data.root '/does/not/exist' does not exist"),
-    (("translate", "--model", "/does/not/exist"), "is not a model bundle: missing model.pt"),
-    # Refused before Ray starts or any data is read: nothing to see after an hour of training.
-    (("train", "tracking.tracking_uri=http://127.0.0.1:9"),
-     "error: MLflow tracking server http://127.0.0.1:9 is unreachable"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (("train", "model.hidden=3"), "error: unknown config key 'model.hidden'; valid keys: model.embedding_size"),
+        (("train", "train.num_workers=two"), "error: train.num_workers must be of type int, got 'two'"),
+        (
+            ("preprocess", "data=multi30k", "data.root=/does/not/exist"),
+            "error: data.root '/does/not/exist' does not exist",
+        ),
+        (("translate", "--model", "/does/not/exist"), "is not a model bundle: missing model.pt"),
+        # Refused before Ray starts or any data is read: nothing to see after an hour of training.
+        (
+            ("train", "tracking.tracking_uri=http://127.0.0.1:9"),
+            "error: MLflow tracking server http://127.0.0.1:9 is unreachable",
+        ),
+    ],
+)
 def test_errors_are_one_clear_line(args, message):
     p = run(*args, input="")
     assert p.returncode == 2, p.stderr[-2000:]
@@ -73,16 +83,28 @@ def test_download_from_a_server_and_offline_error(tmp_path):
 
 
 def test_doctor_reports_each_check(tmp_path):
-    ok = run("doctor", "data=multi30k", f"data.root={REPO / '..' / 'shared' / 'data' / 'multi30k'}",
-             f"train.storage_path={tmp_path}/ray", f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db",
-             "train.num_workers=1")
+    ok = run(
+        "doctor",
+        "data=multi30k",
+        f"data.root={REPO / '..' / 'shared' / 'data' / 'multi30k'}",
+        f"train.storage_path={tmp_path}/ray",
+        f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db",
+        "train.num_workers=1",
+    )
     assert ok.returncode == 0, ok.stdout + ok.stderr[-2000:]
     lines = {line.split()[1]: line for line in ok.stdout.splitlines() if line.startswith(("ok", "FAIL"))}
     assert set(lines) == {"data", "storage", "mlflow", "ray"} and all(v.startswith("ok") for v in lines.values())
     assert "3 input file(s)" in lines["data"] and "CPUs" in lines["ray"]
     (tmp_path / "afile").write_text("x")
-    bad = run("doctor", "data=multi30k", f"data.root={tmp_path}/missing", f"train.storage_path={tmp_path}/afile/ray",
-              "tracking.tracking_uri=http://127.0.0.1:9", "train.use_gpu=true", "train.num_workers=1")
+    bad = run(
+        "doctor",
+        "data=multi30k",
+        f"data.root={tmp_path}/missing",
+        f"train.storage_path={tmp_path}/afile/ray",
+        "tracking.tracking_uri=http://127.0.0.1:9",
+        "train.use_gpu=true",
+        "train.num_workers=1",
+    )
     assert bad.returncode == 1
     fails = [line for line in bad.stdout.splitlines() if line.startswith("FAIL")]
     assert len(fails) == 4, bad.stdout

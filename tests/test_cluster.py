@@ -38,38 +38,77 @@ def wait_for(check, what, timeout=120, log=None):
 def cluster(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cluster")
     mlflow_port = free_port()
-    mlflow = start([f"{VENV_BIN}/mlflow", "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
-                    "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db", "--serve-artifacts",
-                    "--artifacts-destination", str(tmp / "mlartifacts"), "--workers", "1"], tmp / "mlflow.log")
+    mlflow = start(
+        [
+            f"{VENV_BIN}/mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(mlflow_port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp}/mlflow.db",
+            "--serve-artifacts",
+            "--artifacts-destination",
+            str(tmp / "mlartifacts"),
+            "--workers",
+            "1",
+        ],
+        tmp / "mlflow.log",
+    )
     try:
         with loopback_cluster(nodes=2, cpus=2, logs=tmp) as ray_cluster:
-            wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{mlflow_port}/health", timeout=2).status == 200,
-                     "the MLflow server")
+            wait_for(
+                lambda: urllib.request.urlopen(f"http://127.0.0.1:{mlflow_port}/health", timeout=2).status == 200,
+                "the MLflow server",
+            )
             yield {"tmp": tmp, "address": ray_cluster.dashboard, "mlflow": f"http://127.0.0.1:{mlflow_port}"}
     finally:
         stop(mlflow)
 
 
 def submit(cluster, overrides, env):
-    args = [sys.executable, "-m", "pipeline.cli", "submit", "--address", cluster["address"], "--wait", "--", "train",
-            *overrides]
+    args = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "submit",
+        "--address",
+        cluster["address"],
+        "--wait",
+        "--",
+        "train",
+        *overrides,
+    ]
     # The plain environment: `pipeline submit` itself must find the token and use it.
     return subprocess.run(args, capture_output=True, text=True, timeout=900, env={**os.environ, **env})
 
 
 def test_submit_two_workers_on_two_nodes_into_mlflow_server(cluster):
     tmp = cluster["tmp"]
-    overrides = ["data=demo_text", "model=small", f"data.root={tmp}/demo", "data.demo_size=2000",
-                 "data.vocab_size=300", f"data.output_dir={tmp}/data", f"train.storage_path={tmp}/ray",
-                 "train.num_workers=2", "train.max_epochs=1", "train.placement_strategy=SPREAD",
-                 "train.run_name=on-two-nodes", "train.batch_tokens=800", "train.test_beam_size=1"]
+    overrides = [
+        "data=demo_text",
+        "model=small",
+        f"data.root={tmp}/demo",
+        "data.demo_size=2000",
+        "data.vocab_size=300",
+        f"data.output_dir={tmp}/data",
+        f"train.storage_path={tmp}/ray",
+        "train.num_workers=2",
+        "train.max_epochs=1",
+        "train.placement_strategy=SPREAD",
+        "train.run_name=on-two-nodes",
+        "train.batch_tokens=800",
+        "train.test_beam_size=1",
+    ]
     env = {"MLFLOW_TRACKING_URI": cluster["mlflow"], "MLFLOW_EXPERIMENT_NAME": "cluster"}
     p = submit(cluster, overrides, env)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     assert "submitted job pipeline-train-" in p.stdout and "SUCCEEDED" in p.stdout
     c = MlflowClient(cluster["mlflow"])
-    run = c.search_runs([c.get_experiment_by_name("cluster").experiment_id],
-                        filter_string="tags.`pipeline.run_name` = 'on-two-nodes'")[0]
+    run = c.search_runs(
+        [c.get_experiment_by_name("cluster").experiment_id], filter_string="tags.`pipeline.run_name` = 'on-two-nodes'"
+    )[0]
     assert run.info.status == "FINISHED"
     assert run.data.tags["ray.num_worker_nodes"] == "2", run.data.tags.get("ray.worker_nodes")
     assert "val_bleu" in run.data.metrics and "test_bleu" in run.data.metrics
@@ -80,12 +119,27 @@ def test_submit_two_workers_on_two_nodes_into_mlflow_server(cluster):
 def test_node_local_mlflow_store_fails_early(cluster):
     tmp = cluster["tmp"]
     t0 = time.time()
-    p = submit(cluster, ["data=demo_text", f"data.root={tmp}/demo", f"train.storage_path={tmp}/ray"],
-               {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/local.db"})
+    p = submit(
+        cluster,
+        ["data=demo_text", f"data.root={tmp}/demo", f"train.storage_path={tmp}/ray"],
+        {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/local.db"},
+    )
     assert p.returncode == 1
     assert "MLflow is the node-local store" in p.stdout and "use a tracking server" in p.stdout
     assert time.time() - t0 < 120
-    status = subprocess.run([sys.executable, "-m", "pipeline.cli", "jobs", "status",
-                             p.stdout.split("submitted job ")[1].split()[0], "--address", cluster["address"]],
-                            capture_output=True, text=True, timeout=60)
+    status = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "jobs",
+            "status",
+            p.stdout.split("submitted job ")[1].split()[0],
+            "--address",
+            cluster["address"],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert "FAILED" in status.stdout

@@ -25,20 +25,26 @@ def test_every_yaml_option_loads(group):
         assert isinstance(load_config(overrides), Config)
 
 
-@pytest.mark.parametrize("override,message", [
-    (["model.hidden=3"], "unknown config key 'model.hidden'; valid keys: model.embedding_size, model.hidden_size"),
-    (["model.hidden_size=abc"], "model.hidden_size must be of type int, got 'abc'"),
-    (["train.use_gpu=3"], "train.use_gpu must be of type bool"),
-    (["data=nope"], "no option 'nope' for config group 'data'; choose one of: demo_text, demo_video, msrvtt, msvd, multi30k"),
-    (["model.attention=luong"], "model.attention='luong' is not a valid choice; choose one of: dot, general, mlp"),
-    (["modl.hidden_size=3"], "unknown config key 'modl'; valid keys: data, model, train, tracking"),
-    (["hidden_size"], "must look like key=value"),
-    (["model.hidden_size=255"], "positive even number"),
-    (["data=pairs"], "data=pairs needs data.src_files and data.tgt_files"),
-    (["data=video_features"], "data=video_features needs data.files"),
-    (["data=demo_video", "data.frame_encoder=frozen"], "data.frame_encoder=frozen needs data.backbone"),
-    (["data=msrvtt", "data.num_frames=0"], "need data.num_frames >= 1"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (["model.hidden=3"], "unknown config key 'model.hidden'; valid keys: model.embedding_size, model.hidden_size"),
+        (["model.hidden_size=abc"], "model.hidden_size must be of type int, got 'abc'"),
+        (["train.use_gpu=3"], "train.use_gpu must be of type bool"),
+        (
+            ["data=nope"],
+            "no option 'nope' for config group 'data'; choose one of: demo_text, demo_video, msrvtt, msvd, multi30k",
+        ),
+        (["model.attention=luong"], "model.attention='luong' is not a valid choice; choose one of: dot, general, mlp"),
+        (["modl.hidden_size=3"], "unknown config key 'modl'; valid keys: data, model, train, tracking"),
+        (["hidden_size"], "must look like key=value"),
+        (["model.hidden_size=255"], "positive even number"),
+        (["data=pairs"], "data=pairs needs data.src_files and data.tgt_files"),
+        (["data=video_features"], "data=video_features needs data.files"),
+        (["data=demo_video", "data.frame_encoder=frozen"], "data.frame_encoder=frozen needs data.backbone"),
+        (["data=msrvtt", "data.num_frames=0"], "need data.num_frames >= 1"),
+    ],
+)
 def test_bad_config_is_named(override, message):
     with pytest.raises(ConfigError) as e:
         load_config(override)
@@ -54,18 +60,48 @@ def test_round_trip_through_dict():
 
 # One bad value per numeric key, at the edge of its range where there is one.
 BAD_VALUES = {
-    "data.num_frames": 0, "data.fps": -1.0, "data.frame_size": 7, "data.max_chars": 0, "data.min_tokens": 0,
-    "data.max_tokens": 0, "data.vocab_size": 99, "data.tokenizer_max_lines": 0, "data.val_fraction": 0.5,
-    "data.test_fraction": -0.1, "data.demo_size": 0,
-    "model.embedding_size": 0, "model.hidden_size": 255, "model.num_layers": 0, "model.dropout": 1.0,
+    "data.num_frames": 0,
+    "data.fps": -1.0,
+    "data.frame_size": 7,
+    "data.max_chars": 0,
+    "data.min_tokens": 0,
+    "data.max_tokens": 0,
+    "data.vocab_size": 99,
+    "data.tokenizer_max_lines": 0,
+    "data.val_fraction": 0.5,
+    "data.test_fraction": -0.1,
+    "data.demo_size": 0,
+    "model.embedding_size": 0,
+    "model.hidden_size": 255,
+    "model.num_layers": 0,
+    "model.dropout": 1.0,
     "model.cnn_channels": 0,
-    "train.num_workers": 0, "train.cpus_per_worker": 0, "train.gpus_per_worker": 1.5, "train.max_epochs": 0,
-    "train.max_minutes": -1.0, "train.max_failures": -2, "train.seed": -1, "train.batch_tokens": 15,
-    "train.sort_window": 0, "train.lr": 0.0, "train.weight_decay": -0.1, "train.warmup_steps": -1,
-    "train.clip_norm": -1.0, "train.accumulate": 0, "train.ddp_bucket_mb": 0, "train.label_smoothing": 1.0,
-    "train.eval_every": -1, "train.eval_beam_size": 0, "train.test_beam_size": 0, "train.length_penalty": -0.1,
-    "train.early_stopping": -1, "train.num_samples": -1,
-    "tune.num_samples": 0, "tune.grace_period": 0, "tune.reduction_factor": 1, "tune.max_concurrent_trials": -1,
+    "train.num_workers": 0,
+    "train.cpus_per_worker": 0,
+    "train.gpus_per_worker": 1.5,
+    "train.max_epochs": 0,
+    "train.max_minutes": -1.0,
+    "train.max_failures": -2,
+    "train.seed": -1,
+    "train.batch_tokens": 15,
+    "train.sort_window": 0,
+    "train.lr": 0.0,
+    "train.weight_decay": -0.1,
+    "train.warmup_steps": -1,
+    "train.clip_norm": -1.0,
+    "train.accumulate": 0,
+    "train.ddp_bucket_mb": 0,
+    "train.label_smoothing": 1.0,
+    "train.eval_every": -1,
+    "train.eval_beam_size": 0,
+    "train.test_beam_size": 0,
+    "train.length_penalty": -0.1,
+    "train.early_stopping": -1,
+    "train.num_samples": -1,
+    "tune.num_samples": 0,
+    "tune.grace_period": 0,
+    "tune.reduction_factor": 1,
+    "tune.max_concurrent_trials": -1,
 }
 
 
@@ -101,8 +137,9 @@ def test_out_of_range_value_is_refused_naming_the_key(key):
     assert repr(BAD_VALUES[key]) in str(e.value) or str(BAD_VALUES[key]) in str(e.value)
 
 
-@pytest.mark.parametrize("value,ok", [(0.25, True), (1.0, True), (2.0, True), (4.0, True), (0.0, False),
-                                      (1.5, False), (-1.0, False)])
+@pytest.mark.parametrize(
+    "value,ok", [(0.25, True), (1.0, True), (2.0, True), (4.0, True), (0.0, False), (1.5, False), (-1.0, False)]
+)
 def test_gpus_per_worker_is_a_share_of_one_gpu_or_whole_gpus(value, ok):
     if ok:
         assert Config.from_dict({"train": {"gpus_per_worker": value}}).train.gpus_per_worker == value
@@ -112,9 +149,21 @@ def test_gpus_per_worker_is_a_share_of_one_gpu_or_whole_gpus(value, ok):
 
 
 def test_edges_that_mean_off_or_forever_are_valid():
-    cfg = load_config(["train.max_failures=-1", "train.max_minutes=0", "train.eval_every=0", "train.early_stopping=0",
-                       "train.clip_norm=0", "train.warmup_steps=0", "train.num_samples=0", "data.fps=0",
-                       "tune.max_concurrent_trials=0", "train.seed=0", "data.val_fraction=0"])
+    cfg = load_config(
+        [
+            "train.max_failures=-1",
+            "train.max_minutes=0",
+            "train.eval_every=0",
+            "train.early_stopping=0",
+            "train.clip_norm=0",
+            "train.warmup_steps=0",
+            "train.num_samples=0",
+            "data.fps=0",
+            "tune.max_concurrent_trials=0",
+            "train.seed=0",
+            "data.val_fraction=0",
+        ]
+    )
     assert cfg.train.max_failures == -1
 
 
@@ -154,10 +203,12 @@ def test_unsafe_names_are_refused_naming_the_key_and_the_set(key, value):
 @pytest.mark.parametrize("key", _name_keys())
 def test_safe_names_pass(key):
     group, name = key.split(".")
-    for value in (["en", "pt_BR", "zh-Hans"] if key.endswith("_lang") else ["run-1", "e2e_2.b", "test_2016_flickr"]):
+    for value in ["en", "pt_BR", "zh-Hans"] if key.endswith("_lang") else ["run-1", "e2e_2.b", "test_2016_flickr"]:
         assert getattr(getattr(Config.from_dict({group: {name: value}}), group), name) == value
     if key == "tracking.experiment":  # MLflow experiment names often have spaces
-        assert Config.from_dict({"tracking": {"experiment": "My experiment 2"}}).tracking.experiment == "My experiment 2"
+        assert (
+            Config.from_dict({"tracking": {"experiment": "My experiment 2"}}).tracking.experiment == "My experiment 2"
+        )
     else:
         with pytest.raises(ConfigError, match="not a safe name"):
             Config.from_dict({group: {name: "a b"}})

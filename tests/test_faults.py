@@ -5,10 +5,10 @@ on exactly once."""
 
 import json
 import os
-from collections import Counter
 import signal
 import threading
 import time
+from collections import Counter
 
 import psutil
 import pytest
@@ -33,12 +33,28 @@ def test_worker_sigkill_mid_epoch_resumes_into_the_same_run(ray_session, tmp_pat
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     trace = tmp_path / "trace"
     trace.mkdir()
-    cfg = load_config(["data=demo_text", "model=small", f"data.root={tmp_path}/demo", "data.demo_size=4000",
-                       "data.vocab_size=500", f"data.output_dir={tmp_path}/data", f"train.storage_path={tmp_path}/ray",
-                       "train.run_name=killed", "train.num_workers=2", "train.max_epochs=3", "train.batch_tokens=300",
-                       "train.eval_every=50", f"train.trace_examples={trace}",
-                       "train.max_failures=2", "train.test_beam_size=1", "tracking.log_model=false",
-                       f"tracking.tracking_uri={uri}", "tracking.experiment=faults"])
+    cfg = load_config(
+        [
+            "data=demo_text",
+            "model=small",
+            f"data.root={tmp_path}/demo",
+            "data.demo_size=4000",
+            "data.vocab_size=500",
+            f"data.output_dir={tmp_path}/data",
+            f"train.storage_path={tmp_path}/ray",
+            "train.run_name=killed",
+            "train.num_workers=2",
+            "train.max_epochs=3",
+            "train.batch_tokens=300",
+            "train.eval_every=50",
+            f"train.trace_examples={trace}",
+            "train.max_failures=2",
+            "train.test_beam_size=1",
+            "tracking.log_model=false",
+            f"tracking.tracking_uri={uri}",
+            "tracking.experiment=faults",
+        ]
+    )
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(run_training(cfg)), daemon=True)
     thread.start()
@@ -68,8 +84,10 @@ def test_worker_sigkill_mid_epoch_resumes_into_the_same_run(ray_session, tmp_pat
     assert len(runs) == 1 and runs[0].info.run_id == result["run_id"] and runs[0].info.status == "FINISHED"
     run = runs[0]
     resumed_at = float(run.data.tags["pipeline.resumed_at"])
-    print(f"\n[faults] worker killed at step {steps_before}; training resumed from step "
-          f"{run.data.tags['pipeline.resumed_from_step']} {resumed_at - killed_at:.1f} s after the kill")
+    print(
+        f"\n[faults] worker killed at step {steps_before}; training resumed from step "
+        f"{run.data.tags['pipeline.resumed_from_step']} {resumed_at - killed_at:.1f} s after the kill"
+    )
     assert 0 < int(run.data.tags["pipeline.resumed_from_step"]) <= steps_before
     train = _steps(c, run.info.run_id, "train_loss")
     assert train == list(range(LOG_EVERY, LOG_EVERY * len(train) + 1, LOG_EVERY)), "gaps or duplicate steps"
@@ -93,8 +111,9 @@ def _assert_interrupted_epoch_exactly_once(trace, resumed_step, killed_pids):
         pid = int(path.stem.split("-")[1])
         records += [dict(json.loads(line), first=pid in killed_pids) for line in path.read_text().splitlines()]
     epoch = next(r["epoch"] for r in records if r["step"] == resumed_step + 1 and not r["first"])
-    counted = Counter(i for r in records if r["epoch"] == epoch and (not r["first"] or r["step"] <= resumed_step)
-                      for i in r["ids"])
+    counted = Counter(
+        i for r in records if r["epoch"] == epoch and (not r["first"] or r["step"] <= resumed_step) for i in r["ids"]
+    )
     whole = {i for r in records for i in r["ids"]}  # every training example, seen in some epoch
     assert resumed_step > 0 and epoch >= 0
     assert set(counted.values()) == {1}, "an example of the interrupted epoch was trained on twice"
@@ -108,11 +127,28 @@ def test_killed_driver_rerun_resumes_into_the_same_run(ray_session, tmp_path):
     import sys
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    args = [sys.executable, "-m", "pipeline.cli", "train", "data=demo_text", "model=small", f"data.root={tmp_path}/demo",
-            "data.demo_size=3000", "data.vocab_size=500", f"data.output_dir={tmp_path}/data",
-            f"train.storage_path={tmp_path}/ray", "train.run_name=driver", "train.num_workers=1", "train.max_epochs=2",
-            "train.batch_tokens=300", "train.eval_every=40", "train.test_beam_size=1", "tracking.log_model=false",
-            f"tracking.tracking_uri={uri}", "tracking.experiment=driver"]
+    args = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "train",
+        "data=demo_text",
+        "model=small",
+        f"data.root={tmp_path}/demo",
+        "data.demo_size=3000",
+        "data.vocab_size=500",
+        f"data.output_dir={tmp_path}/data",
+        f"train.storage_path={tmp_path}/ray",
+        "train.run_name=driver",
+        "train.num_workers=1",
+        "train.max_epochs=2",
+        "train.batch_tokens=300",
+        "train.eval_every=40",
+        "train.test_beam_size=1",
+        "tracking.log_model=false",
+        f"tracking.tracking_uri={uri}",
+        "tracking.experiment=driver",
+    ]
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     c = MlflowClient(uri)
@@ -121,8 +157,11 @@ def test_killed_driver_rerun_resumes_into_the_same_run(ray_session, tmp_path):
         while time.time() < deadline:  # kill the driver after a checkpoint, mid-training
             exp = c.get_experiment_by_name("driver") if (tmp_path / "mlflow.db").exists() else None
             runs = c.search_runs([exp.experiment_id]) if exp else []
-            if runs and _steps(c, runs[0].info.run_id, "val_loss") and \
-                    max(_steps(c, runs[0].info.run_id, "train_loss") or [0]) >= 40 + LOG_EVERY:
+            if (
+                runs
+                and _steps(c, runs[0].info.run_id, "val_loss")
+                and max(_steps(c, runs[0].info.run_id, "train_loss") or [0]) >= 40 + LOG_EVERY
+            ):
                 break
             assert proc.poll() is None, "training ended before it could be interrupted"
             time.sleep(1)

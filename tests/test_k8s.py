@@ -39,7 +39,7 @@ except ModuleNotFoundError:  # Python 3.10
 jsonschema = pytest.importorskip("jsonschema")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
-from packaging.requirements import Requirement
+from packaging.requirements import Requirement  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -67,9 +67,7 @@ CLUSTER_SCOPED = {
 EXPOSING_KINDS = {"Ingress", "Route", "Gateway", "HTTPRoute", "IngressRoute", "VirtualService"}
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|KEY", re.IGNORECASE)
 URI_WITH_CREDENTIALS = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s:@]+:[^/\s@]+@", re.IGNORECASE)
-RAY_IMAGE = re.compile(
-    r"^(?:docker\.io/)?rayproject/ray(?:-ml|-llm)?:(?P<version>\d+\.\d+\.\d+)(?:-\S*)?$"
-)
+RAY_IMAGE = re.compile(r"^(?:docker\.io/)?rayproject/ray(?:-ml|-llm)?:(?P<version>\d+\.\d+\.\d+)(?:-\S*)?$")
 Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 # Importing mlflow.server (for its Host check) configures SQLAlchemy mappers, which warns.
 pytestmark = pytest.mark.filterwarnings("ignore:.*noload.*:DeprecationWarning")
@@ -112,9 +110,7 @@ def bundle() -> Bundle:
     return load_bundle()
 
 
-def objects(
-    b: Bundle, kind: str | None = None, skip_example: bool = False
-) -> Iterator[tuple[str, dict]]:
+def objects(b: Bundle, kind: str | None = None, skip_example: bool = False) -> Iterator[tuple[str, dict]]:
     for name, ds in b["docs"].items():
         if skip_example and name == SECRETS_EXAMPLE:
             continue
@@ -246,7 +242,7 @@ def crd_schemas() -> dict[str, dict]:
         ("RayCluster", "ray.io_rayclusters.yaml"),
         ("RayJob", "ray.io_rayjobs.yaml"),
     ]:
-        crd = yaml.load((CRDS / file).read_text(), Loader=Loader)
+        crd = yaml.load((CRDS / file).read_text(), Loader=Loader)  # noqa: S506 (Loader is a SafeLoader)
         (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
         out[kind] = _strict(v1["schema"]["openAPIV3Schema"])
     return out
@@ -336,9 +332,7 @@ def check_versions(b: Bundle) -> list[str]:
     errors = []
     spec = pinned_ray(b)
     project_version = b["pyproject"]["project"]["version"]
-    froms = re.findall(
-        r"^\s*FROM\s+(?:--\S+\s+)*(\S+)", b["dockerfile"], re.MULTILINE | re.IGNORECASE
-    )
+    froms = re.findall(r"^\s*FROM\s+(?:--\S+\s+)*(\S+)", b["dockerfile"], re.MULTILINE | re.IGNORECASE)
     if not froms:
         errors.append("Dockerfile: no FROM")
     for image in froms[:1] or []:
@@ -346,9 +340,7 @@ def check_versions(b: Bundle) -> list[str]:
         if not m:
             errors.append(f"Dockerfile: FROM {image} is not a rayproject/ray:<version> image")
         elif m["version"] not in spec:
-            errors.append(
-                f"Dockerfile: FROM {image}: Ray {m['version']} does not match pyproject's ray{spec}"
-            )
+            errors.append(f"Dockerfile: FROM {image}: Ray {m['version']} does not match pyproject's ray{spec}")
     n_project = 0
     for where, c in containers(b):
         image = c.get("image")
@@ -356,23 +348,15 @@ def check_versions(b: Bundle) -> list[str]:
             continue
         m = RAY_IMAGE.match(image)
         if m and m["version"] not in spec:
-            errors.append(
-                f"{where}: {image}: Ray {m['version']} does not match pyproject's ray{spec}"
-            )
+            errors.append(f"{where}: {image}: Ray {m['version']} does not match pyproject's ray{spec}")
         if image.split(":")[0] == PROJECT_IMAGE:
             n_project += 1
             tag = image.split(":", 1)[1] if ":" in image else ""
             if tag != project_version:
-                errors.append(
-                    f"{where}: {image}: tag must be the project version {project_version}"
-                )
+                errors.append(f"{where}: {image}: tag must be the project version {project_version}")
     for where, rc in ray_cluster_specs(b):
-        if str(rc.get("rayVersion")) not in spec or not re.fullmatch(
-            r"\d+\.\d+\.\d+", str(rc.get("rayVersion"))
-        ):
-            errors.append(
-                f"{where}: rayVersion {rc.get('rayVersion')!r} does not match pyproject's ray{spec}"
-            )
+        if str(rc.get("rayVersion")) not in spec or not re.fullmatch(r"\d+\.\d+\.\d+", str(rc.get("rayVersion"))):
+            errors.append(f"{where}: rayVersion {rc.get('rayVersion')!r} does not match pyproject's ray{spec}")
     if not n_project:
         errors.append(f"no container runs the project image {PROJECT_IMAGE}")
     return errors
@@ -387,14 +371,10 @@ def check_no_secret_literals(b: Bundle) -> list[str]:
             if SECRET_NAME.search(name) and not ref:
                 errors.append(f"{where}: env {name} must come from valueFrom.secretKeyRef")
             if "value" in env and URI_WITH_CREDENTIALS.search(str(env["value"])):
-                errors.append(
-                    f"{where}: env {name} holds a URI with credentials; use a secretKeyRef"
-                )
+                errors.append(f"{where}: env {name} holds a URI with credentials; use a secretKeyRef")
     for where, d in objects(b, skip_example=True):
         if d["kind"] == "Secret":
-            errors.append(
-                f"{where}: Secrets with values belong in the cluster, not in k8s/ (see {SECRETS_EXAMPLE})"
-            )
+            errors.append(f"{where}: Secrets with values belong in the cluster, not in k8s/ (see {SECRETS_EXAMPLE})")
             continue
         for s in strings(d):
             if URI_WITH_CREDENTIALS.search(s):
@@ -415,8 +395,7 @@ def check_no_secret_literals(b: Bundle) -> list[str]:
 def check_ray_auth(b: Bundle) -> list[str]:
     errors = []
     secret_keys = {
-        d["metadata"]["name"]: set((d.get("stringData") or {}) | (d.get("data") or {}))
-        for _, d in objects(b, "Secret")
+        d["metadata"]["name"]: set((d.get("stringData") or {}) | (d.get("data") or {})) for _, d in objects(b, "Secret")
     }
     specs = list(ray_cluster_specs(b))
     if not specs:
@@ -447,9 +426,7 @@ def check_no_exposure(b: Bundle) -> list[str]:
     for where, spec in ray_cluster_specs(b):
         head = spec.get("headGroupSpec") or {}
         if head.get("serviceType", "ClusterIP") != "ClusterIP":
-            errors.append(
-                f"{where}: headGroupSpec.serviceType {head['serviceType']}, want ClusterIP"
-            )
+            errors.append(f"{where}: headGroupSpec.serviceType {head['serviceType']}, want ClusterIP")
         if (head.get("headService") or {}).get("spec", {}).get("type", "ClusterIP") != "ClusterIP":
             errors.append(f"{where}: headGroupSpec.headService must stay ClusterIP")
         if head.get("enableIngress"):
@@ -480,9 +457,7 @@ def check_mlflow(b: Bundle) -> list[str]:
     if not deployments:
         return errors + ["no Deployment named mlflow"]
     ((where, dep),) = deployments
-    server = [
-        c for c in dep["spec"]["template"]["spec"]["containers"] if "server" in command_line(c)
-    ]
+    server = [c for c in dep["spec"]["template"]["spec"]["containers"] if "server" in command_line(c)]
     if not server:
         return errors + [f"{where}: no container runs `mlflow server`"]
     argv = command_line(server[0])
@@ -496,9 +471,7 @@ def check_mlflow(b: Bundle) -> list[str]:
     if "mlflow" not in hosts:
         errors.append(f"{where}: --allowed-hosts must include the Service name mlflow")
     # The Host headers real clients send: in-cluster clients by Service name, people via port-forward.
-    wanted = [
-        f"{n}:{port}" for n in ("mlflow", f"mlflow.{ns}.svc", f"mlflow.{ns}.svc.cluster.local")
-    ]
+    wanted = [f"{n}:{port}" for n in ("mlflow", f"mlflow.{ns}.svc", f"mlflow.{ns}.svc.cluster.local")]
     wanted += ["127.0.0.1:5000", "localhost:5000"]
     for _, c in containers(b):
         for e in c.get("env") or []:
@@ -515,9 +488,7 @@ def check_mlflow(b: Bundle) -> list[str]:
                     )
                     or u.port != port
                 ):
-                    errors.append(
-                        f"MLFLOW_TRACKING_URI {e['value']} is not the mlflow Service (port {port})"
-                    )
+                    errors.append(f"MLFLOW_TRACKING_URI {e['value']} is not the mlflow Service (port {port})")
     for host in dict.fromkeys(wanted):
         if not is_allowed_host_header(hosts, host):
             errors.append(f"{where}: --allowed-hosts rejects Host {host!r}")
@@ -565,10 +536,7 @@ def check_gpu(b: Bundle) -> list[str]:
             n = res["limits"]["nvidia.com/gpu"]
             if not isinstance(n, int) or n < 1:
                 errors.append(f"{where} group {g['groupName']}: nvidia.com/gpu limit {n!r}")
-            if (
-                "nvidia.com/gpu" in (res.get("requests") or {})
-                and res["requests"]["nvidia.com/gpu"] != n
-            ):
+            if "nvidia.com/gpu" in (res.get("requests") or {}) and res["requests"]["nvidia.com/gpu"] != n:
                 errors.append(f"{where} group {g['groupName']}: GPU requests must equal limits")
             tols = (g.get("template", {}).get("spec") or {}).get("tolerations") or []
             if not any(
@@ -577,9 +545,7 @@ def check_gpu(b: Bundle) -> list[str]:
                 and t.get("operator", "Equal") in ("Exists", "Equal")
                 for t in tols
             ):
-                errors.append(
-                    f"{where} group {g['groupName']}: no toleration for nvidia.com/gpu:NoSchedule"
-                )
+                errors.append(f"{where} group {g['groupName']}: no toleration for nvidia.com/gpu:NoSchedule")
     return errors
 
 
@@ -598,9 +564,7 @@ def check_autoscaling(b: Bundle) -> list[str]:
                 g.get("replicas", g.get("minReplicas")),
             )
             if not isinstance(lo, int) or not isinstance(hi, int):
-                errors.append(
-                    f"{where} group {g.get('groupName')}: minReplicas and maxReplicas must be set"
-                )
+                errors.append(f"{where} group {g.get('groupName')}: minReplicas and maxReplicas must be set")
             elif not (0 <= lo <= (n if isinstance(n, int) else lo) <= hi) or hi < 1 or hi == lo:
                 errors.append(
                     f"{where} group {g.get('groupName')}: want 0 <= min ({lo}) <= replicas ({n}) <= max ({hi}), max > min"
@@ -639,26 +603,14 @@ def check_labels_namespace(b: Bundle) -> list[str]:
                 errors.append(f"{where}: namespace must be {NS}")
             continue
         labels = d.get("metadata", {}).get("labels") or {}
-        if (
-            not labels.get("app.kubernetes.io/name")
-            or labels.get("app.kubernetes.io/part-of") != NS
-        ):
-            errors.append(
-                f"{where}: labels app.kubernetes.io/name and app.kubernetes.io/part-of={NS} required"
-            )
+        if not labels.get("app.kubernetes.io/name") or labels.get("app.kubernetes.io/part-of") != NS:
+            errors.append(f"{where}: labels app.kubernetes.io/name and app.kubernetes.io/part-of={NS} required")
         if d["kind"] not in CLUSTER_SCOPED and d["metadata"].get("namespace") != NS:
-            errors.append(
-                f"{where}: namespace must be {NS}, got {d['metadata'].get('namespace')!r}"
-            )
+            errors.append(f"{where}: namespace must be {NS}, got {d['metadata'].get('namespace')!r}")
     for where, tpl in pod_templates(b):
         labels = (tpl.get("metadata") or {}).get("labels") or {}
-        if (
-            not labels.get("app.kubernetes.io/name")
-            or labels.get("app.kubernetes.io/part-of") != NS
-        ):
-            errors.append(
-                f"{where}: pod template labels app.kubernetes.io/name and part-of required"
-            )
+        if not labels.get("app.kubernetes.io/name") or labels.get("app.kubernetes.io/part-of") != NS:
+            errors.append(f"{where}: pod template labels app.kubernetes.io/name and part-of required")
     return errors
 
 
@@ -676,15 +628,12 @@ def check_shared_storage(b: Bundle) -> list[str]:
         for w, tpl in ray_pod_templates(where, spec):
             pod = tpl.get("spec") or {}
             claims = {
-                v["name"]: (v.get("persistentVolumeClaim") or {}).get("claimName")
-                for v in pod.get("volumes") or []
+                v["name"]: (v.get("persistentVolumeClaim") or {}).get("claimName") for v in pod.get("volumes") or []
             }
             for c in pod.get("containers") or []:
                 mounts = [m for m in c.get("volumeMounts") or [] if m.get("mountPath") == SHARED]
                 if not mounts or claims.get(mounts[0]["name"]) not in rwx:
-                    errors.append(
-                        f"{w} container {c.get('name')}: must mount an RWX PVC at {SHARED}"
-                    )
+                    errors.append(f"{w} container {c.get('name')}: must mount an RWX PVC at {SHARED}")
     for where, d in objects(b, "RayJob"):
         args = shlex.split(d["spec"].get("entrypoint", ""))
         for key in ("data.root", "train.storage_path", "data.output_dir"):
@@ -711,10 +660,7 @@ def check_rayjobs(b: Bundle) -> list[str]:
             errors.append(f"{file}: entrypoint must be {entrypoint!r}")
         if spec.get("shutdownAfterJobFinishes") is not True:
             errors.append(f"{file}: shutdownAfterJobFinishes must be true")
-        if (
-            not isinstance(spec.get("ttlSecondsAfterFinished"), int)
-            or spec["ttlSecondsAfterFinished"] <= 0
-        ):
+        if not isinstance(spec.get("ttlSecondsAfterFinished"), int) or spec["ttlSecondsAfterFinished"] <= 0:
             errors.append(f"{file}: ttlSecondsAfterFinished must be a positive integer")
         if ("rayClusterSpec" in spec) == bool(spec.get("clusterSelector")):
             errors.append(f"{file}: want exactly one of rayClusterSpec and clusterSelector")
@@ -756,9 +702,7 @@ def check_dockerfile(b: Bundle) -> list[str]:
     errors = []
     text = b["dockerfile"]
     lines = [
-        ln.strip()
-        for ln in re.sub(r"\\\n", " ", text).splitlines()
-        if ln.strip() and not ln.strip().startswith("#")
+        ln.strip() for ln in re.sub(r"\\\n", " ", text).splitlines() if ln.strip() and not ln.strip().startswith("#")
     ]
     env = " ".join(ln for ln in lines if ln.upper().startswith("ENV "))
     if not re.search(r"\bPIPELINE_CONF_DIR=/app/conf\b", env):
@@ -771,11 +715,7 @@ def check_dockerfile(b: Bundle) -> list[str]:
             errors.append(f"Dockerfile: does not copy {src}")
     if not any(re.search(r"pip install\b.*--no-cache-dir.*\s/app/?(\s|$)", ln) for ln in lines):
         errors.append("Dockerfile: want `pip install --no-cache-dir /app`")
-    ignored = {
-        ln.strip().strip("/")
-        for ln in b["dockerignore"].splitlines()
-        if ln.strip() and not ln.startswith("#")
-    }
+    ignored = {ln.strip().strip("/") for ln in b["dockerignore"].splitlines() if ln.strip() and not ln.startswith("#")}
     for entry in (
         ".git",
         ".venv",
@@ -828,9 +768,7 @@ def test_kustomize_build():
     kubectl = shutil.which("kubectl")
     if not kubectl:
         pytest.skip("kubectl not installed")
-    out = subprocess.run(
-        [kubectl, "kustomize", str(K8S)], check=False, capture_output=True, text=True, timeout=120
-    )
+    out = subprocess.run([kubectl, "kustomize", str(K8S)], check=False, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     kinds = {d["kind"] for d in yaml.load_all(out.stdout, Loader=Loader) if d}
     assert kinds >= {
@@ -888,16 +826,12 @@ MUTATIONS: list[tuple[str, str, Callable[[Bundle], Any]]] = [
     (
         "versions",
         "a rayproject/ray image of another Ray",
-        lambda b: _gpu_group(b)["template"]["spec"]["containers"][0].update(
-            image="rayproject/ray:2.59.0-py311-gpu"
-        ),
+        lambda b: _gpu_group(b)["template"]["spec"]["containers"][0].update(image="rayproject/ray:2.59.0-py311-gpu"),
     ),
     (
         "versions",
         "project image tag",
-        lambda b: _gpu_group(b)["template"]["spec"]["containers"][0].update(
-            image=PROJECT_IMAGE + ":latest"
-        ),
+        lambda b: _gpu_group(b)["template"]["spec"]["containers"][0].update(image=PROJECT_IMAGE + ":latest"),
     ),
     (
         "no_secret_literals",
@@ -937,9 +871,7 @@ MUTATIONS: list[tuple[str, str, Callable[[Bundle], Any]]] = [
     (
         "no_exposure",
         "NodePort MLflow",
-        lambda b: next(d for d in b["docs"]["mlflow.yaml"] if d["kind"] == "Service")[
-            "spec"
-        ].update(type="NodePort"),
+        lambda b: next(d for d in b["docs"]["mlflow.yaml"] if d["kind"] == "Service")["spec"].update(type="NodePort"),
     ),
     (
         "no_exposure",
@@ -969,9 +901,9 @@ MUTATIONS: list[tuple[str, str, Callable[[Bundle], Any]]] = [
     (
         "mlflow",
         "tracking URI elsewhere",
-        lambda b: _env(
-            _gpu_group(b)["template"]["spec"]["containers"][0], "MLFLOW_TRACKING_URI"
-        ).update(value="http://mlflow-x:5000"),
+        lambda b: _env(_gpu_group(b)["template"]["spec"]["containers"][0], "MLFLOW_TRACKING_URI").update(
+            value="http://mlflow-x:5000"
+        ),
     ),
     (
         "mlflow",
@@ -982,9 +914,7 @@ MUTATIONS: list[tuple[str, str, Callable[[Bundle], Any]]] = [
     (
         "gpu",
         "no GPU limit",
-        lambda b: _gpu_group(b)["template"]["spec"]["containers"][0]["resources"]["limits"].pop(
-            "nvidia.com/gpu"
-        ),
+        lambda b: _gpu_group(b)["template"]["spec"]["containers"][0]["resources"]["limits"].pop("nvidia.com/gpu"),
     ),
     ("autoscaling", "autoscaler off", lambda b: _cluster(b).update(enableInTreeAutoscaling=False)),
     ("autoscaling", "min above max", lambda b: _gpu_group(b).update(minReplicas=5)),
@@ -993,16 +923,12 @@ MUTATIONS: list[tuple[str, str, Callable[[Bundle], Any]]] = [
     (
         "resources",
         "request above limit",
-        lambda b: _gpu_group(b)["template"]["spec"]["containers"][0]["resources"][
-            "requests"
-        ].update(memory="500Gi"),
+        lambda b: _gpu_group(b)["template"]["spec"]["containers"][0]["resources"]["requests"].update(memory="500Gi"),
     ),
     (
         "labels_namespace",
         "no part-of",
-        lambda b: b["docs"]["storage.yaml"][0]["metadata"]["labels"].pop(
-            "app.kubernetes.io/part-of"
-        ),
+        lambda b: b["docs"]["storage.yaml"][0]["metadata"]["labels"].pop("app.kubernetes.io/part-of"),
     ),
     (
         "labels_namespace",
@@ -1034,9 +960,9 @@ MUTATIONS: list[tuple[str, str, Callable[[Bundle], Any]]] = [
     (
         "rayjobs",
         "spec drift",
-        lambda b: b["docs"]["rayjob-sweep.yaml"][0]["spec"]["rayClusterSpec"]["workerGroupSpecs"][
-            0
-        ].update(maxReplicas=9),
+        lambda b: b["docs"]["rayjob-sweep.yaml"][0]["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].update(
+            maxReplicas=9
+        ),
     ),
     (
         "rayjobs",

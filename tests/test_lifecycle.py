@@ -24,10 +24,23 @@ pytestmark = pytest.mark.slow
 
 
 def _overrides(tmp, name, *extra):
-    return ["data=demo_text", "model=small", f"data.root={tmp}/demo", "data.demo_size=3000", "data.vocab_size=500",
-            f"data.output_dir={tmp}/data", f"train.storage_path={tmp}/ray", f"train.run_name={name}",
-            "train.num_workers=1", "train.batch_tokens=300", "train.test_beam_size=1", "tracking.log_model=false",
-            f"tracking.tracking_uri=sqlite:///{tmp}/mlflow.db", f"tracking.experiment={name}", *extra]
+    return [
+        "data=demo_text",
+        "model=small",
+        f"data.root={tmp}/demo",
+        "data.demo_size=3000",
+        "data.vocab_size=500",
+        f"data.output_dir={tmp}/data",
+        f"train.storage_path={tmp}/ray",
+        f"train.run_name={name}",
+        "train.num_workers=1",
+        "train.batch_tokens=300",
+        "train.test_beam_size=1",
+        "tracking.log_model=false",
+        f"tracking.tracking_uri=sqlite:///{tmp}/mlflow.db",
+        f"tracking.experiment={name}",
+        *extra,
+    ]
 
 
 def _history(uri, run_id, key):
@@ -40,7 +53,7 @@ def _steps(uri, run_id, key):
 
 
 def _state(tmp, name):
-    step, path = latest_checkpoint(f"{tmp}/ray/{name}")
+    _step, path = latest_checkpoint(f"{tmp}/ray/{name}")
     with open(os.path.join(path, "state.json")) as f:
         return json.load(f)
 
@@ -53,10 +66,11 @@ def _kill_worker_when(check, timeout=400):
         try:
             if not check():
                 continue
-        except Exception:  # noqa: BLE001 - the run or its metrics do not exist yet
+        except Exception:
             continue
-        workers = [p for p in psutil.process_iter(["cmdline"])
-                   if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+        workers = [
+            p for p in psutil.process_iter(["cmdline"]) if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or [])
+        ]
         if workers:
             os.kill(workers[-1].pid, signal.SIGKILL)
             return time.time()
@@ -130,17 +144,31 @@ def test_killed_worker_does_not_extend_the_budget(ray_session, tmp_path):
     """A worker SIGKILLed after a checkpoint: the group restarts from it with the training
     time the checkpoint recorded, so the run's time in training stays about its budget."""
     name = "preempted"
-    cfg = load_config(_overrides(tmp_path, name, "train.max_epochs=100", "train.eval_every=40", "train.max_minutes=0.75",
-                                 "train.max_failures=1"))
+    cfg = load_config(
+        _overrides(
+            tmp_path,
+            name,
+            "train.max_epochs=100",
+            "train.eval_every=40",
+            "train.max_minutes=0.75",
+            "train.max_failures=1",
+        )
+    )
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(run_training(cfg)), daemon=True)
     thread.start()
     # Killed well into the budget, right after a checkpoint written 25 s or more into training:
     # a restart that started the clock again would train 25 s more than the budget.
-    killed_at = _kill_worker_when(lambda: (lambda rid: _history(uri, rid, "val_loss")[-1].timestamp / 1000 -
-                                           _history(uri, rid, "train_loss")[0].timestamp / 1000 > 25)
-                                  (_run_id(uri, name)))
+    killed_at = _kill_worker_when(
+        lambda: (
+            lambda rid: (
+                _history(uri, rid, "val_loss")[-1].timestamp / 1000
+                - _history(uri, rid, "train_loss")[0].timestamp / 1000
+                > 25
+            )
+        )(_run_id(uri, name))
+    )
     thread.join(timeout=600)
     assert "run_id" in result, "the run did not finish after its worker was killed"
     run = MlflowClient(uri).get_run(result["run_id"])
@@ -153,14 +181,17 @@ def test_killed_worker_does_not_extend_the_budget(ray_session, tmp_path):
     end_at = val[-1].timestamp / 1000
     trained = (ckpt_at - first_step_at) + (end_at - resumed_at)  # the work that counts
     lost = killed_at - ckpt_at
-    print(f"\n[lifecycle] budget 45 s: trained {trained:.1f} s that count, {lost:.1f} s lost to the kill, "
-          f"restart {resumed_at - killed_at:.1f} s, {ckpt_at - first_step_at:.1f} s before the checkpoint")
+    print(
+        f"\n[lifecycle] budget 45 s: trained {trained:.1f} s that count, {lost:.1f} s lost to the kill, "
+        f"restart {resumed_at - killed_at:.1f} s, {ckpt_at - first_step_at:.1f} s before the checkpoint"
+    )
     # A restart that started the clock again would train the whole budget after the kill, on
     # top of the time before the checkpoint; the second attempt's share here also holds its data
     # pipeline's start (not budget time: seconds, more on a loaded machine).
     before = ckpt_at - first_step_at
-    assert trained < 45 + 0.5 * before + 12, \
+    assert trained < 45 + 0.5 * before + 12, (
         f"{trained:.1f} s of training for a 45 s budget ({before:.1f} s before the checkpoint): the restart extended it"
+    )
     assert _state(tmp_path, name)["elapsed_s"] >= 45
     steps = [m.step for m in train]
     assert steps == list(range(LOG_EVERY, LOG_EVERY * len(steps) + 1, LOG_EVERY)), "gaps or duplicate steps"
@@ -170,8 +201,9 @@ def test_early_stopping_stops_at_the_validation_that_triggers_it(ray_session, tm
     """lr ~ 0: the first validation is the best there will be, so early_stopping=1 stops right
     after the second one, mid-epoch (main checked only at the end of an epoch, before its
     validation). The same run_name with more patience trains on."""
-    base = _overrides(tmp_path, "early", "train.max_epochs=5", "train.eval_every=20", "train.lr=1e-12",
-                      "train.warmup_steps=0")
+    base = _overrides(
+        tmp_path, "early", "train.max_epochs=5", "train.eval_every=20", "train.lr=1e-12", "train.warmup_steps=0"
+    )
     first = run_training(load_config(base + ["train.early_stopping=1"]))
     uri = first["tracking_uri"]
     assert _steps(uri, first["run_id"], "val_loss") == [20, 40]
@@ -190,8 +222,11 @@ def test_restart_before_the_first_checkpoint_logs_no_step_twice(ray_session, tmp
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(run_training(cfg)), daemon=True)
     thread.start()
-    _kill_worker_when(lambda: (lambda rid: max(_steps(uri, rid, "train_loss")) >= 2 * LOG_EVERY and
-                               not _steps(uri, rid, "val_loss"))(_run_id(uri, name)))
+    _kill_worker_when(
+        lambda: (lambda rid: max(_steps(uri, rid, "train_loss")) >= 2 * LOG_EVERY and not _steps(uri, rid, "val_loss"))(
+            _run_id(uri, name)
+        )
+    )
     thread.join(timeout=600)
     assert "run_id" in result, "the run did not finish after its worker was killed"
     run = MlflowClient(uri).get_run(result["run_id"])
@@ -208,11 +243,11 @@ def test_second_run_with_the_same_name_refuses_naming_the_first(ray_session, tmp
     import subprocess
     import sys
 
-    args = [sys.executable, "-m", "pipeline.cli", "train",
-            *_overrides(tmp_path, "twice", "train.max_epochs=1")]
+    args = [sys.executable, "-m", "pipeline.cli", "train", *_overrides(tmp_path, "twice", "train.max_epochs=1")]
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    first = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             start_new_session=True)
+    first = subprocess.Popen(
+        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         lock = tmp_path / "ray" / "twice" / ".pipeline-lock.json"
         deadline = time.time() + 300

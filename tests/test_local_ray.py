@@ -82,17 +82,32 @@ def test_local_ray_requires_the_token(ray_session):
 def test_more_workers_than_the_cluster_has_fail_before_preprocessing(ray_session, tmp_path):
     from pipeline.train.run import prepare
 
-    cfg = load_config(["data=demo_text", f"data.root={tmp_path}/demo", f"data.output_dir={tmp_path}/data",
-                       f"train.storage_path={tmp_path}/ray", f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db",
-                       "train.num_workers=64"])
+    cfg = load_config(
+        [
+            "data=demo_text",
+            f"data.root={tmp_path}/demo",
+            f"data.output_dir={tmp_path}/data",
+            f"train.storage_path={tmp_path}/ray",
+            f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db",
+            "train.num_workers=64",
+        ]
+    )
     cpus = ray_session.cluster_resources()["CPU"]
     with pytest.raises(ConfigError) as e:
         prepare(cfg)
-    assert str(e.value).startswith(f"this cluster has {cpus:g} CPUs; train.num_workers=64 x "
-                                   "train.cpus_per_worker=1 needs 64"), str(e.value)
+    assert str(e.value).startswith(
+        f"this cluster has {cpus:g} CPUs; train.num_workers=64 x train.cpus_per_worker=1 needs 64"
+    ), str(e.value)
     assert not (tmp_path / "demo").exists() and not (tmp_path / "data").exists()  # nothing generated or read
-    gpu = load_config([f"train.storage_path={tmp_path}/ray", f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db",
-                       "train.num_workers=1", "train.use_gpu=true", "train.gpus_per_worker=2"])
+    gpu = load_config(
+        [
+            f"train.storage_path={tmp_path}/ray",
+            f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db",
+            "train.num_workers=1",
+            "train.use_gpu=true",
+            "train.gpus_per_worker=2",
+        ]
+    )
     if ray_session.cluster_resources().get("GPU", 0) < 2:
         with pytest.raises(ConfigError, match=r"GPUs; train.num_workers=1 x train.gpus_per_worker=2 needs 2"):
             prepare(gpu)

@@ -68,8 +68,11 @@ def test_lock_of_a_killed_process_is_taken_over(tmp_path):
 def test_lock_with_a_stopped_heartbeat_is_taken_over(tmp_path):
     """A holder on another host cannot be checked by pid: only its heartbeat tells."""
     path = tmp_path / ".lock"
-    path.write_text(json.dumps({"owner": "x", "host": "elsewhere", "pid": 1, "started": time.time() - 100,
-                                "heartbeat": time.time() - 100}))
+    path.write_text(
+        json.dumps(
+            {"owner": "x", "host": "elsewhere", "pid": 1, "started": time.time() - 100, "heartbeat": time.time() - 100}
+        )
+    )
     with pytest.raises(LockError, match="host elsewhere"):
         StorageLock(str(path), stale_after_s=1000).acquire()
     with StorageLock(str(path), stale_after_s=60):

@@ -7,8 +7,15 @@ from pipeline.models import build_model
 
 def make(attention="general", input_feeding=False, tie=True, layers=2):
     torch.manual_seed(0)
-    cfg = ModelConfig(embedding_size=16, hidden_size=24, num_layers=layers, dropout=0.0, attention=attention,
-                      input_feeding=input_feeding, tie_embeddings=tie)
+    cfg = ModelConfig(
+        embedding_size=16,
+        hidden_size=24,
+        num_layers=layers,
+        dropout=0.0,
+        attention=attention,
+        input_feeding=input_feeding,
+        tie_embeddings=tie,
+    )
     return build_model(cfg, 40, 50).eval()
 
 

@@ -34,15 +34,31 @@ class Server:
         self.proc = None
 
     def start(self) -> None:
-        log = open(self.tmp / "mlflow.log", "a")  # noqa: SIM115 - the server's, for as long as it runs
+        log = open(self.tmp / "mlflow.log", "a")
         self.proc = subprocess.Popen(
-            [f"{VENV_BIN}/mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--backend-store-uri", f"sqlite:///{self.tmp}/mlflow.db", "--serve-artifacts",
-             "--artifacts-destination", str(self.tmp / "mlartifacts"), "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                f"{VENV_BIN}/mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--backend-store-uri",
+                f"sqlite:///{self.tmp}/mlflow.db",
+                "--serve-artifacts",
+                "--artifacts-destination",
+                str(self.tmp / "mlartifacts"),
+                "--workers",
+                "1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
-            wait_until(lambda: urllib.request.urlopen(f"{self.uri}/health", timeout=2).status == 200,
-                       "the MLflow server", 300)
+            wait_until(
+                lambda: urllib.request.urlopen(f"{self.uri}/health", timeout=2).status == 200, "the MLflow server", 300
+            )
         except TimeoutError as e:
             pytest.fail(f"{e}\n{(self.tmp / 'mlflow.log').read_text()[-3000:]}")
 
@@ -132,8 +148,14 @@ def test_close_during_an_outage_spills_and_replay_sends_once(server, tmp_path):
     assert "replay" in log.unsent_message(left)
     server.start()
     env = {**os.environ, "MLFLOW_TRACKING_URI": server.uri}
-    first = subprocess.run([sys.executable, "-m", "pipeline.cli", "tracking", "replay", str(spill)],
-                           capture_output=True, text=True, timeout=120, env=env, check=False)
+    first = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "tracking", "replay", str(spill)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     assert "sent 5 record(s)" in first.stdout, first.stdout
     assert tracking.replay(str(spill), server.uri) == (0, 0), "a second replay sent something again"
@@ -180,14 +202,33 @@ def test_pipeline_train_survives_an_mlflow_outage_and_logs_every_step_once(serve
     its own local Ray (not the session's): the Ray workers must inherit the fail-fast client
     setting, as they do for a user's `pipeline train`, else MLflow's retries hide the outage."""
     run_name = "outage"
-    args = [sys.executable, "-m", "pipeline.cli", "train", "data=demo_text", "model=small", f"data.root={tmp_path}/demo",
-            "data.demo_size=3000", "data.vocab_size=500", f"data.output_dir={tmp_path}/data",
-            f"train.storage_path={tmp_path}/ray", f"train.run_name={run_name}", "train.num_workers=1",
-            "train.max_epochs=3", "train.batch_tokens=300", "train.eval_every=40", "train.test_beam_size=1",
-            "tracking.log_model=false"]
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "MLFLOW_TRACKING_URI": server.uri,
-           "MLFLOW_EXPERIMENT_NAME": "outage", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
-    out = open(tmp_path / "train.log", "w")  # noqa: SIM115 - the run's output, read at the end
+    args = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "train",
+        "data=demo_text",
+        "model=small",
+        f"data.root={tmp_path}/demo",
+        "data.demo_size=3000",
+        "data.vocab_size=500",
+        f"data.output_dir={tmp_path}/data",
+        f"train.storage_path={tmp_path}/ray",
+        f"train.run_name={run_name}",
+        "train.num_workers=1",
+        "train.max_epochs=3",
+        "train.batch_tokens=300",
+        "train.eval_every=40",
+        "train.test_beam_size=1",
+        "tracking.log_model=false",
+    ]
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+        "MLFLOW_TRACKING_URI": server.uri,
+        "MLFLOW_EXPERIMENT_NAME": "outage",
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    }
+    out = open(tmp_path / "train.log", "w")
     proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     c = MlflowClient(server.uri)
 
@@ -208,8 +249,11 @@ def test_pipeline_train_survives_an_mlflow_outage_and_logs_every_step_once(serve
         # Down for 20 s and two validations at least (several log intervals): the server's own
         # start then takes from seconds to a minute or more on a busy machine, still mid-training.
         log_at_kill = len((tmp_path / "train.log").read_text())
-        wait_until(lambda: (time.time() - down_at >= 20 and validations_since_kill() >= 2) or proc.poll() is not None,
-                   "training to go on during the outage", 300)
+        wait_until(
+            lambda: (time.time() - down_at >= 20 and validations_since_kill() >= 2) or proc.poll() is not None,
+            "training to go on during the outage",
+            300,
+        )
         assert proc.poll() is None, "training ended during the outage:\n" + (tmp_path / "train.log").read_text()[-3000:]
         server.start()
         up_at = time.time()
@@ -234,6 +278,8 @@ def test_pipeline_train_survives_an_mlflow_outage_and_logs_every_step_once(serve
     assert "test_bleu" in runs[0].data.metrics
     assert "is away" in log and "answers again" in log
     assert not list((tmp_path / "ray" / run_name).glob("mlflow-unsent/*.jsonl")), "records were left unsent"
-    print(f"\n[outage] MLflow server away {up_at - down_at:.1f} s; {len(during)} train_loss step(s) logged during it "
-          f"({during}); {len(train)} train steps and {len(val)} validations in MLflow, none lost or repeated")
+    print(
+        f"\n[outage] MLflow server away {up_at - down_at:.1f} s; {len(during)} train_loss step(s) logged during it "
+        f"({during}); {len(train)} train steps and {len(val)} validations in MLflow, none lost or repeated"
+    )
     assert during, "no training step fell in the outage"

@@ -45,7 +45,10 @@ def test_publish_replaces_whole_and_the_manifest_marks_completion(tmp_path, base
         assert read_manifest(out) is None or run == 1
         publish(staging, out, {"format": 1, "run": run})
         assert read_manifest(out)["run"] == run and not fs.exists(fsspec.core.url_to_fs(staging)[1])
-    assert sorted(p.rsplit("/", 1)[-1] for p in fs.find(fsspec.core.url_to_fs(out)[1])) == ["c.parquet", "manifest.json"]
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.find(fsspec.core.url_to_fs(out)[1])) == [
+        "c.parquet",
+        "manifest.json",
+    ]
     # A manifest that is cut short, or names another output, is not trusted.
     with fsspec.open(f"{out}/manifest.json", "w") as f:
         f.write('{"format": 1, "outp')
@@ -59,8 +62,15 @@ def test_publish_replaces_whole_and_the_manifest_marks_completion(tmp_path, base
 
 
 def test_force_twice_text_replaces_the_shards(ray_session, tmp_path):
-    cfg = load_config(["data=demo_text", f"data.root={tmp_path}/demo", "data.demo_size=1500", "data.vocab_size=300",
-                       f"data.output_dir={tmp_path}/out"]).data
+    cfg = load_config(
+        [
+            "data=demo_text",
+            f"data.root={tmp_path}/demo",
+            "data.demo_size=1500",
+            "data.vocab_size=300",
+            f"data.output_dir={tmp_path}/out",
+        ]
+    ).data
     for _ in range(2):
         out, m = preprocess(cfg, force=True)
         assert shard_rows(out) == {s: m["splits"][s]["kept"] for s in SPLITS}
@@ -68,8 +78,17 @@ def test_force_twice_text_replaces_the_shards(ray_session, tmp_path):
 
 
 def video_cfg(root, tmp, *extra):
-    return load_config(["data=demo_video", f"data.root={root}", f"data.output_dir={tmp}/out",
-                        f"data.feature_cache={tmp}/cache", "data.num_frames=4", "data.frame_size=32", *extra]).data
+    return load_config(
+        [
+            "data=demo_video",
+            f"data.root={root}",
+            f"data.output_dir={tmp}/out",
+            f"data.feature_cache={tmp}/cache",
+            "data.num_frames=4",
+            "data.frame_size=32",
+            *extra,
+        ]
+    ).data
 
 
 @pytest.fixture(scope="module")
@@ -95,13 +114,22 @@ def test_a_write_that_fails_partway_publishes_nothing(ray_session, tmp_path):
 
     pairs = generate_pairs(600, seed=2)
     for i in range(3):
-        lines = [json.dumps({"en": s, "de": t}) for s, t in pairs[i * 200:(i + 1) * 200]]
+        lines = [json.dumps({"en": s, "de": t}) for s, t in pairs[i * 200 : (i + 1) * 200]]
         if i == 2:
             lines[-1] = "{broken"
         (tmp_path / f"p{i}.jsonl").write_text("\n".join(lines) + "\n")
-    cfg = load_config(["data=table", f"data.files={tmp_path}/p*.jsonl", "data.src_column=en", "data.tgt_column=de",
-                       f"data.output_dir={tmp_path}/out", "data.vocab_size=300", "data.val_fraction=0.1",
-                       "data.test_fraction=0.1"]).data
+    cfg = load_config(
+        [
+            "data=table",
+            f"data.files={tmp_path}/p*.jsonl",
+            "data.src_column=en",
+            "data.tgt_column=de",
+            f"data.output_dir={tmp_path}/out",
+            "data.vocab_size=300",
+            "data.val_fraction=0.1",
+            "data.test_fraction=0.1",
+        ]
+    ).data
     with pytest.raises(DataError, match=r"p2\.jsonl:200: malformed JSON"):
         preprocess(cfg)
     from pipeline.data.preprocess import _fingerprint
@@ -120,8 +148,14 @@ def test_killed_preprocess_is_never_reused_and_the_rerun_counts_right(ray_sessio
     again builds a complete output with one copy of each row."""
     root = tmp_path / "corpus"
     write_demo_video(str(root), n_train=80, n_val=10, n_test=10, seed=4, size=64, num_frames=16)
-    args = _cli("data=demo_video", f"data.root={root}", f"data.output_dir={tmp_path}/out", "data.feature_cache=",
-                "data.num_frames=4", "data.frame_size=32")
+    args = _cli(
+        "data=demo_video",
+        f"data.root={root}",
+        f"data.output_dir={tmp_path}/out",
+        "data.feature_cache=",
+        "data.num_frames=4",
+        "data.frame_size=32",
+    )
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 180
@@ -138,7 +172,7 @@ def test_killed_preprocess_is_never_reused_and_the_rerun_counts_right(ray_sessio
     time.sleep(2)  # the killed job's tasks are cancelled by Ray
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads(done.stdout[done.stdout.index("{\n"):])
+    summary = json.loads(done.stdout[done.stdout.index("{\n") :])
     out = summary["output"]
     assert shard_rows(out) == {"train": 80, "val": 10, "test": 10}
     assert {s: summary["splits"][s]["videos"] for s in SPLITS} == shard_rows(out)
@@ -146,24 +180,31 @@ def test_killed_preprocess_is_never_reused_and_the_rerun_counts_right(ray_sessio
 
 
 def test_two_preprocess_processes_one_builds_the_other_reuses(ray_session, tmp_path):
-    args = _cli("data=demo_text", f"data.root={tmp_path}/demo", "data.demo_size=3000", "data.vocab_size=300",
-                f"data.output_dir={tmp_path}/out")
+    args = _cli(
+        "data=demo_text",
+        f"data.root={tmp_path}/demo",
+        "data.demo_size=3000",
+        "data.vocab_size=300",
+        f"data.output_dir={tmp_path}/out",
+    )
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    procs = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     built = [o for o in outputs if "[preprocess] built " in o]
     reused = [o for o in outputs if "[preprocess] reusing " in o]
     assert len(built) == 1 and len(reused) == 1, outputs
     assert "[preprocess] waiting for " in reused[0]  # it waited for the builder, then reused
-    summary = json.loads(built[0][built[0].index("{\n"):])
+    summary = json.loads(built[0][built[0].index("{\n") :])
     assert shard_rows(summary["output"]) == {s: summary["splits"][s]["kept"] for s in SPLITS}
     assert (tmp_path / "demo" / DEMO_MARKER).exists()  # generated once, by one of them
     assert leftovers(summary["output"]) == []
 
 
 # ---------------------------------------------------------------- demo folders
+
 
 def test_demo_generators_write_only_into_folders_they_own(tmp_path):
     user = tmp_path / "mine"

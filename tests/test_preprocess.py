@@ -19,10 +19,14 @@ def count_lines(path):
 
 
 def test_multi30k_counts_match_line_counts(ray_session, multi30k, tmp_path, capsys):
-    cfg = load_config(["data=multi30k", f"data.root={multi30k}", f"data.output_dir={tmp_path}", "data.vocab_size=4000"]).data
+    cfg = load_config(
+        ["data=multi30k", f"data.root={multi30k}", f"data.output_dir={tmp_path}", "data.vocab_size=4000"]
+    ).data
     out, m = preprocess(cfg)
-    expected = {s: count_lines(multi30k / f"{f}.en.gz") for s, f in
-                (("train", "train"), ("val", "val"), ("test", "test_2016_flickr"))}
+    expected = {
+        s: count_lines(multi30k / f"{f}.en.gz")
+        for s, f in (("train", "train"), ("val", "val"), ("test", "test_2016_flickr"))
+    }
     assert expected == {"train": 29000, "val": 1014, "test": 1000}
     assert {s: m["splits"][s]["kept"] + sum(m["splits"][s]["dropped"].values()) for s in expected} == expected
     assert m["rows_read"] == sum(expected.values()) == m["rows_kept"] + sum(m["dropped"].values())
@@ -56,9 +60,18 @@ def test_bad_rows_strict_and_skip_with_exact_counts(ray_session, tmp_path):
     lines[30] = json.dumps({"en": "x " * 400, "de": "y"})
     (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n")
     write_jsonl(tmp_path / "b.jsonl", pairs[200:] + pairs[200:210])  # 10 exact duplicates
-    base = ["data=table", f"data.files={tmp_path}/*.jsonl", "data.src_column=en", "data.tgt_column=de",
-            f"data.output_dir={tmp_path}/out", "data.vocab_size=300", "data.max_chars=300",
-            "data.val_fraction=0.1", "data.test_fraction=0.1", "data.dedup=true"]
+    base = [
+        "data=table",
+        f"data.files={tmp_path}/*.jsonl",
+        "data.src_column=en",
+        "data.tgt_column=de",
+        f"data.output_dir={tmp_path}/out",
+        "data.vocab_size=300",
+        "data.max_chars=300",
+        "data.val_fraction=0.1",
+        "data.test_fraction=0.1",
+        "data.dedup=true",
+    ]
     with pytest.raises(DataError, match=r"a\.jsonl:11: malformed JSON"):
         preprocess(load_config(base).data)
     out, m = preprocess(load_config(base + ["data.on_bad_rows=skip"]).data)
@@ -79,9 +92,17 @@ def test_gzip_shard_pairs_by_uri(ray_session, multi30k, tmp_path):
         for side, lines in (("en", src), ("de", tgt)):
             with gzip.open(tmp_path / f"shard{i}.{side}.gz", "wt", encoding="utf-8") as f:
                 f.write("\n".join(lines[bounds[i] : bounds[i + 1]]) + "\n")
-    cfg = load_config(["data=pairs", f"data.src_files=file://{tmp_path}/shard*.en.gz",
-                       f"data.tgt_files=file://{tmp_path}/shard*.de.gz", f"data.output_dir={tmp_path}/out",
-                       "data.vocab_size=500", "data.val_fraction=0.1", "data.test_fraction=0.1"]).data
+    cfg = load_config(
+        [
+            "data=pairs",
+            f"data.src_files=file://{tmp_path}/shard*.en.gz",
+            f"data.tgt_files=file://{tmp_path}/shard*.de.gz",
+            f"data.output_dir={tmp_path}/out",
+            "data.vocab_size=500",
+            "data.val_fraction=0.1",
+            "data.test_fraction=0.1",
+        ]
+    ).data
     out, m = preprocess(cfg)
     assert m["rows_read"] == len(src) == 1014
     assert m["rows_read"] == m["rows_kept"] + sum(m["dropped"].values())
@@ -106,7 +127,13 @@ def test_empty_corpus_is_refused_naming_the_files(ray_session, tmp_path):
         (tmp_path / f"part0.{lang}").write_text("")
         with gzip.open(tmp_path / f"part1.{lang}.gz", "wt") as f:
             f.write("\n\n")  # only empty lines: read, then all dropped as empty
-    cfg = load_config(["data=pairs", f"data.src_files={tmp_path}/part*.en*", f"data.tgt_files={tmp_path}/part*.de*",
-                       f"data.output_dir={tmp_path}/out"]).data
+    cfg = load_config(
+        [
+            "data=pairs",
+            f"data.src_files={tmp_path}/part*.en*",
+            f"data.tgt_files={tmp_path}/part*.de*",
+            f"data.output_dir={tmp_path}/out",
+        ]
+    ).data
     with pytest.raises(DataError, match=r"no usable training pairs in the corpus \(.*part0\.en.*\): empty input"):
         preprocess(cfg)

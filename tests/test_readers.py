@@ -26,7 +26,7 @@ def pair_task(src, tgt):
 def test_pairs_plain_and_gzip_with_bom_and_crlf(tmp_path):
     (tmp_path / "a.en").write_bytes("\ufeffhello world\r\nsecond line\r\n".encode())
     with gzip.open(tmp_path / "a.de.gz", "wb") as f:
-        f.write("hallo welt\nzweite zeile\n".encode())
+        f.write(b"hallo welt\nzweite zeile\n")
     r = rows_of(read_pair(pair_task(tmp_path / "a.en", tmp_path / "a.de.gz"), skip=False))
     assert r["src"] == ["hello world", "second line"] and r["tgt"] == ["hallo welt", "zweite zeile"]
     assert r["id"] == [(3 << 32) | 1, (3 << 32) | 2]
@@ -95,18 +95,22 @@ def test_list_tasks_errors(tmp_path):
     with pytest.raises(DataError, match=r"missing file .*/train\.de\[\.gz\]"):
         list_tasks(load_config(["data=multi30k", f"data.root={tmp_path}"]).data)
     with pytest.raises(DataError, match="no input files match"):
-        list_tasks(load_config(["data=pairs", f"data.src_files={tmp_path}/*.xx", f"data.tgt_files={tmp_path}/*.yy"]).data)
+        list_tasks(
+            load_config(["data=pairs", f"data.src_files={tmp_path}/*.xx", f"data.tgt_files={tmp_path}/*.yy"]).data
+        )
     for i in range(3):
         (tmp_path / f"s{i}.en").write_text("a\n")
     (tmp_path / "s0.de").write_text("a\n")
     with pytest.raises(DataError, match="matches 3 files but data.tgt_files matches 1"):
-        list_tasks(load_config(["data=pairs", f"data.src_files={tmp_path}/s*.en", f"data.tgt_files={tmp_path}/s*.de"]).data)
+        list_tasks(
+            load_config(["data=pairs", f"data.src_files={tmp_path}/s*.en", f"data.tgt_files={tmp_path}/s*.de"]).data
+        )
 
 
 def test_pairs_across_chunk_boundaries(tmp_path, monkeypatch):
     """Lines are read and decoded a chunk at a time: line numbers, ids, the BOM, CRLF and the
     misalignment count stay right across chunks."""
-    import pipeline.data.readers as readers
+    from pipeline.data import readers
 
     monkeypatch.setattr(readers, "CHUNK", 3)
     src = [f"line {i}" for i in range(1, 11)]
@@ -128,10 +132,13 @@ def test_pairs_across_chunk_boundaries(tmp_path, monkeypatch):
         rows_of(read_pair(pair_task(tmp_path / "c.en", tmp_path / "m.de"), skip=False))
 
 
-@pytest.mark.parametrize("text,line,width", [
-    ("hello\thallo\na tab\tinside\tthe sentence\n", 2, 2),  # no header: exactly source and target
-    ("id\ten\tde\n1\thello\thallo\n2\tx\ty\textra\n", 3, 3),  # a header names 3 columns
-])
+@pytest.mark.parametrize(
+    "text,line,width",
+    [
+        ("hello\thallo\na tab\tinside\tthe sentence\n", 2, 2),  # no header: exactly source and target
+        ("id\ten\tde\n1\thello\thallo\n2\tx\ty\textra\n", 3, 3),  # a header names 3 columns
+    ],
+)
 def test_tsv_line_with_more_fields_is_named_or_counted(tmp_path, text, line, width):
     """Fields 0 and 1 of such a line were taken: a tab inside a sentence misaligned it silently."""
     (tmp_path / "m.tsv").write_text(text)

@@ -34,25 +34,39 @@ def overrides() -> list[str]:
 
 
 def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **(env or {})}, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
 
 
-@pytest.mark.parametrize("value,shown", [
-    ("postgresql://user:secret@host/db", "postgresql://user:***@host/db"),
-    ("s3://AKIA:abc/def@bucket/k", "s3://AKIA:***@bucket/k"),  # AWS secret keys hold raw "/"
-    ("https://ghp_abc@github.com/o/r.git", "https://***@github.com/o/r.git"),
-    ("https://h/x?X-Amz-Signature=s1&X-Amz-Credential=c1&a=1", "https://h/x?X-Amz-Signature=***&X-Amz-Credential=***&a=1"),
-    ("https://h/x?TOKEN=t&sig=s&Password=p&secret=x&key=k&api_key=a&access_token=b",
-     "https://h/x?TOKEN=***&sig=***&Password=***&secret=***&key=***&api_key=***&access_token=***"),
-    ("host=db password=xyz", "host=db password=***"),
-    ("s3://k:s1@b/1,s3://c:s2@y/2", "s3://k:***@b/1,s3://c:***@y/2"),
-    # Nothing secret: left as it is.
-    ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
-    ("sqlite:////tmp/a@b/mlflow.db", "sqlite:////tmp/a@b/mlflow.db"),
-    ("https://h/x?monkey=1&keyword=2", "https://h/x?monkey=1&keyword=2"),
-    ("artifacts/data", "artifacts/data"),
-])
+@pytest.mark.parametrize(
+    "value,shown",
+    [
+        ("postgresql://user:secret@host/db", "postgresql://user:***@host/db"),
+        ("s3://AKIA:abc/def@bucket/k", "s3://AKIA:***@bucket/k"),  # AWS secret keys hold raw "/"
+        ("https://ghp_abc@github.com/o/r.git", "https://***@github.com/o/r.git"),
+        (
+            "https://h/x?X-Amz-Signature=s1&X-Amz-Credential=c1&a=1",
+            "https://h/x?X-Amz-Signature=***&X-Amz-Credential=***&a=1",
+        ),
+        (
+            "https://h/x?TOKEN=t&sig=s&Password=p&secret=x&key=k&api_key=a&access_token=b",
+            "https://h/x?TOKEN=***&sig=***&Password=***&secret=***&key=***&api_key=***&access_token=***",
+        ),
+        ("host=db password=xyz", "host=db password=***"),
+        ("s3://k:s1@b/1,s3://c:s2@y/2", "s3://k:***@b/1,s3://c:***@y/2"),
+        # Nothing secret: left as it is.
+        ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+        ("sqlite:////tmp/a@b/mlflow.db", "sqlite:////tmp/a@b/mlflow.db"),
+        ("https://h/x?monkey=1&keyword=2", "https://h/x?monkey=1&keyword=2"),
+        ("artifacts/data", "artifacts/data"),
+    ],
+)
 def test_redact(value, shown):
     assert tracking.redact(value) == shown
     assert tracking.redact(shown) == shown  # idempotent: a resumed run compares redacted params
@@ -94,14 +108,27 @@ def test_pipeline_config_output_and_error_lines_are_redacted():
 
 def test_submit_refuses_secrets_before_asking_the_cluster():
     # No cluster at that address: the refusal comes first, so nothing was sent or shown.
-    p = run_cli("submit", "--address", "http://127.0.0.1:1", "--", "train", "data=demo_text",
-                "tracking.tracking_uri=http://u:fake-pw-z@mlflow:5000")
+    p = run_cli(
+        "submit",
+        "--address",
+        "http://127.0.0.1:1",
+        "--",
+        "train",
+        "data=demo_text",
+        "tracking.tracking_uri=http://u:fake-pw-z@mlflow:5000",
+    )
     assert p.returncode == 2, p.stdout + p.stderr
     assert "'tracking.tracking_uri=http://u:***@mlflow:5000' holds a secret" in p.stderr
     assert "MLFLOW_TRACKING_PASSWORD" in p.stderr and not leaked(p.stdout + p.stderr)
     # A secret in the forwarded environment would be in the runtime_env's env_vars.
-    p = run_cli("submit", "--address", "http://127.0.0.1:1", "--", "train",
-                env={"MLFLOW_TRACKING_URI": "https://ghp_faketoken123@mlflow.example"})
+    p = run_cli(
+        "submit",
+        "--address",
+        "http://127.0.0.1:1",
+        "--",
+        "train",
+        env={"MLFLOW_TRACKING_URI": "https://ghp_faketoken123@mlflow.example"},
+    )
     assert p.returncode == 2 and "MLFLOW_TRACKING_URI=https://***@mlflow.example holds a secret" in p.stderr, p.stderr
     assert not leaked(p.stdout + p.stderr)
 

@@ -50,16 +50,28 @@ def logged(tmp_path_factory):
     pairs = generate_pairs(400, seed=1)
     src_tok = train_tokenizer([s for s, _ in pairs], "bpe", 300)
     tgt_tok = train_tokenizer([t for _, t in pairs], "bpe", 300)
-    vocab = {"src_vocab_size": src_tok.get_vocab_size(), "tgt_vocab_size": tgt_tok.get_vocab_size(),
-             "joint_vocab": False, "pad_id": PAD_ID, "bos_id": BOS_ID, "eos_id": EOS_ID}
+    vocab = {
+        "src_vocab_size": src_tok.get_vocab_size(),
+        "tgt_vocab_size": tgt_tok.get_vocab_size(),
+        "joint_vocab": False,
+        "pad_id": PAD_ID,
+        "bos_id": BOS_ID,
+        "eos_id": EOS_ID,
+    }
     torch.manual_seed(0)
     model = build_model(cfg.model, vocab["src_vocab_size"], vocab["tgt_vocab_size"], False, PAD_ID, BOS_ID, EOS_ID)
     bundle = str(tmp / "bundle-src")
     save_bundle(bundle, model, bundle_meta(cfg.model, vocab, cfg.data), src_tok.to_str(), tgt_tok.to_str())
     run_id, _ = tracking.open_run(uri, "serving", "serving-test", {}, {})
     model_uri = tracking.log_model(uri, run_id, bundle, False, SENTENCES[:2])
-    return {"tmp": tmp, "uri": uri, "bundle": bundle, "model_uri": model_uri, "run_id": run_id,
-            "translator": Translator.load(bundle)}
+    return {
+        "tmp": tmp,
+        "uri": uri,
+        "bundle": bundle,
+        "model_uri": model_uri,
+        "run_id": run_id,
+        "translator": Translator.load(bundle),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -73,15 +85,23 @@ def champion(logged):
 
 
 def _tags(value, fingerprint):
-    return {tracking.METRIC_TAG: "test_bleu", tracking.VALUE_TAG: str(value), tracking.DATA_TAG: fingerprint,
-            tracking.SWEEP_TAG: "test-sweep", tracking.COMMIT_TAG: "abc123"}
+    return {
+        tracking.METRIC_TAG: "test_bleu",
+        tracking.VALUE_TAG: str(value),
+        tracking.DATA_TAG: fingerprint,
+        tracking.SWEEP_TAG: "test-sweep",
+        tracking.COMMIT_TAG: "abc123",
+    }
 
 
 def test_model_files_hold_no_pickle(logged):
     import mlflow.artifacts
 
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=logged["model_uri"],
-                                                     dst_path=str(logged["tmp"] / "downloaded")))
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=logged["model_uri"], dst_path=str(logged["tmp"] / "downloaded")
+        )
+    )
     names = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
     assert "artifacts/bundle/model.pt" in names and "artifacts/bundle/model.json" in names, names
     assert "serving.py" in names and "code/pipeline/inference.py" in names, names
@@ -104,14 +124,22 @@ def test_model_files_hold_no_pickle(logged):
 def test_pyfunc_predicts_in_a_process_without_our_package(logged, champion):
     """mlflow.pyfunc.load_model on models:/NAME@champion, in a fresh process whose path
     has no checkout of ours: the model's own code/ is what it imports."""
-    script = ("import json, sys, mlflow.pyfunc\n"
-              f"m = mlflow.pyfunc.load_model({champion!r})\n"
-              f"out = {{'beam2': m.predict({SENTENCES!r}, params={{'beam_size': 2}}), "
-              f"'default': m.predict({SENTENCES!r}), 'one': m.predict({SENTENCES[0]!r})}}\n"
-              "out['pipeline'] = sys.modules['pipeline'].__file__\n"
-              "print(json.dumps(out))\n")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                          env=_env(logged["uri"]), cwd=logged["tmp"])
+    script = (
+        "import json, sys, mlflow.pyfunc\n"
+        f"m = mlflow.pyfunc.load_model({champion!r})\n"
+        f"out = {{'beam2': m.predict({SENTENCES!r}, params={{'beam_size': 2}}), "
+        f"'default': m.predict({SENTENCES!r}), 'one': m.predict({SENTENCES[0]!r})}}\n"
+        "out['pipeline'] = sys.modules['pipeline'].__file__\n"
+        "print(json.dumps(out))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(logged["uri"]),
+        cwd=logged["tmp"],
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     tr = logged["translator"]
@@ -141,10 +169,28 @@ def _post(url, body):
 def test_mlflow_models_serve_answers_invocations(logged, champion):
     port = _free_port()
     log = open(logged["tmp"] / "serve.log", "w")
-    proc = subprocess.Popen([MLFLOW, "models", "serve", "-m", champion, "--env-manager", "local",
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            env=_env(logged["uri"]), cwd=logged["tmp"], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            MLFLOW,
+            "models",
+            "serve",
+            "-m",
+            champion,
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env=_env(logged["uri"]),
+        cwd=logged["tmp"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 180
@@ -168,7 +214,9 @@ def test_mlflow_models_serve_answers_invocations(logged, champion):
         assert status == 200, text
         assert json.loads(text)["predictions"] == tr.translate(many, beam_size=4)
         print(f"request to response: 1 sentence {one_s * 1000:.0f} ms, 64 sentences {many_s * 1000:.0f} ms (beam 4)")
-        status, text, _ = _post(f"{base}/invocations", {"inputs": SENTENCES, "params": {"beam_size": 1, "batch_size": 2}})
+        status, text, _ = _post(
+            f"{base}/invocations", {"inputs": SENTENCES, "params": {"beam_size": 1, "batch_size": 2}}
+        )
         assert status == 200, text
         # An untrained model decodes up to the length limit, which depends on the batch: batch_size took effect.
         assert json.loads(text)["predictions"] == tr.translate(SENTENCES, beam_size=1, batch_size=2)
@@ -182,9 +230,14 @@ def test_mlflow_models_serve_answers_invocations(logged, champion):
 
 
 def test_translate_command_on_champion(logged, champion):
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "translate", "--model", champion, "--beam", "2"],
-                          input="\n".join(SENTENCES) + "\n", capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "MLFLOW_TRACKING_URI": logged["uri"]})
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "translate", "--model", champion, "--beam", "2"],
+        input="\n".join(SENTENCES) + "\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "MLFLOW_TRACKING_URI": logged["uri"]},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.splitlines() == logged["translator"].translate(SENTENCES, beam_size=2)
     assert "pickle" not in proc.stderr.lower()
@@ -231,10 +284,18 @@ def test_sweep_registration_tags_and_gates(logged):
 
     uri = logged["uri"]
     cfg = load_config(["data=demo_text", "tune.register_as=gate-sweep"])
-    prep = {"uri": uri, "experiment": "serving", "data_dir": "/data/demo_text-0123abcd",
-            "manifest": {"splits": {"test": {"kept": 100}}}}
-    first = _register(cfg, prep, "sweep-a", "sweep-a-t1", "val_bleu", {"model_uri": logged["model_uri"], "test_bleu": 31.2})
-    weak = _register(cfg, prep, "sweep-b", "sweep-b-t1", "val_bleu", {"model_uri": logged["model_uri"], "test_bleu": 0.0})
+    prep = {
+        "uri": uri,
+        "experiment": "serving",
+        "data_dir": "/data/demo_text-0123abcd",
+        "manifest": {"splits": {"test": {"kept": 100}}},
+    }
+    first = _register(
+        cfg, prep, "sweep-a", "sweep-a-t1", "val_bleu", {"model_uri": logged["model_uri"], "test_bleu": 31.2}
+    )
+    weak = _register(
+        cfg, prep, "sweep-b", "sweep-b-t1", "val_bleu", {"model_uri": logged["model_uri"], "test_bleu": 0.0}
+    )
     assert first["promoted"] and not weak["promoted"] and weak["champion_version"] == "1"
     assert weak["promotion"].startswith("champion: v1 (test_bleu 31.20) kept; challenger v2 (test_bleu 0.00)")
     tags = MlflowClient(uri).get_model_version("gate-sweep", weak["registered_version"]).tags
@@ -249,8 +310,18 @@ def test_promote_command_moves_champion_and_records_who_and_why(logged):
         v = tracking.register_challenger(uri, logged["model_uri"], name, _tags(value, "data-a/test=100"))
         tracking.promote_if_better(uri, name, v, "test_bleu", "max", "data-a/test=100")
     assert _version(uri, name, "champion") == "1"
-    cmd = [sys.executable, "-m", "pipeline.cli", "promote", name, "2", "--reason", "better on the new test set",
-           "--tracking-uri", uri]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "promote",
+        name,
+        "2",
+        "--reason",
+        "better on the new test set",
+        "--tracking-uri",
+        uri,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"champion of {name}: v1 -> v2" in proc.stdout

@@ -44,8 +44,9 @@ def test_translation_is_a_function_of_the_source_across_seeds():
 
 def test_written_files_are_aligned_and_match_the_generator(tmp_path):
     sizes = {"train": 300, "val": 40, "test": 25}
-    root = write_demo_text(tmp_path / "demo", sizes["train"], sizes["val"], sizes["test"], seed=5,
-                           src_lang="en", tgt_lang="xx")
+    root = write_demo_text(
+        tmp_path / "demo", sizes["train"], sizes["val"], sizes["test"], seed=5, src_lang="en", tgt_lang="xx"
+    )
     assert root == tmp_path / "demo"
     assert sorted(p.name for p in root.iterdir()) == sorted(
         ["README.md"] + [f"{s}.{lang}.gz" for s in sizes for lang in ("en", "xx")]
@@ -73,8 +74,12 @@ def test_articles_and_adjectives_agree_with_gender_number_and_case():
         return realize(clause)[1].split()
 
     def sentence(noun: str, plural: bool = False) -> Clause:
-        return Clause(NP(noun, adj="red", plural=plural), verb,
-                      obj=NP(noun, adj="red", plural=plural), pp=("in", NP(noun, plural=plural)))
+        return Clause(
+            NP(noun, adj="red", plural=plural),
+            verb,
+            obj=NP(noun, adj="red", plural=plural),
+            pp=("in", NP(noun, plural=plural)),
+        )
 
     f, m = tgt(sentence(fem)), tgt(sentence(masc))
     # Same template, only the noun's gender differs: subject article, object article, adjective
@@ -90,7 +95,7 @@ def test_articles_and_adjectives_agree_with_gender_number_and_case():
     assert fp[0] == mp[0] != m[0]
     f_stem, m_stem = LEXICON.nouns[fem][0], LEXICON.nouns[masc][0]
     assert fp[1].startswith(f_stem) and mp[1].startswith(m_stem)
-    assert fp[1][len(f_stem):] != mp[1][len(m_stem):] != ""
+    assert fp[1][len(f_stem) :] != mp[1][len(m_stem) :] != ""
     src = realize(sentence(masc, plural=True))[0].split()
     assert src[2] == masc + "s"
 
@@ -106,8 +111,7 @@ def test_adjective_follows_the_noun_in_the_target():
 def test_subordinate_clause_is_verb_final_and_main_clause_is_verb_second():
     verb = _separable_verb()
     particle, stem = LEXICON.verbs[verb]
-    clause = Clause(NP("anna", det=""), verb, obj=NP(_noun_of_gender("f")), adv="often",
-                    pp=("near", NP("tom", det="")))
+    clause = Clause(NP("anna", det=""), verb, obj=NP(_noun_of_gender("f")), adv="often", pp=("near", NP("tom", det="")))
     src, tgt = realize(clause, "because", clause)
     s, t = src.split(), tgt.split()
     assert s[1] == s[s.index("because") + 2]  # English: verb right after the subject, both times

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 from pipeline.data.synthetic_video import (
+    ATTRIBUTE_WORDS,
     COLOURS,
     DIRECTIONS,
     SHAPES,
     SIZES,
     TEMPLATES,
-    ATTRIBUTE_WORDS,
     caption_vocabulary,
     clip_specs,
     encode_mp4,
@@ -32,8 +32,7 @@ COUNTS = {"train": 8, "validate": 2, "test": 2}
 
 
 def _write(root, layout="msrvtt", seed=3, **kw):
-    return write_demo_video(str(root), 8, 2, 2, seed=seed, layout=layout, size=SIZE,
-                            num_frames=FRAMES, fps=FPS, **kw)
+    return write_demo_video(str(root), 8, 2, 2, seed=seed, layout=layout, size=SIZE, num_frames=FRAMES, fps=FPS, **kw)
 
 
 def _decode(source) -> np.ndarray:
@@ -76,7 +75,7 @@ def test_msrvtt_layout_and_schema(msrvtt):
     sentences = doc["sentences"]
     assert len({s["sen_id"] for s in sentences}) == len(sentences) == 60
     assert all(s["video_id"] in ids for s in sentences)
-    assert Counter(s["video_id"] for s in sentences) == {i: 5 for i in ids}
+    assert Counter(s["video_id"] for s in sentences) == dict.fromkeys(ids, 5)
     assert sorted(p.name for p in (root / "videos").iterdir()) == sorted(f"{i}.mp4" for i in ids)
 
 
@@ -104,7 +103,7 @@ def test_clips_decode_with_the_right_frames(msrvtt):
 
 
 def test_every_caption_names_the_same_four_attributes(captions_by_video):
-    for vid, caps in captions_by_video.items():
+    for _vid, caps in captions_by_video.items():
         parsed = [parse_caption(c) for c in caps]
         assert all(set(p) == {"size", "colour", "shape", "direction"} for p in parsed), caps
         assert all(p == parsed[0] for p in parsed), caps
@@ -117,8 +116,11 @@ def _template_of(caption: str) -> str:
         phrases = sorted(phrases, key=len, reverse=True)  # longest first: "to the left"
         return "(?:" + "|".join(map(re.escape, phrases)) + ")"
 
-    matches = [t for t in TEMPLATES if re.fullmatch(
-        re.sub(r"\\\{(\w+)\\\}", lambda m: slot(m.group(1)), re.escape(t)), caption)]
+    matches = [
+        t
+        for t in TEMPLATES
+        if re.fullmatch(re.sub(r"\\\{(\w+)\\\}", lambda m: slot(m.group(1)), re.escape(t)), caption)
+    ]
     assert len(matches) == 1, (caption, matches)
     return matches[0]
 
@@ -150,12 +152,17 @@ def test_object_moves_the_way_the_captions_say(msrvtt, captions_by_video):
 
 
 @pytest.mark.parametrize("pair", [("left", "right"), ("up", "down")])
-@pytest.mark.parametrize("shape,colour,size,seed", [
-    ("circle", "red", "small", 0), ("triangle", "white", "large", 1),
-    ("square", "purple", "large", 2), ("diamond", "green", "small", 3)])
+@pytest.mark.parametrize(
+    "shape,colour,size,seed",
+    [
+        ("circle", "red", "small", 0),
+        ("triangle", "white", "large", 1),
+        ("square", "purple", "large", 2),
+        ("diamond", "green", "small", 3),
+    ],
+)
 def test_mean_frame_does_not_reveal_direction(pair, shape, colour, size, seed):
-    a, b = (render_clip(shape, colour, size, d, frame_size=SIZE, num_frames=FRAMES, seed=seed)
-            for d in pair)
+    a, b = (render_clip(shape, colour, size, d, frame_size=SIZE, num_frames=FRAMES, seed=seed) for d in pair)
     assert a.shape == (FRAMES, SIZE, SIZE, 3) and a.dtype == np.uint8
     assert np.abs(a.astype(int) - b).max() > 100  # the clips themselves differ...
     mean_a, mean_b = a.mean(0), b.mean(0)
@@ -167,8 +174,7 @@ def test_mean_frame_does_not_reveal_direction(pair, shape, colour, size, seed):
 
 def test_render_is_deterministic_and_mpeg4_fallback_decodes():
     a = render_clip("diamond", "blue", "large", "up", frame_size=SIZE, num_frames=FRAMES, seed=9)
-    assert np.array_equal(a, render_clip("diamond", "blue", "large", "up", frame_size=SIZE,
-                                         num_frames=FRAMES, seed=9))
+    assert np.array_equal(a, render_clip("diamond", "blue", "large", "up", frame_size=SIZE, num_frames=FRAMES, seed=9))
     decoded = _decode(encode_mp4(a, FPS, codec="mpeg4"))
     assert decoded.shape == a.shape
     assert np.abs(decoded.astype(int) - a).mean() < 8
@@ -181,8 +187,7 @@ def test_attributes_are_balanced_and_every_combination_appears():
         for attr in ("shape", "colour", "size", "direction"):
             counts = Counter(getattr(s, attr) for s in specs)
             assert max(counts.values()) - min(counts.values()) <= 2, (n, attr, counts)
-    combos = Counter((s.shape, s.colour, s.size, s.direction)
-                     for s in clip_specs(everything, 0, 0, seed=5))
+    combos = Counter((s.shape, s.colour, s.size, s.direction) for s in clip_specs(everything, 0, 0, seed=5))
     assert set(combos) == set(itertools.product(SHAPES, COLOURS, SIZES, DIRECTIONS))
     assert set(combos.values()) == {1}
 
@@ -195,8 +200,7 @@ def test_msvd_layout(tmp_path):
     ids = [line.split(" ", 1)[0] for line in lines]
     assert all(len(line.split(" ", 1)) == 2 and line.split(" ", 1)[1] for line in lines)
     assert all((tmp_path / "videos" / f"{i}.mp4").is_file() for i in ids)
-    lists = {name: (tmp_path / f"{name}.txt").read_text().split() for name in ("train", "val",
-                                                                                "test")}
+    lists = {name: (tmp_path / f"{name}.txt").read_text().split() for name in ("train", "val", "test")}
     assert [len(v) for v in lists.values()] == [8, 2, 2]
     listed = [i for v in lists.values() for i in v]
     assert sorted(listed) == sorted(set(ids)) and len(listed) == len(set(listed))

@@ -55,26 +55,40 @@ def test_word_encoder_gives_the_tokenizers_ids_on_all_of_multi30k(multi30k, kind
         want = [e.ids for e in tok.encode_batch(lines, add_special_tokens=False)]
         enc = toklib.WordEncoder(tok)
         for start in range(0, len(lines), 7000):  # batches: the cache carries over
-            values, offsets = enc.encode_flat(lines[start:start + 7000])
-            got = [values[offsets[i]:offsets[i + 1]].tolist() for i in range(len(offsets) - 1)]
-            assert got == want[start:start + 7000], (lang, kind, start)
+            values, offsets = enc.encode_flat(lines[start : start + 7000])
+            got = [values[offsets[i] : offsets[i + 1]].tolist() for i in range(len(offsets) - 1)]
+            assert got == want[start : start + 7000], (lang, kind, start)
         assert enc.encode(lines[:300]) == want[:300]
 
 
 def test_word_encoder_passes_rows_outside_the_word_rule_to_the_tokenizer():
     tok = toklib.train_tokenizer(["a dog runs", "the dog", "a cat </s> runs"] * 50, "bpe", 200)
-    texts = ["a dog", " a dog", "a  dog", "a dog ", "", "a </s> dog", "dog<s>", "a\tdog", "Ünïcode ☃",
-             "a \u2581 dog", "\u2581a dog", "a \u2581dog", "a d\u2581og"]
+    texts = [
+        "a dog",
+        " a dog",
+        "a  dog",
+        "a dog ",
+        "",
+        "a </s> dog",
+        "dog<s>",
+        "a\tdog",
+        "Ünïcode ☃",
+        "a \u2581 dog",
+        "\u2581a dog",
+        "a \u2581dog",
+        "a d\u2581og",
+    ]
     want = [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
     assert [tok.decode(w) for w in want[:1]] == ["a dog"]
     enc = toklib.WordEncoder(tok)
     assert enc.encode(texts) == want
     values, offsets = enc.encode_flat(texts)
-    assert [values[offsets[i]:offsets[i + 1]].tolist() for i in range(len(texts))] == want
+    assert [values[offsets[i] : offsets[i + 1]].tolist() for i in range(len(texts))] == want
     # Well-formed rows after a special token's text was seen still take the fast path, and agree.
     values, offsets = enc.encode_flat(["a dog runs", "the cat"])
-    assert [values[offsets[i]:offsets[i + 1]].tolist() for i in range(2)] == [
-        e.ids for e in tok.encode_batch(["a dog runs", "the cat"], add_special_tokens=False)]
+    assert [values[offsets[i] : offsets[i + 1]].tolist() for i in range(2)] == [
+        e.ids for e in tok.encode_batch(["a dog runs", "the cat"], add_special_tokens=False)
+    ]
     # A tokenizer of another shape (a normaliser, here) is used whole, never word by word.
     from tokenizers import normalizers
 
@@ -85,8 +99,17 @@ def test_word_encoder_passes_rows_outside_the_word_rule_to_the_tokenizer():
 
 
 def test_clean_texts_equals_clean_text_row_by_row(multi30k):
-    tricky = ["e\u0301t\u00e9", "\u0301starts with a combining mark", "two\nlines", "  Ｆｕｌｌ\u00a0Width ", "",
-              "x\u2028y", "\ufb01ne ligature", "Å vs A\u030a", "tab\tand\u3000ideographic"]
+    tricky = [
+        "e\u0301t\u00e9",
+        "\u0301starts with a combining mark",
+        "two\nlines",
+        "  Ｆｕｌｌ\u00a0Width ",
+        "",
+        "x\u2028y",
+        "\ufb01ne ligature",
+        "Å vs A\u030a",
+        "tab\tand\u3000ideographic",
+    ]
     for lang in ("de", "cs"):
         lines = _multi30k_lines(multi30k, lang)[:3000] + tricky
         for form in ("NFC", "NFKC", "NFD", "none"):

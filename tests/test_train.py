@@ -22,14 +22,27 @@ pytestmark = pytest.mark.slow
 def trained(ray_session, tmp_path_factory, request):
     tmp = tmp_path_factory.mktemp("train")
     uri = f"sqlite:///{tmp}/mlflow.db"
-    overrides = ["data=demo_text", "model=small", f"data.root={tmp}/demo", "data.demo_size=4000", "data.vocab_size=500",
-                 f"data.output_dir={tmp}/data", f"train.storage_path={tmp}/ray", "train.run_name=e2e",
-                 "train.num_workers=2", "train.max_epochs=1", "train.batch_tokens=600", "train.test_beam_size=2",
-                 "train.lr=0.01", "train.warmup_steps=20",
-                 f"tracking.tracking_uri={uri}", "tracking.experiment=e2e-test",
-                 # A config value with fake credentials in it (unused by text data, and not part of
-                 # the data folder's hash): it reaches params and config.yaml, redacted.
-                 f"data.feature_cache={PLANTED_VALUE}"]
+    overrides = [
+        "data=demo_text",
+        "model=small",
+        f"data.root={tmp}/demo",
+        "data.demo_size=4000",
+        "data.vocab_size=500",
+        f"data.output_dir={tmp}/data",
+        f"train.storage_path={tmp}/ray",
+        "train.run_name=e2e",
+        "train.num_workers=2",
+        "train.max_epochs=1",
+        "train.batch_tokens=600",
+        "train.test_beam_size=2",
+        "train.lr=0.01",
+        "train.warmup_steps=20",
+        f"tracking.tracking_uri={uri}",
+        "tracking.experiment=e2e-test",
+        # A config value with fake credentials in it (unused by text data, and not part of
+        # the data folder's hash): it reaches params and config.yaml, redacted.
+        f"data.feature_cache={PLANTED_VALUE}",
+    ]
     # Fake secrets in the environment, as a cluster's MLflow and object-store credentials
     # would be: test_no_secret_leaks scans everything the runs wrote for them.
     saved = {k: os.environ.get(k) for k in FAKE_SECRETS}
@@ -52,8 +65,11 @@ def trained(ray_session, tmp_path_factory, request):
     return {"uri": uri, "tmp": tmp, "first": first, "second": second, "steps_first": steps_first, "output": output}
 
 
-FAKE_SECRETS = {"MLFLOW_TRACKING_PASSWORD": "fake-mlflow-pw-7d1f3a", "AWS_SECRET_ACCESS_KEY": "fake-aws-key-9c2e4b",
-                "AWS_ACCESS_KEY_ID": "FAKEAKIA0000SECRET"}
+FAKE_SECRETS = {
+    "MLFLOW_TRACKING_PASSWORD": "fake-mlflow-pw-7d1f3a",
+    "AWS_SECRET_ACCESS_KEY": "fake-aws-key-9c2e4b",
+    "AWS_ACCESS_KEY_ID": "FAKEAKIA0000SECRET",
+}
 PLANTED_VALUE = "s3://AKIAFAKE:fake-cfg-secret-5e8a@bucket/cache?X-Amz-Signature=fake-cfg-sig-3b7c"
 PLANTED_SECRETS = {"config password": "fake-cfg-secret-5e8a", "config signature": "fake-cfg-sig-3b7c"}
 
@@ -107,8 +123,19 @@ def test_mlflow_run_has_params_metrics_artifacts(trained):
     p = run.data.params
     assert p["model.hidden_size"] == "128" and p["train.num_workers"] == "2" and p["data.name"] == "demo_text"
     assert set(load_config([]).flat()) <= set(p)
-    for key in ("train_loss", "lr", "val_loss", "val_ppl", "val_bleu", "train_tokens_per_s", "padding_fraction", "train_tflops",
-                "test_bleu", "test_chrf", "data_rows_read"):
+    for key in (
+        "train_loss",
+        "lr",
+        "val_loss",
+        "val_ppl",
+        "val_bleu",
+        "train_tokens_per_s",
+        "padding_fraction",
+        "train_tflops",
+        "test_bleu",
+        "test_chrf",
+        "data_rows_read",
+    ):
         assert key in run.data.metrics, key
     assert 0 <= run.data.metrics["padding_fraction"] < 0.5
     assert run.data.metrics["train_tokens_per_s"] > 0
@@ -116,7 +143,9 @@ def test_mlflow_run_has_params_metrics_artifacts(trained):
     top = {a.path for a in c.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "data", "best_checkpoint", "samples"} <= top
     assert {a.path for a in c.list_artifacts(run.info.run_id, "best_checkpoint")} >= {
-        "best_checkpoint/model.pt", "best_checkpoint/model.json"}
+        "best_checkpoint/model.pt",
+        "best_checkpoint/model.json",
+    }
     local = c.download_artifacts(run.info.run_id, "samples/test_translations.json", str(trained["tmp"]))
     table = json.load(open(local))
     assert table["columns"] == ["source", "reference", "translation"] and len(table["data"]) == 5
@@ -138,9 +167,14 @@ def test_logged_model_loads_and_translates(trained):
     env_uri = {"MLFLOW_TRACKING_URI": trained["uri"]}
     outs = []
     for location in (model_uri, trained["second"]["best_dir"]):
-        proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "translate", "--model", location, "--beam", "2"],
-                              input=sentences, capture_output=True, text=True, timeout=300,
-                              env={**__import__("os").environ, **env_uri})
+        proc = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "translate", "--model", location, "--beam", "2"],
+            input=sentences,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**__import__("os").environ, **env_uri},
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         outs.append(proc.stdout.splitlines())
     assert len(outs[0]) == 2 and all(outs[0]) and outs[0] == outs[1]
@@ -148,9 +182,20 @@ def test_logged_model_loads_and_translates(trained):
 
 def test_evaluate_command_scores_the_model(trained):
     tmp = trained["tmp"]
-    args = ["evaluate", "--model", trained["second"]["best_dir"], "--split", "test", "--beam", "1",
-            "data=demo_text", f"data.root={tmp}/demo", "data.demo_size=4000", "data.vocab_size=500",
-            f"data.output_dir={tmp}/data"]
+    args = [
+        "evaluate",
+        "--model",
+        trained["second"]["best_dir"],
+        "--split",
+        "test",
+        "--beam",
+        "1",
+        "data=demo_text",
+        f"data.root={tmp}/demo",
+        "data.demo_size=4000",
+        "data.vocab_size=500",
+        f"data.output_dir={tmp}/data",
+    ]
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -159,10 +204,21 @@ def test_evaluate_command_scores_the_model(trained):
 
 def test_checkpoint_of_another_config_is_refused_naming_keys(trained):
     tmp = trained["tmp"]
-    overrides = ["data=demo_text", "model=small", f"data.root={tmp}/demo", "data.demo_size=4000", "data.vocab_size=500",
-                 f"data.output_dir={tmp}/data", f"train.storage_path={tmp}/ray", "train.run_name=e2e",
-                 "train.num_workers=1", "train.max_epochs=5", "model.hidden_size=64",
-                 f"tracking.tracking_uri={trained['uri']}", "tracking.experiment=e2e-test"]
+    overrides = [
+        "data=demo_text",
+        "model=small",
+        f"data.root={tmp}/demo",
+        "data.demo_size=4000",
+        "data.vocab_size=500",
+        f"data.output_dir={tmp}/data",
+        f"train.storage_path={tmp}/ray",
+        "train.run_name=e2e",
+        "train.num_workers=1",
+        "train.max_epochs=5",
+        "model.hidden_size=64",
+        f"tracking.tracking_uri={trained['uri']}",
+        "tracking.experiment=e2e-test",
+    ]
     # The run's fingerprint refuses it before training, naming the key that differs.
     with pytest.raises(ConfigError, match="model.hidden_size: 128 != 64"):
         run_training(load_config(overrides))

@@ -21,20 +21,43 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def base_overrides(tmp, uri, experiment):
-    return ["data=demo_text", "model=small", f"data.root={tmp}/demo", "data.demo_size=3000", "data.vocab_size=400",
-            f"data.output_dir={tmp}/data", f"train.storage_path={tmp}/ray", "train.num_workers=1",
-            "train.batch_tokens=600", "train.lr=0.01", "train.warmup_steps=20", "train.test_beam_size=1",
-            f"tracking.tracking_uri={uri}", f"tracking.experiment={experiment}"]
+    return [
+        "data=demo_text",
+        "model=small",
+        f"data.root={tmp}/demo",
+        "data.demo_size=3000",
+        "data.vocab_size=400",
+        f"data.output_dir={tmp}/data",
+        f"train.storage_path={tmp}/ray",
+        "train.num_workers=1",
+        "train.batch_tokens=600",
+        "train.lr=0.01",
+        "train.warmup_steps=20",
+        "train.test_beam_size=1",
+        f"tracking.tracking_uri={uri}",
+        f"tracking.experiment={experiment}",
+    ]
 
 
 @pytest.fixture(scope="module")
 def sweep(ray_session, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tune")
     uri = f"sqlite:///{tmp}/mlflow.db"
-    cfg = load_config(base_overrides(tmp, uri, "sweeps") + [
-        "tune.name=grid", "tune.search=grid", "tune.space.model.hidden_size=[8,96]", "tune.space.model.num_layers=[1,2]",
-        "train.max_epochs=3", "tune.scheduler=asha", "tune.grace_period=1", "tune.reduction_factor=2",
-        "tune.max_concurrent_trials=1", "tune.register_as=demo-champion"])
+    cfg = load_config(
+        base_overrides(tmp, uri, "sweeps")
+        + [
+            "tune.name=grid",
+            "tune.search=grid",
+            "tune.space.model.hidden_size=[8,96]",
+            "tune.space.model.num_layers=[1,2]",
+            "train.max_epochs=3",
+            "tune.scheduler=asha",
+            "tune.grace_period=1",
+            "tune.reduction_factor=2",
+            "tune.max_concurrent_trials=1",
+            "tune.register_as=demo-champion",
+        ]
+    )
     res = run_sweep(cfg)
     return {"uri": uri, "tmp": tmp, "res": res}
 
@@ -59,7 +82,10 @@ def test_grid_leaves_one_parent_and_four_children(sweep):
         assert "val_bleu" in k.data.metrics and "train_loss" in k.data.metrics
         assert k.info.status in ("FINISHED", "KILLED")
     assert parents[0].data.params["tune.search"] == "grid"
-    assert json.loads(parents[0].data.params["tune.space"]) == {"model.hidden_size": [8, 96], "model.num_layers": [1, 2]}
+    assert json.loads(parents[0].data.params["tune.space"]) == {
+        "model.hidden_size": [8, 96],
+        "model.num_layers": [1, 2],
+    }
 
 
 def test_asha_stopped_at_least_one_trial(sweep):
@@ -89,9 +115,23 @@ def test_champion_alias_on_best_trial(sweep):
 
 def test_report_writes_pngs(sweep):
     out = sweep["tmp"] / "report"
-    p = subprocess.run([sys.executable, "-m", "pipeline.cli", "report", "--sweep", "grid", "--out", str(out),
-                        f"tracking.tracking_uri={sweep['uri']}", "tracking.experiment=sweeps"],
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "report",
+            "--sweep",
+            "grid",
+            "--out",
+            str(out),
+            f"tracking.tracking_uri={sweep['uri']}",
+            "tracking.experiment=sweeps",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     from PIL import Image
 
@@ -109,9 +149,13 @@ def test_review_notebook_executes(sweep):
 
     nb = nbformat.read(REPO / "notebooks" / "review_sweep.ipynb", as_version=4)
     params = next(c for c in nb.cells if c.cell_type == "code" and c.source.startswith("# Parameters"))
-    params.source = (f"TRACKING_URI = {sweep['uri']!r}\nEXPERIMENT = 'sweeps'\nSWEEP = 'grid'\n"
-                     "EXAMPLES = ['the small dog sees the red house .', 'a woman runs quickly .']")
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(sweep["tmp"])}}).execute()
+    params.source = (
+        f"TRACKING_URI = {sweep['uri']!r}\nEXPERIMENT = 'sweeps'\nSWEEP = 'grid'\n"
+        "EXAMPLES = ['the small dog sees the red house .', 'a woman runs quickly .']"
+    )
+    NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(sweep["tmp"])}}
+    ).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     assert sum(1 for o in outputs if "image/png" in o.get("data", {})) >= 2
@@ -120,7 +164,10 @@ def test_review_notebook_executes(sweep):
 
 
 def test_invalid_search_space_is_named():
-    with pytest.raises(ConfigError, match="tune.space.model.hiden_size: .*unknown config key 'model.hiden_size'|unknown config key 'model.hiden_size'"):
+    with pytest.raises(
+        ConfigError,
+        match="tune.space.model.hiden_size: .*unknown config key 'model.hiden_size'|unknown config key 'model.hiden_size'",
+    ):
         load_config(["tune.space.model.hiden_size=[1,2]"])
     with pytest.raises(ConfigError, match="tune.space.train.lr: loguniform needs low > 0"):
         load_config(["tune.space.train.lr={loguniform: [0, 1]}", "tune.search=random"])
@@ -132,9 +179,18 @@ def test_invalid_search_space_is_named():
 
 def test_killed_sweep_resumes_without_duplicates(ray_session, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    args = [sys.executable, "-m", "pipeline.cli", "tune", *base_overrides(tmp_path, uri, "resume"),
-            "tune.name=killed", "tune.space.model.hidden_size=[32,64]", "tune.scheduler=none",
-            "tune.max_concurrent_trials=1", "train.max_epochs=2"]
+    args = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "tune",
+        *base_overrides(tmp_path, uri, "resume"),
+        "tune.name=killed",
+        "tune.space.model.hidden_size=[32,64]",
+        "tune.scheduler=none",
+        "tune.max_concurrent_trials=1",
+        "train.max_epochs=2",
+    ]
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     c = MlflowClient(uri)
@@ -177,10 +233,21 @@ def test_sweep_name_refuses_a_changed_search_space(sweep):
     """The same tune.name with another search space (or other data) fails before any trial,
     naming what differs; nothing is added to the sweep's MLflow record."""
     tmp, uri = sweep["tmp"], sweep["uri"]
-    cfg = load_config(base_overrides(tmp, uri, "sweeps") + [
-        "tune.name=grid", "tune.search=grid", "tune.space.model.hidden_size=[8,32]", "tune.space.model.num_layers=[1,2]",
-        "train.max_epochs=3", "tune.scheduler=asha", "tune.grace_period=1", "tune.reduction_factor=2",
-        "tune.max_concurrent_trials=1", "tune.register_as=demo-champion"])
+    cfg = load_config(
+        base_overrides(tmp, uri, "sweeps")
+        + [
+            "tune.name=grid",
+            "tune.search=grid",
+            "tune.space.model.hidden_size=[8,32]",
+            "tune.space.model.num_layers=[1,2]",
+            "train.max_epochs=3",
+            "tune.scheduler=asha",
+            "tune.grace_period=1",
+            "tune.reduction_factor=2",
+            "tune.max_concurrent_trials=1",
+            "tune.register_as=demo-champion",
+        ]
+    )
     with pytest.raises(ConfigError, match=r"tune.name 'grid'.*\n  tune.space: .*96.* != .*32"):
         run_sweep(cfg)
     assert len(children_of(uri, sweep["res"]["parent_run_id"])) == 4

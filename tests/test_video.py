@@ -26,8 +26,17 @@ def msrvtt(tmp_path_factory):
 
 
 def video_cfg(root, tmp, *extra):
-    return load_config(["data=demo_video", f"data.root={root}", f"data.output_dir={tmp}/out",
-                        f"data.feature_cache={tmp}/cache", "data.num_frames=4", "data.frame_size=32", *extra]).data
+    return load_config(
+        [
+            "data=demo_video",
+            f"data.root={root}",
+            f"data.output_dir={tmp}/out",
+            f"data.feature_cache={tmp}/cache",
+            "data.num_frames=4",
+            "data.frame_size=32",
+            *extra,
+        ]
+    ).data
 
 
 def fresh_copy(src, tmp):
@@ -87,7 +96,9 @@ def test_corrupt_clip_fails_by_default_and_is_counted_when_skipped(ray_session, 
     assert m["videos"]["dropped"] == {"bad_video": 2} and m["videos"]["kept"] == 26
     assert m["dropped"] == {"bad_video": 10}  # their 5 captions each
     assert m["rows_read"] == m["rows_kept"] + 10
-    assert any("video3.mp4" in e for e in m["videos"]["errors"]) and any("empty file" in e for e in m["videos"]["errors"])
+    assert any("video3.mp4" in e for e in m["videos"]["errors"]) and any(
+        "empty file" in e for e in m["videos"]["errors"]
+    )
     assert "video3" not in {r["video_id"] for r in pq.read_table(f"{out}/train").to_pylist()}
 
 
@@ -114,8 +125,15 @@ def test_msrvtt_annotation_errors_name_the_problem(ray_session, msrvtt, tmp_path
 def test_msvd_layout_with_and_without_split_lists(ray_session, tmp_path):
     root = tmp_path / "msvd"
     write_demo_video(str(root), n_train=10, n_val=4, n_test=4, seed=5, layout="msvd", size=64, num_frames=12)
-    base = ["data=msvd", f"data.root={root}", f"data.output_dir={tmp_path}/out", f"data.feature_cache={tmp_path}/c",
-            "data.num_frames=4", "data.frame_size=32", "data.vocab_size=200"]
+    base = [
+        "data=msvd",
+        f"data.root={root}",
+        f"data.output_dir={tmp_path}/out",
+        f"data.feature_cache={tmp_path}/c",
+        "data.num_frames=4",
+        "data.frame_size=32",
+        "data.vocab_size=200",
+    ]
     _, m = preprocess(load_config(base).data)
     assert {s: m["splits"][s]["videos"] for s in ("train", "val", "test")} == {"train": 10, "val": 4, "test": 4}
     lines = (root / "captions.txt").read_text().splitlines()
@@ -136,13 +154,18 @@ def test_precomputed_features_npy_and_parquet(ray_session, msrvtt, tmp_path):
     (tmp_path / "npy").mkdir()
     for vid, f in feats.items():
         np.save(tmp_path / "npy" / f"{vid}.npy", f)
-    common = ["data=video_features", f"data.captions_file={msrvtt}/train_val_videodatainfo.json",
-              f"data.output_dir={tmp_path}/out", "data.vocab_size=200"]
+    common = [
+        "data=video_features",
+        f"data.captions_file={msrvtt}/train_val_videodatainfo.json",
+        f"data.output_dir={tmp_path}/out",
+        "data.vocab_size=200",
+    ]
     out, m = preprocess(load_config(common + [f"data.files={tmp_path}/npy/*.npy"]).data)
     assert m["video"]["kind"] == "features" and m["video"]["feature_dim"] == 12 and m["videos"]["kept"] == 28
     row = pq.read_table(f"{out}/train").to_pylist()[0]
-    np.testing.assert_allclose(clip_array(row["data"], row["shape"], row["dtype"]),
-                               feats[row["video_id"]].astype(np.float16))
+    np.testing.assert_allclose(
+        clip_array(row["data"], row["shape"], row["dtype"]), feats[row["video_id"]].astype(np.float16)
+    )
     table = pa.table({"video_id": list(feats), "features": [f.tolist() for f in feats.values()]})
     pq.write_table(table, tmp_path / "feats.parquet")
     _, m2 = preprocess(load_config(common + [f"data.files={tmp_path}/feats.parquet"]).data)
@@ -165,8 +188,9 @@ def test_frozen_backbone_features_on_actor_pool_are_cached(ray_session, msrvtt, 
     frames = decode_clip((msrvtt / "videos" / f"{row['video_id']}.mp4").read_bytes(), 4, 32)
     x = torch.from_numpy((frames.astype(np.float32) / 255 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225])
     want = net(x.float().permute(0, 3, 1, 2)).mean(dim=(2, 3)).detach().numpy()
-    np.testing.assert_allclose(clip_array(row["data"], row["shape"], row["dtype"]).astype(np.float32), want,
-                               rtol=2e-2, atol=2e-3)
+    np.testing.assert_allclose(
+        clip_array(row["data"], row["shape"], row["dtype"]).astype(np.float32), want, rtol=2e-2, atol=2e-3
+    )
 
 
 def test_captioner_model_takes_frames_or_features():
@@ -192,6 +216,7 @@ def test_captioner_model_takes_frames_or_features():
 
 
 # ---------------------------------------------------------------- rows never altered or dropped without a count
+
 
 def faststart_mp4(path, num_frames=40):
     """An mp4 with its index (moov) first, as streaming sites write them: cut short, it still
@@ -240,7 +265,9 @@ def _conflicting_split(root):
 
 def _too_many_captions(root):
     ann = json.loads(_msrvtt_json(root).read_text())
-    ann["sentences"] += [{"video_id": "video0", "caption": f"a red thing {i}", "sen_id": 10**6 + i} for i in range(1025)]
+    ann["sentences"] += [
+        {"video_id": "video0", "caption": f"a red thing {i}", "sen_id": 10**6 + i} for i in range(1025)
+    ]
     _msrvtt_json(root).write_text(json.dumps(ann))
 
 
@@ -251,16 +278,34 @@ def _msvd_conflict(root):
 
 
 CASES = {  # name: (layout, mutation, error, videos dropped with skip, captions dropped with skip)
-    "duplicate_video": ("msrvtt", _dup_clip, r"video id 'video1' has 2 clips or feature rows: .*more/video1\.mp4",
-                        {"duplicate_video": 1}, {}),
-    "conflicting_split": ("msrvtt", _conflicting_split,
-                          r"train_val_videodatainfo\.json: videos\[28\]: video 'video2' is listed in split",
-                          {"conflicting_split": 1}, {"conflicting_split": 5}),
-    "conflicting_split_msvd": ("msvd", _msvd_conflict, r"test\.txt:5: video '\w+' is also listed in .*train\.txt:1",
-                               {"conflicting_split": 1}, {"conflicting_split": 5}),
-    "too_many_captions": ("msrvtt", _too_many_captions,
-                          r"sentences\[\d+\]: video 'video0' has more than 1024 captions", {},
-                          {"too_many_captions": 6}),
+    "duplicate_video": (
+        "msrvtt",
+        _dup_clip,
+        r"video id 'video1' has 2 clips or feature rows: .*more/video1\.mp4",
+        {"duplicate_video": 1},
+        {},
+    ),
+    "conflicting_split": (
+        "msrvtt",
+        _conflicting_split,
+        r"train_val_videodatainfo\.json: videos\[28\]: video 'video2' is listed in split",
+        {"conflicting_split": 1},
+        {"conflicting_split": 5},
+    ),
+    "conflicting_split_msvd": (
+        "msvd",
+        _msvd_conflict,
+        r"test\.txt:5: video '\w+' is also listed in .*train\.txt:1",
+        {"conflicting_split": 1},
+        {"conflicting_split": 5},
+    ),
+    "too_many_captions": (
+        "msrvtt",
+        _too_many_captions,
+        r"sentences\[\d+\]: video 'video0' has more than 1024 captions",
+        {},
+        {"too_many_captions": 6},
+    ),
 }
 
 
@@ -289,12 +334,21 @@ def test_duplicate_feature_rows_are_named_or_counted(msrvtt, tmp_path):
 
     ann = json.loads(_msrvtt_json(msrvtt).read_text())
     vids = [v["video_id"] for v in ann["videos"]]
-    feats = lambda ids: pa.table({"video_id": ids, "features": [[[0.5] * 4] * 3 for _ in ids]})
+
+    def feats(ids):
+        return pa.table({"video_id": ids, "features": [[[0.5] * 4] * 3 for _ in ids]})
+
     pq.write_table(feats(vids[:20]), tmp_path / "a.parquet")
     pq.write_table(feats(vids[18:]), tmp_path / "b.parquet")  # video18, video19 twice
-    common = ["data=video_features", f"data.captions_file={_msrvtt_json(msrvtt)}", f"data.files={tmp_path}/*.parquet",
-              f"data.output_dir={tmp_path}/out"]
-    with pytest.raises(DataError, match=r"video id 'video18' has 2 clips or feature rows: .*a\.parquet#18, .*b\.parquet#0"):
+    common = [
+        "data=video_features",
+        f"data.captions_file={_msrvtt_json(msrvtt)}",
+        f"data.files={tmp_path}/*.parquet",
+        f"data.output_dir={tmp_path}/out",
+    ]
+    with pytest.raises(
+        DataError, match=r"video id 'video18' has 2 clips or feature rows: .*a\.parquet#18, .*b\.parquet#0"
+    ):
         list_corpus(load_config(common).data)
     c = list_corpus(load_config(common + ["data.on_bad_rows=skip"]).data)
     assert c["videos_dropped"] == {"duplicate_video": 2} and c["source_rows"]["video19"].endswith("a.parquet#19")

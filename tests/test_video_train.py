@@ -23,11 +23,23 @@ def trained(ray_session, tmp_path_factory):
     # for its 1200 clips; here they would keep the learning rate low for the whole run).
     tmp = tmp_path_factory.mktemp("video")
     uri = f"sqlite:///{tmp}/mlflow.db"
-    overrides = ["data=demo_video", f"data.root={tmp}/demo", "data.demo_size=384", f"data.output_dir={tmp}/data",
-                 f"data.feature_cache={tmp}/cache", "data.frame_size=48", f"train.storage_path={tmp}/ray",
-                 "train.run_name=video-e2e", "train.num_workers=2", "train.max_minutes=10", "train.max_epochs=10",
-                 "train.warmup_steps=20",
-                 "train.test_beam_size=2", f"tracking.tracking_uri={uri}", "tracking.experiment=video-test"]
+    overrides = [
+        "data=demo_video",
+        f"data.root={tmp}/demo",
+        "data.demo_size=384",
+        f"data.output_dir={tmp}/data",
+        f"data.feature_cache={tmp}/cache",
+        "data.frame_size=48",
+        f"train.storage_path={tmp}/ray",
+        "train.run_name=video-e2e",
+        "train.num_workers=2",
+        "train.max_minutes=10",
+        "train.max_epochs=10",
+        "train.warmup_steps=20",
+        "train.test_beam_size=2",
+        f"tracking.tracking_uri={uri}",
+        "tracking.experiment=video-test",
+    ]
     res = run_training(load_config(overrides))
     return {"uri": uri, "tmp": tmp, "res": res}
 
@@ -35,14 +47,27 @@ def trained(ray_session, tmp_path_factory):
 def test_captioner_learns_beyond_a_constant_caption(trained):
     run = MlflowClient(trained["uri"]).get_run(trained["res"]["run_id"])
     m = run.data.metrics
-    for key in ("val_cider", "val_bleu4", "val_rouge_l", "best_val_cider", "test_cider", "test_bleu4", "test_rouge_l",
-                "train_loss", "train_tokens_per_s", "data_wait_fraction", "data_videos_kept", "data_cache_hits"):
+    for key in (
+        "val_cider",
+        "val_bleu4",
+        "val_rouge_l",
+        "best_val_cider",
+        "test_cider",
+        "test_bleu4",
+        "test_rouge_l",
+        "train_loss",
+        "train_tokens_per_s",
+        "data_wait_fraction",
+        "data_videos_kept",
+        "data_cache_hits",
+    ):
         assert key in m, key
     # The best constant caption on this corpus: every test clip gets the same sentence.
     out = json.loads(open(f"{trained['res']['data_dir']}/manifest.json").read())
     assert out["videos"]["kept"] == m["data_videos_kept"]
-    samples = MlflowClient(trained["uri"]).download_artifacts(run.info.run_id, "samples/test_captions.json",
-                                                              str(trained["tmp"]))
+    samples = MlflowClient(trained["uri"]).download_artifacts(
+        run.info.run_id, "samples/test_captions.json", str(trained["tmp"])
+    )
     refs = [r.split(" | ") for r in (row[1] for row in json.load(open(samples))["data"])]
     constant = metrics.caption_scores(["a small red circle moves to the left"] * len(refs), refs)["cider"]
     assert m["test_cider"] > constant + 0.5, (m["test_cider"], constant)
@@ -64,13 +89,22 @@ def test_caption_command_on_clip_files(trained):
     test_ids = [v["video_id"] for v in ann["videos"] if v["split"] == "test"][:4]
     clips = [f"{trained['tmp']}/demo/videos/{v}.mp4" for v in test_ids]
     for model in (trained["res"]["best_dir"], trained["res"]["model_uri"]):
-        proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "caption", "--model", model, "--beam", "2", *clips],
-                              capture_output=True, text=True, timeout=300,
-                              env={**__import__("os").environ, "MLFLOW_TRACKING_URI": trained["uri"]})
+        proc = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "caption", "--model", model, "--beam", "2", *clips],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**__import__("os").environ, "MLFLOW_TRACKING_URI": trained["uri"]},
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         lines = proc.stdout.strip().splitlines()
         assert [line.split("\t")[0] for line in lines] == clips
         assert all(parse_caption(line.split("\t")[1]) for line in lines)  # words of the corpus, not noise
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "translate", "--model", trained["res"]["best_dir"]],
-                          input="hello\n", capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "translate", "--model", trained["res"]["best_dir"]],
+        input="hello\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "video captioning model: use `pipeline caption`" in proc.stderr

@@ -57,13 +57,20 @@ def _clean(rows: dict[str, list], cfg: dict[str, Any]) -> pa.Table:
         u = np.array([zlib.crc32(f"{src[i]}\t{tgt[i]}".encode()) for i in unsplit], np.float64) / 2**32
         test, val = cfg["test_fraction"], cfg["test_fraction"] + cfg["val_fraction"]
         split[unsplit] = np.where(u < test, "test", np.where(u < val, "val", "train"))
-    return pa.table({"src": pa.array(src, pa.string()), "tgt": pa.array(tgt, pa.string()),
-                     "id": pa.array(rows["id"], pa.int64()), "split": pa.array(split, pa.string()),
-                     "reason": pa.array(reason, pa.string())})
+    return pa.table(
+        {
+            "src": pa.array(src, pa.string()),
+            "tgt": pa.array(tgt, pa.string()),
+            "id": pa.array(rows["id"], pa.int64()),
+            "split": pa.array(split, pa.string()),
+            "reason": pa.array(reason, pa.string()),
+        }
+    )
 
 
-def _read_and_clean(batch: dict[str, np.ndarray], src_column: str, tgt_column: str, on_bad_rows: str,
-                    cfg: dict[str, Any]) -> Iterator[pa.Table]:
+def _read_and_clean(
+    batch: dict[str, np.ndarray], src_column: str, tgt_column: str, on_bad_rows: str, cfg: dict[str, Any]
+) -> Iterator[pa.Table]:
     """Ray Data UDF: read tasks -> cleaned Arrow tables, one per chunk of rows."""
     for rows in read_tasks(batch, src_column, tgt_column, on_bad_rows):
         yield _clean(rows, cfg)
@@ -81,18 +88,26 @@ def _first_of_group(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def _dedup(ds: "ray.data.Dataset") -> "ray.data.Dataset":
+def _dedup(ds: ray.data.Dataset) -> ray.data.Dataset:
     def key(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        batch["pair_key"] = np.array([
-            f"{s}\t{t}" if not r else f"bad:{i}" for s, t, r, i in
-            zip(batch["src"], batch["tgt"], batch["reason"], batch["id"])], dtype=object)
+        batch["pair_key"] = np.array(
+            [
+                f"{s}\t{t}" if not r else f"bad:{i}"
+                for s, t, r, i in zip(batch["src"], batch["tgt"], batch["reason"], batch["id"])
+            ],
+            dtype=object,
+        )
         return batch
 
-    return (ds.map_batches(key, batch_format="numpy").groupby("pair_key")
-            .map_groups(_first_of_group, batch_format="numpy").drop_columns(["pair_key"]))
+    return (
+        ds.map_batches(key, batch_format="numpy")
+        .groupby("pair_key")
+        .map_groups(_first_of_group, batch_format="numpy")
+        .drop_columns(["pair_key"])
+    )
 
 
-def _encoder(json_text: str) -> "toklib.WordEncoder":
+def _encoder(json_text: str) -> toklib.WordEncoder:
     """Encoders loaded once per worker process (Ray reuses processes across tasks), so each
     keeps its word cache from one task to the next.
 
@@ -132,11 +147,13 @@ def encode_batch(batch: pa.Table, src_json: str, tgt_json: str, min_tokens: int,
     good = reason == ""
     reason[good & (longest > max_tokens)] = "too_long_tokens"
     reason[good & (longest <= max_tokens) & (shortest < min_tokens)] = "too_short_tokens"
-    return (batch.set_column(batch.schema.get_field_index("reason"), "reason", pa.array(reason, type=pa.string()))
-            .append_column("src_ids", _id_lists(src_vals, src_off))
-            .append_column("tgt_ids", _id_lists(tgt_vals, tgt_off))
-            .append_column("src_len", pa.array(src_len))
-            .append_column("tgt_len", pa.array(tgt_len)))
+    return (
+        batch.set_column(batch.schema.get_field_index("reason"), "reason", pa.array(reason, type=pa.string()))
+        .append_column("src_ids", _id_lists(src_vals, src_off))
+        .append_column("tgt_ids", _id_lists(tgt_vals, tgt_off))
+        .append_column("src_len", pa.array(src_len))
+        .append_column("tgt_len", pa.array(tgt_len))
+    )
 
 
 def write_split_shards(out: str, table: pa.Table, columns: list[str]) -> None:
@@ -200,7 +217,13 @@ def _fingerprint(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for path in filter(None, (t["src_path"], t["tgt_path"])):
             fs, p = fsspec.core.url_to_fs(path)
             info = fs.info(p)
-            out.append({"path": path, "size": info.get("size"), "mtime": str(info.get("mtime") or info.get("LastModified") or "")})
+            out.append(
+                {
+                    "path": path,
+                    "size": info.get("size"),
+                    "mtime": str(info.get("mtime") or info.get("LastModified") or ""),
+                }
+            )
     return out
 
 
@@ -218,17 +241,31 @@ def ensure_demo_corpus(cfg: DataConfig) -> None:
     if cfg.name != "demo_text":
         return
     root = absolute(cfg.root)
-    names = [f"{s}.{lang}.gz" for s in (cfg.train_split, cfg.val_split, cfg.test_split) if s
-             for lang in (cfg.src_lang, cfg.tgt_lang)]
+    names = [
+        f"{s}.{lang}.gz"
+        for s in (cfg.train_split, cfg.val_split, cfg.test_split)
+        if s
+        for lang in (cfg.src_lang, cfg.tgt_lang)
+    ]
     fs, p = fsspec.core.url_to_fs(root)
 
     def generate() -> None:
         from .synthetic import write_demo_text
 
         n_eval = max(200, cfg.demo_size // 40)
-        print(f"[preprocess] generating the demo corpus ({cfg.demo_size} training pairs) in {redact(cfg.root)}", flush=True)
-        write_demo_text(root, n_train=cfg.demo_size, n_val=n_eval, n_test=n_eval, seed=1234,
-                        src_lang=cfg.src_lang, tgt_lang=cfg.tgt_lang)
+        print(
+            f"[preprocess] generating the demo corpus ({cfg.demo_size} training pairs) in {redact(cfg.root)}",
+            flush=True,
+        )
+        write_demo_text(
+            root,
+            n_train=cfg.demo_size,
+            n_val=n_eval,
+            n_test=n_eval,
+            seed=1234,
+            src_lang=cfg.src_lang,
+            tgt_lang=cfg.tgt_lang,
+        )
 
     demo_folder(root, lambda: all(fs.exists(f"{p}/{n}") for n in names), generate, "data=demo_text")
 
@@ -241,25 +278,33 @@ def read_tokenizers(out: str) -> tuple[str, str]:
     return texts[0], texts[1]
 
 
-def cleaned(cfg: DataConfig, tasks: list[dict[str, Any]]) -> "ray.data.Dataset":
+def cleaned(cfg: DataConfig, tasks: list[dict[str, Any]]) -> ray.data.Dataset:
     """Read tasks -> rows -> cleaned rows with a split and a drop reason (lazy)."""
-    clean_cfg = {k: getattr(cfg, k) for k in ("normalization", "lowercase", "max_chars", "val_fraction", "test_fraction")}
-    return (ray.data.from_items(tasks, override_num_blocks=len(tasks))
-            .map_batches(_read_and_clean, fn_args=(cfg.src_column, cfg.tgt_column, cfg.on_bad_rows, clean_cfg),
-                         batch_size=1))
+    clean_cfg = {
+        k: getattr(cfg, k) for k in ("normalization", "lowercase", "max_chars", "val_fraction", "test_fraction")
+    }
+    return ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
+        _read_and_clean, fn_args=(cfg.src_column, cfg.tgt_column, cfg.on_bad_rows, clean_cfg), batch_size=1
+    )
 
 
-def encode_and_write(ds: "ray.data.Dataset", cfg: DataConfig, src_json: str, tgt_json: str,
-                     out: str) -> dict[str, dict[str, int]]:
+def encode_and_write(
+    ds: ray.data.Dataset, cfg: DataConfig, src_json: str, tgt_json: str, out: str
+) -> dict[str, dict[str, int]]:
     """Encode and write the kept rows of each split under ``out`` in one streaming pass;
     returns the counts per split and reason (``kept`` or why dropped)."""
     sink = SplitSink(out)
     # batch_size=None: whole blocks as the readers yield them. A row count here would make
     # Ray Data bundle that many *input* rows (read tasks) into one task of the fused
     # read->clean->encode->write operator, i.e. the whole corpus in one task.
-    (ds.map_batches(encode_batch, fn_args=(src_json, tgt_json, cfg.min_tokens, cfg.max_tokens), batch_size=None,
-                    batch_format="pyarrow")
-     .write_datasink(sink))
+    (
+        ds.map_batches(
+            encode_batch,
+            fn_args=(src_json, tgt_json, cfg.min_tokens, cfg.max_tokens),
+            batch_size=None,
+            batch_format="pyarrow",
+        ).write_datasink(sink)
+    )
     return sink.counts
 
 
@@ -278,12 +323,16 @@ def preprocess(cfg: DataConfig, force: bool = False) -> tuple[str, dict[str, Any
     if built:
         report_done(out, manifest)
     else:
-        print(f"[preprocess] reusing {redact(out)} ({manifest['rows_kept']} pairs kept of {manifest['rows_read']})", flush=True)
+        print(
+            f"[preprocess] reusing {redact(out)} ({manifest['rows_kept']} pairs kept of {manifest['rows_read']})",
+            flush=True,
+        )
     return out, manifest
 
 
-def _build(cfg: DataConfig, tasks: list[dict[str, Any]], inputs: list[dict[str, Any]], out: str,
-           t0: float) -> dict[str, Any]:
+def _build(
+    cfg: DataConfig, tasks: list[dict[str, Any]], inputs: list[dict[str, Any]], out: str, t0: float
+) -> dict[str, Any]:
     """Write shards and tokenizers under ``out`` (a staging folder); returns the manifest."""
     print(f"[preprocess] {len(tasks)} read task(s) -> {redact(out)}", flush=True)
     ds = cleaned(cfg, tasks)
@@ -292,8 +341,11 @@ def _build(cfg: DataConfig, tasks: list[dict[str, Any]], inputs: list[dict[str, 
 
     # Tokenizer: trained on the first tokenizer_max_lines kept training pairs, streamed into
     # the trainer (which keeps word counts, not text); the stream stops reading once it has them.
-    print(f"[preprocess] training a {cfg.tokenizer} tokenizer (vocab {cfg.vocab_size}, "
-          f"{'joint' if cfg.joint_vocab else 'separate'}) on up to {cfg.tokenizer_max_lines} training pairs", flush=True)
+    print(
+        f"[preprocess] training a {cfg.tokenizer} tokenizer (vocab {cfg.vocab_size}, "
+        f"{'joint' if cfg.joint_vocab else 'separate'}) on up to {cfg.tokenizer_max_lines} training pairs",
+        flush=True,
+    )
     train_text = ds.filter(expr=_kept_in("train")).select_columns(["src", "tgt"]).limit(cfg.tokenizer_max_lines)
     seen = [0]
 
@@ -309,8 +361,10 @@ def _build(cfg: DataConfig, tasks: list[dict[str, Any]], inputs: list[dict[str, 
         src_json = toklib.train_tokenizer(texts(("src",)), cfg.tokenizer, cfg.vocab_size).to_str()
         tgt_json = toklib.train_tokenizer(texts(("tgt",)), cfg.tokenizer, cfg.vocab_size).to_str()
     if not seen[0]:
-        raise DataError(f"no usable training pairs in the corpus ({', '.join(t['src_path'] for t in tasks[:3])}...): "
-                        "empty input, or every row was dropped by the filters")
+        raise DataError(
+            f"no usable training pairs in the corpus ({', '.join(t['src_path'] for t in tasks[:3])}...): "
+            "empty input, or every row was dropped by the filters"
+        )
 
     print("[preprocess] encoding and writing shards", flush=True)
     counts = encode_and_write(ds, cfg, src_json, tgt_json, out)
@@ -329,8 +383,10 @@ def _build(cfg: DataConfig, tasks: list[dict[str, Any]], inputs: list[dict[str, 
         "rows_read": sum(sum(per.values()) for per in counts.values()),
         "rows_kept": sum(per.get("kept", 0) for per in counts.values()),
         "dropped": dropped,
-        "splits": {s: {"kept": counts[s].get("kept", 0),
-                       "dropped": {r: n for r, n in counts[s].items() if r != "kept"}} for s in SPLITS},
+        "splits": {
+            s: {"kept": counts[s].get("kept", 0), "dropped": {r: n for r, n in counts[s].items() if r != "kept"}}
+            for s in SPLITS
+        },
         "tokenizer": tokenizer_info(cfg, src_json, tgt_json),
         "seconds": round(time.time() - t0, 2),
     }
@@ -339,10 +395,17 @@ def _build(cfg: DataConfig, tasks: list[dict[str, Any]], inputs: list[dict[str, 
 
 def tokenizer_info(cfg: DataConfig, src_json: str, tgt_json: str) -> dict[str, Any]:
     src_tok, tgt_tok = toklib.load_tokenizer(src_json), toklib.load_tokenizer(tgt_json)
-    return {"kind": cfg.tokenizer, "joint_vocab": cfg.joint_vocab,
-            "src_vocab_size": src_tok.get_vocab_size(), "tgt_vocab_size": tgt_tok.get_vocab_size(),
-            "src_sha256": config_hash(src_json), "tgt_sha256": config_hash(tgt_json),
-            "pad_id": toklib.PAD_ID, "bos_id": toklib.BOS_ID, "eos_id": toklib.EOS_ID}
+    return {
+        "kind": cfg.tokenizer,
+        "joint_vocab": cfg.joint_vocab,
+        "src_vocab_size": src_tok.get_vocab_size(),
+        "tgt_vocab_size": tgt_tok.get_vocab_size(),
+        "src_sha256": config_hash(src_json),
+        "tgt_sha256": config_hash(tgt_json),
+        "pad_id": toklib.PAD_ID,
+        "bos_id": toklib.BOS_ID,
+        "eos_id": toklib.EOS_ID,
+    }
 
 
 def write_tokenizers(out: str, src_json: str, tgt_json: str) -> None:
@@ -355,11 +418,16 @@ def check_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
     """The splits a run needs are not empty (else the output is not published)."""
     for split in ("train", "val"):
         if not manifest["splits"][split]["kept"]:
-            raise DataError(f"the {split} split is empty after preprocessing ({manifest['splits'][split]}); "
-                            "check data.*_split / data.val_fraction and the filters")
+            raise DataError(
+                f"the {split} split is empty after preprocessing ({manifest['splits'][split]}); "
+                "check data.*_split / data.val_fraction and the filters"
+            )
     return manifest
 
 
 def report_done(out: str, manifest: dict[str, Any]) -> None:
-    print(f"[preprocess] built {redact(out)} in {manifest['seconds']}s: read {manifest['rows_read']}, kept "
-          f"{manifest['rows_kept']}, dropped {manifest['dropped'] or 0}", flush=True)
+    print(
+        f"[preprocess] built {redact(out)} in {manifest['seconds']}s: read {manifest['rows_read']}, kept "
+        f"{manifest['rows_kept']}, dropped {manifest['dropped'] or 0}",
+        flush=True,
+    )

@@ -41,8 +41,11 @@ def expand(patterns: str) -> list[str]:
     files: list[str] = []
     for pattern in [absolute(p.strip()) for p in patterns.split(",") if p.strip()]:
         fs, _ = fsspec.core.url_to_fs(pattern)
-        matched = sorted(fs.glob(pattern)) if any(ch in pattern for ch in "*?[") else (
-            [pattern] if fs.exists(pattern) else [])
+        matched = (
+            sorted(fs.glob(pattern))
+            if any(ch in pattern for ch in "*?[")
+            else ([pattern] if fs.exists(pattern) else [])
+        )
         if not matched:
             raise DataError(f"no input files match '{pattern}'")
         protocol = pattern.split("://", 1)[0] + "://" if "://" in pattern else ""
@@ -71,13 +74,17 @@ def list_tasks(cfg: Any) -> list[dict[str, Any]]:
                 base = f"{root.rstrip('/')}/{prefix}.{lang}"
                 found = [p for p in (base + ".gz", base) if _exists(p)]
                 if not found:
-                    raise DataError(f"missing file {base}[.gz] (data.root={cfg.root}, split '{prefix}', language '{lang}')")
+                    raise DataError(
+                        f"missing file {base}[.gz] (data.root={cfg.root}, split '{prefix}', language '{lang}')"
+                    )
                 pair.append(found[0])
             tasks.append({"kind": "pair", "src_path": pair[0], "tgt_path": pair[1], "split": split})
     elif cfg.name == "pairs":
         src, tgt = expand(cfg.src_files), expand(cfg.tgt_files)
         if len(src) != len(tgt):
-            raise DataError(f"data.src_files matches {len(src)} files but data.tgt_files matches {len(tgt)}; they must pair up one to one")
+            raise DataError(
+                f"data.src_files matches {len(src)} files but data.tgt_files matches {len(tgt)}; they must pair up one to one"
+            )
         tasks = [{"kind": "pair", "src_path": s, "tgt_path": t, "split": ""} for s, t in zip(src, tgt)]
     elif cfg.name == "table":
         tasks = [{"kind": "table", "src_path": f, "tgt_path": "", "split": ""} for f in expand(cfg.files)]
@@ -188,8 +195,13 @@ def read_pair(task: dict[str, Any], skip: bool) -> Iterator[dict[str, list]]:
         for i in src_bad + tgt_bad:
             src[i] = tgt[i] = ""
             reason[i] = "invalid_utf8"
-        yield {"src": src, "tgt": tgt, "split": [task["split"]] * len(s),
-               "id": list(range(base | (n_src + 1), base | (n_src + len(s) + 1))), "reason": reason}
+        yield {
+            "src": src,
+            "tgt": tgt,
+            "split": [task["split"]] * len(s),
+            "id": list(range(base | (n_src + 1), base | (n_src + len(s) + 1))),
+            "reason": reason,
+        }
         n_src, n_tgt = n_src + len(s), n_tgt + len(t)
     if n_src != n_tgt:
         # Misalignment shifts every later pair; no row can be trusted, so never skip it.
@@ -197,7 +209,7 @@ def read_pair(task: dict[str, Any], skip: bool) -> Iterator[dict[str, list]]:
 
 
 def _table_format(path: str) -> str:
-    name = path[:-3] if path.endswith(".gz") else path
+    name = path.removesuffix(".gz")
     for ext in ("tsv", "jsonl", "json", "parquet"):
         if name.endswith("." + ext):
             return "jsonl" if ext == "json" else ext
@@ -216,8 +228,9 @@ def read_table(task: dict[str, Any], src_col: str, tgt_col: str, skip: bool) -> 
             names = pf.schema_arrow.names
             missing = [c for c in (src_col, tgt_col) if c not in names]
             if missing:
-                raise DataError(f"{path}: missing column(s) {missing}; the file has {names} "
-                                f"(set data.src_column / data.tgt_column)")
+                raise DataError(
+                    f"{path}: missing column(s) {missing}; the file has {names} (set data.src_column / data.tgt_column)"
+                )
             line = 0
             for batch in pf.iter_batches(columns=[src_col, tgt_col], batch_size=CHUNK):
                 for s, t in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
@@ -225,7 +238,13 @@ def read_table(task: dict[str, Any], src_col: str, tgt_col: str, skip: bool) -> 
                     if isinstance(s, str) and isinstance(t, str):
                         rows.add(line, s, t)
                     else:
-                        _bad(skip, DataError(f"{path}: row {line}: {src_col}/{tgt_col} must be strings, got {s!r}, {t!r}"), rows, line, "malformed")
+                        _bad(
+                            skip,
+                            DataError(f"{path}: row {line}: {src_col}/{tgt_col} must be strings, got {s!r}, {t!r}"),
+                            rows,
+                            line,
+                            "malformed",
+                        )
                 yield rows.flush()
         return
     src_idx = tgt_idx = None
@@ -247,13 +266,29 @@ def read_table(task: dict[str, Any], src_col: str, tgt_col: str, skip: bool) -> 
                 src_idx, tgt_idx = 0, 1
                 header, width = False, 2
             if len(fields) <= max(src_idx, tgt_idx):
-                _bad(skip, DataError(f"{path}:{line}: expected at least {max(src_idx, tgt_idx) + 1} tab-separated fields, got {len(fields)}"), rows, line, "malformed")
+                _bad(
+                    skip,
+                    DataError(
+                        f"{path}:{line}: expected at least {max(src_idx, tgt_idx) + 1} tab-separated fields, got {len(fields)}"
+                    ),
+                    rows,
+                    line,
+                    "malformed",
+                )
                 continue
             if len(fields) > width:
                 # A tab inside a sentence: which fields are which is unknown, so never guess.
-                _bad(skip, DataError(f"{path}:{line}: expected {width} tab-separated fields "
-                                     f"({'as the header has' if header else 'no header: source, target'}), got "
-                                     f"{len(fields)}; a tab inside a field?"), rows, line, "too_many_fields")
+                _bad(
+                    skip,
+                    DataError(
+                        f"{path}:{line}: expected {width} tab-separated fields "
+                        f"({'as the header has' if header else 'no header: source, target'}), got "
+                        f"{len(fields)}; a tab inside a field?"
+                    ),
+                    rows,
+                    line,
+                    "too_many_fields",
+                )
                 continue
             rows.add(line, fields[src_idx], fields[tgt_idx])
         else:
@@ -265,9 +300,19 @@ def read_table(task: dict[str, Any], src_col: str, tgt_col: str, skip: bool) -> 
             except json.JSONDecodeError as e:
                 _bad(skip, DataError(f"{path}:{line}: malformed JSON ({e.msg})"), rows, line, "malformed")
                 continue
-            if not isinstance(obj, dict) or not isinstance(obj.get(src_col), str) or not isinstance(obj.get(tgt_col), str):
+            if (
+                not isinstance(obj, dict)
+                or not isinstance(obj.get(src_col), str)
+                or not isinstance(obj.get(tgt_col), str)
+            ):
                 keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-                _bad(skip, DataError(f"{path}:{line}: expected string fields '{src_col}' and '{tgt_col}', got {keys}"), rows, line, "malformed")
+                _bad(
+                    skip,
+                    DataError(f"{path}:{line}: expected string fields '{src_col}' and '{tgt_col}', got {keys}"),
+                    rows,
+                    line,
+                    "malformed",
+                )
                 continue
             rows.add(line, obj[src_col], obj[tgt_col])
         if rows.full():

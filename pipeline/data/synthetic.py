@@ -25,49 +25,229 @@ MIN_LEN, MAX_LEN = 4, 25  # tokens, final "." included; checked on both sides
 
 # Source lemmas were chosen so that English inflection stays regular (-s, -es, -ed) and no
 # word is both a noun and a verb, which keeps the source -> target mapping unambiguous.
-NOUNS = tuple(
-    "dog cat bird horse cow boy girl friend teacher doctor farmer student king queen baker singer "
-    "driver house car tree book door window table chair garden street river road flower apple "
-    "bottle cup hat shirt shoe ball letter picture song boat train bike ship lamp key bag coat "
-    "cake egg town mountain lake forest field village market school park bridge tower room "
-    "kitchen bed".split()
+NOUNS = (
+    "dog",
+    "cat",
+    "bird",
+    "horse",
+    "cow",
+    "boy",
+    "girl",
+    "friend",
+    "teacher",
+    "doctor",
+    "farmer",
+    "student",
+    "king",
+    "queen",
+    "baker",
+    "singer",
+    "driver",
+    "house",
+    "car",
+    "tree",
+    "book",
+    "door",
+    "window",
+    "table",
+    "chair",
+    "garden",
+    "street",
+    "river",
+    "road",
+    "flower",
+    "apple",
+    "bottle",
+    "cup",
+    "hat",
+    "shirt",
+    "shoe",
+    "ball",
+    "letter",
+    "picture",
+    "song",
+    "boat",
+    "train",
+    "bike",
+    "ship",
+    "lamp",
+    "key",
+    "bag",
+    "coat",
+    "cake",
+    "egg",
+    "town",
+    "mountain",
+    "lake",
+    "forest",
+    "field",
+    "village",
+    "market",
+    "school",
+    "park",
+    "bridge",
+    "tower",
+    "room",
+    "kitchen",
+    "bed",
 )
-ADJS = tuple(
-    "big small old young new good bad happy sad tall short long quiet loud warm cold fast slow "
-    "clean dirty red blue green yellow black white brown grey pink orange".split()
+ADJS = (
+    "big",
+    "small",
+    "old",
+    "young",
+    "new",
+    "good",
+    "bad",
+    "happy",
+    "sad",
+    "tall",
+    "short",
+    "long",
+    "quiet",
+    "loud",
+    "warm",
+    "cold",
+    "fast",
+    "slow",
+    "clean",
+    "dirty",
+    "red",
+    "blue",
+    "green",
+    "yellow",
+    "black",
+    "white",
+    "brown",
+    "grey",
+    "pink",
+    "orange",
 )
-TRANS = tuple(
-    "watch visit follow help paint open push pull kick kiss call wash touch want need like love "
-    "hate miss count check fix greet thank cook lift fill climb reach protect collect repair "
-    "deliver".split()
+TRANS = (
+    "watch",
+    "visit",
+    "follow",
+    "help",
+    "paint",
+    "open",
+    "push",
+    "pull",
+    "kick",
+    "kiss",
+    "call",
+    "wash",
+    "touch",
+    "want",
+    "need",
+    "like",
+    "love",
+    "hate",
+    "miss",
+    "count",
+    "check",
+    "fix",
+    "greet",
+    "thank",
+    "cook",
+    "lift",
+    "fill",
+    "climb",
+    "reach",
+    "protect",
+    "collect",
+    "repair",
+    "deliver",
 )
-INTRANS = tuple(
-    "wait laugh dance work play jump walk rest listen shout smile cough yawn arrive stay "
-    "return".split()
+INTRANS = (
+    "wait",
+    "laugh",
+    "dance",
+    "work",
+    "play",
+    "jump",
+    "walk",
+    "rest",
+    "listen",
+    "shout",
+    "smile",
+    "cough",
+    "yawn",
+    "arrive",
+    "stay",
+    "return",
 )
-ADVS = tuple(
-    "quickly slowly often today again carefully quietly happily loudly together early later".split()
+ADVS = (
+    "quickly",
+    "slowly",
+    "often",
+    "today",
+    "again",
+    "carefully",
+    "quietly",
+    "happily",
+    "loudly",
+    "together",
+    "early",
+    "later",
 )
-PREPS = tuple("in on with near behind under without beside".split())
-NUMS = tuple("two three four five six".split())
-NAMES = tuple("anna tom maria paul lena max sofia ben".split())  # copied verbatim, like real MT
+PREPS = ("in", "on", "with", "near", "behind", "under", "without", "beside")
+NUMS = ("two", "three", "four", "five", "six")
+NAMES = ("anna", "tom", "maria", "paul", "lena", "max", "sofia", "ben")  # copied verbatim, like real MT
 CONJS = ("because", "while", "although")
 
 # Closed-class morphology is a fixed table (a learner needs a small, regular paradigm);
 # index = case: 0 nominative (subject), 1 accusative (object), 2 dative (after a preposition).
-_DEF = {"m": ("lo", "lon", "lom"), "f": ("la", "la", "lar"), "n": ("le", "le", "lem"),
-        "pl": ("li", "li", "lin")}
+_DEF = {"m": ("lo", "lon", "lom"), "f": ("la", "la", "lar"), "n": ("le", "le", "lem"), "pl": ("li", "li", "lin")}
 _INDEF = {"m": ("en", "enen", "enem"), "f": ("ena", "ena", "ener"), "n": ("en", "en", "enem")}
-_ADJ_END = {"m": ("er", "en", "em"), "f": ("a", "a", "ar"), "n": ("es", "es", "em"),
-            "pl": ("i", "i", "in")}
+_ADJ_END = {"m": ("er", "en", "em"), "f": ("a", "a", "ar"), "n": ("es", "es", "em"), "pl": ("i", "i", "in")}
 _PLURAL = {"m": "e", "f": "en", "n": "er"}
 _CASE = {"nom": 0, "acc": 1, "dat": 2}
 _AUX = ("hav", "havan")  # singular, plural
 _PARTICLES = ("ap", "tor", "ume", "fal")
 
-_ONSETS = "b d f g h k l m n p r s t v w z br dr fl gr kr pl schl st tr sch".split()
-_VOWELS = "a e i o u a e i o u au ei ä ö ü".split()  # plain vowels twice as likely
-_CODAS = "l m n r s t k nd rt lk ng ch".split()  # stems end in a consonant so suffixes attach
+_ONSETS = [
+    "b",
+    "d",
+    "f",
+    "g",
+    "h",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "w",
+    "z",
+    "br",
+    "dr",
+    "fl",
+    "gr",
+    "kr",
+    "pl",
+    "schl",
+    "st",
+    "tr",
+    "sch",
+]
+_VOWELS = ["a", "e", "i", "o", "u", "a", "e", "i", "o", "u", "au", "ei", "ä", "ö", "ü"]  # plain vowels twice as likely
+_CODAS = [
+    "l",
+    "m",
+    "n",
+    "r",
+    "s",
+    "t",
+    "k",
+    "nd",
+    "rt",
+    "lk",
+    "ng",
+    "ch",
+]  # stems end in a consonant so suffixes attach
 
 
 @dataclass(frozen=True)
@@ -94,8 +274,7 @@ def _build_lexicon() -> Lexicon:
 
     nouns = {n: (word(), rng.choice("mfn")) for n in NOUNS}
     adjs = {a: word() for a in ADJS}
-    verbs = {v: (rng.choice(_PARTICLES) if rng.random() < 0.3 else "", word())
-             for v in TRANS + INTRANS}
+    verbs = {v: (rng.choice(_PARTICLES) if rng.random() < 0.3 else "", word()) for v in TRANS + INTRANS}
     words = {w: word(1) for w in PREPS + NUMS + CONJS}
     words |= {w: word() for w in ADVS}
     return Lexicon(nouns, adjs, verbs, words)
@@ -249,6 +428,7 @@ or auxiliary + participle at the end, and verb-final clauses after because/while
 Names are copied. Translation is a function of the source, so a perfect model scores BLEU 100.
 """
 
+
 def write_demo_text(
     root: str | os.PathLike,
     n_train: int = 20000,
@@ -271,7 +451,6 @@ def write_demo_text(
             # mtime=0 makes the bytes reproducible, so files can be checksummed and cached.
             _atomic_write(root / f"{split}.{lang}.gz", gzip.compress(text.encode(), mtime=0))
     lemmas = sum(map(len, (NOUNS, ADJS, TRANS, INTRANS, ADVS, PREPS, NUMS, NAMES, CONJS)))
-    readme = _README.format(seed=seed, src=src_lang, tgt=tgt_lang, lemmas=lemmas, lo=MIN_LEN,
-                            hi=MAX_LEN, **sizes)
+    readme = _README.format(seed=seed, src=src_lang, tgt=tgt_lang, lemmas=lemmas, lo=MIN_LEN, hi=MAX_LEN, **sizes)
     _atomic_write(root / "README.md", readme.encode())
     return root

@@ -42,8 +42,12 @@ DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  
 # Synonyms are drawn per caption; a direction phrase fits after any motion verb in TEMPLATES.
 SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big")}
 COLOUR_WORDS = {c: (c,) for c in COLOURS} | {"purple": ("purple", "violet")}
-SHAPE_WORDS = {"circle": ("circle", "ball", "disc"), "square": ("square", "box", "block"),
-               "triangle": ("triangle",), "diamond": ("diamond", "rhombus")}
+SHAPE_WORDS = {
+    "circle": ("circle", "ball", "disc"),
+    "square": ("square", "box", "block"),
+    "triangle": ("triangle",),
+    "diamond": ("diamond", "rhombus"),
+}
 DIRECTION_WORDS = {
     "left": ("left", "leftward", "to the left", "toward the left"),
     "right": ("right", "rightward", "to the right", "toward the right"),
@@ -60,12 +64,16 @@ TEMPLATES = (
     "we see a {size} {shape} in {colour} drifting {direction}",
     "a {size} {colour} {shape} heads {direction}",
 )
-ATTRIBUTE_WORDS = {"size": SIZE_WORDS, "colour": COLOUR_WORDS, "shape": SHAPE_WORDS,
-          "direction": DIRECTION_WORDS}
+ATTRIBUTE_WORDS = {"size": SIZE_WORDS, "colour": COLOUR_WORDS, "shape": SHAPE_WORDS, "direction": DIRECTION_WORDS}
 # Word -> (attribute, value); only words that name a value (not "to", "the", ...) are keys.
-_WORD_TO_VALUE = {word: (attr, value) for attr, table in ATTRIBUTE_WORDS.items()
-                  for value, phrases in table.items() for phrase in phrases
-                  for word in phrase.split() if word not in ("to", "the", "toward")}
+_WORD_TO_VALUE = {
+    word: (attr, value)
+    for attr, table in ATTRIBUTE_WORDS.items()
+    for value, phrases in table.items()
+    for phrase in phrases
+    for word in phrase.split()
+    if word not in ("to", "the", "toward")
+}
 
 # Convex shapes as half-planes (unit normal, apothem in radii). Apothems give every shape the
 # area of the circle, so "small"/"large" means the same amount of colour whatever the shape.
@@ -81,8 +89,11 @@ _MARGIN = 1.3  # radii kept between the object's centre and the border (triangle
 
 MSRVTT_ANNOTATIONS = "train_val_videodatainfo.json"
 MSVD_CAPTIONS = "captions.txt"
-SPLITS = {"train": ("train", "train.txt"), "val": ("validate", "val.txt"),
-          "test": ("test", "test.txt")}  # our name -> (MSR-VTT split name, MSVD list file)
+SPLITS = {
+    "train": ("train", "train.txt"),
+    "val": ("validate", "val.txt"),
+    "test": ("test", "test.txt"),
+}  # our name -> (MSR-VTT split name, MSVD list file)
 
 
 @dataclass(frozen=True)
@@ -124,8 +135,9 @@ def _distance(shape: str, dx: np.ndarray, dy: np.ndarray, radius: float) -> np.n
     return np.max([nx * dx + ny * dy for nx, ny in normals], axis=0) - apothem * radius
 
 
-def render_clip(shape: str, colour: str, size: str, direction: str, *, frame_size: int = 96,
-                num_frames: int = 32, seed: int = 0) -> np.ndarray:
+def render_clip(
+    shape: str, colour: str, size: str, direction: str, *, frame_size: int = 96, num_frames: int = 32, seed: int = 0
+) -> np.ndarray:
     """Frames (T, H, W, 3) uint8 of one clip; `seed` fixes background, position and travel.
 
     All random draws happen in the same order whatever the attributes, so two clips that differ
@@ -171,8 +183,7 @@ def encode_mp4(frames: np.ndarray, fps: int, codec: str | None = None) -> bytes:
         else:
             # mbtree off: with it, x264 gave different bytes for the same frames on some clips
             # (about 1 in 6 at 64x64, even single-threaded); without it, identical every time.
-            stream.codec_context.options = {"crf": "20", "preset": "fast",
-                                            "x264-params": "mbtree=0"}
+            stream.codec_context.options = {"crf": "20", "preset": "fast", "x264-params": "mbtree=0"}
         for i, rgb in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
             frame.pts = i
@@ -195,8 +206,7 @@ def _balanced_attributes(n: int, rng: random.Random) -> list[tuple[str, str, str
         used = [Counter() for _ in values]
         while pool and len(out) < n:
             # Scaled by the number of values: one extra "small" is a bigger skew than one "red".
-            best = min(range(len(pool)), key=lambda i: sum(
-                used[a][v] * len(values[a]) for a, v in enumerate(pool[i])))
+            best = min(range(len(pool)), key=lambda i: sum(used[a][v] * len(values[a]) for a, v in enumerate(pool[i])))
             combo = pool.pop(best)
             for a, v in enumerate(combo):
                 used[a][v] += 1
@@ -241,8 +251,13 @@ def parse_caption(caption: str) -> dict[str, str]:
 def caption_vocabulary() -> set[str]:
     """Every word any caption can contain."""
     words = {w for t in TEMPLATES for w in t.split() if not w.startswith("{")}
-    return words | {w for table in ATTRIBUTE_WORDS.values() for phrases in table.values()
-                    for phrase in phrases for w in phrase.split()}
+    return words | {
+        w
+        for table in ATTRIBUTE_WORDS.values()
+        for phrases in table.values()
+        for phrase in phrases
+        for w in phrase.split()
+    }
 
 
 _README = """# demo_video: synthetic video-caption corpus
@@ -290,20 +305,36 @@ def write_demo_video(
     caption_rng = random.Random(split_seed(seed, "video/captions"))
     captions = {s.video_id: make_captions(s, captions_per_clip, caption_rng) for s in specs}
     for s in specs:
-        frames = render_clip(s.shape, s.colour, s.size, s.direction, frame_size=size,
-                             num_frames=num_frames, seed=s.seed)
+        frames = render_clip(
+            s.shape, s.colour, s.size, s.direction, frame_size=size, num_frames=num_frames, seed=s.seed
+        )
         _atomic_write(videos / f"{s.video_id}.mp4", encode_mp4(frames, fps, codec))
 
     if layout == "msrvtt":
         annotations = root / MSRVTT_ANNOTATIONS
         doc = {
-            "info": {"description": "synthetic demo video-caption corpus", "seed": seed,
-                     "generator": "pipeline.data.synthetic_video", "version": "1.0"},
-            "videos": [{"video_id": s.video_id, "split": SPLITS[s.split][0], "id": i, "url": "",
-                        "start time": 0.0, "end time": num_frames / fps, "category": 0}
-                       for i, s in enumerate(specs)],
-            "sentences": [{"video_id": vid, "caption": c, "sen_id": i} for i, (vid, c) in
-                          enumerate((v, c) for v, cs in captions.items() for c in cs)],
+            "info": {
+                "description": "synthetic demo video-caption corpus",
+                "seed": seed,
+                "generator": "pipeline.data.synthetic_video",
+                "version": "1.0",
+            },
+            "videos": [
+                {
+                    "video_id": s.video_id,
+                    "split": SPLITS[s.split][0],
+                    "id": i,
+                    "url": "",
+                    "start time": 0.0,
+                    "end time": num_frames / fps,
+                    "category": 0,
+                }
+                for i, s in enumerate(specs)
+            ],
+            "sentences": [
+                {"video_id": vid, "caption": c, "sen_id": i}
+                for i, (vid, c) in enumerate((v, c) for v, cs in captions.items() for c in cs)
+            ],
         }
         _atomic_write(annotations, json.dumps(doc, indent=1).encode())
     else:
@@ -316,10 +347,27 @@ def write_demo_video(
                 _atomic_write(root / name, ids.encode())
 
     counts = {"train": n_train, "val": n_val, "test": n_test}
-    readme = _README.format(seed=seed, layout=layout, size=size, frames=num_frames, fps=fps,
-                            codec=codec, k=captions_per_clip, shapes=", ".join(SHAPES),
-                            colours=", ".join(COLOURS), templates=len(TEMPLATES), **counts)
+    readme = _README.format(
+        seed=seed,
+        layout=layout,
+        size=size,
+        frames=num_frames,
+        fps=fps,
+        codec=codec,
+        k=captions_per_clip,
+        shapes=", ".join(SHAPES),
+        colours=", ".join(COLOURS),
+        templates=len(TEMPLATES),
+        **counts,
+    )
     _atomic_write(root / "README.md", readme.encode())
-    return {"root": str(root), "layout": layout, "codec": codec, "annotations": str(annotations),
-            "videos": str(videos), "splits": counts, "clips": len(specs),
-            "captions": len(specs) * captions_per_clip}
+    return {
+        "root": str(root),
+        "layout": layout,
+        "codec": codec,
+        "annotations": str(annotations),
+        "videos": str(videos),
+        "splits": counts,
+        "clips": len(specs),
+        "captions": len(specs) * captions_per_clip,
+    }

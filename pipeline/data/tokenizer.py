@@ -46,12 +46,14 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID = range(4)
 def train_tokenizer(texts: Iterable[str], kind: str, vocab_size: int) -> Tokenizer:
     if kind == "bpe":
         tok = Tokenizer(models.BPE(unk_token="<unk>"))
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, min_frequency=2,
-                                      show_progress=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=SPECIALS, min_frequency=2, show_progress=False
+        )
     elif kind == "unigram":
         tok = Tokenizer(models.Unigram())
-        trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, unk_token="<unk>",
-                                          show_progress=False)
+        trainer = trainers.UnigramTrainer(
+            vocab_size=vocab_size, special_tokens=SPECIALS, unk_token="<unk>", show_progress=False
+        )
     else:
         raise ValueError(f"unknown tokenizer '{kind}' (bpe, unigram)")
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
@@ -97,9 +99,14 @@ class WordEncoder:
         self.tok = tok
         spec = json.loads(tok.to_str())
         pre = spec.get("pre_tokenizer") or {}
-        self.exact = (spec.get("normalizer") is None and (spec.get("model") or {}).get("type") in ("BPE", "Unigram")
-                      and pre.get("type") == "Metaspace" and pre.get("replacement") == "\u2581"
-                      and pre.get("prepend_scheme") == "always" and pre.get("split", True))
+        self.exact = (
+            spec.get("normalizer") is None
+            and (spec.get("model") or {}).get("type") in ("BPE", "Unigram")
+            and pre.get("type") == "Metaspace"
+            and pre.get("replacement") == "\u2581"
+            and pre.get("prepend_scheme") == "always"
+            and pre.get("split", True)
+        )
         # Words the rule does not cover: those holding an added token's text (split out before
         # the pre-tokenizer) or the metaspace marker itself (a leading one stops the marker
         # being prepended to the word on its own, which it is within a sentence).
@@ -159,12 +166,14 @@ class WordEncoder:
         split = [t.split(" ") for t in texts]
         self._learn({w for words in split if "" not in words for w in words})
         # After learning, a word is cached unless it is unsafe: such rows go whole.
-        return [[x for w in words for x in self._ids(w)] if all(w in self.index for w in words) else self._whole([t])[0]
-                for t, words in zip(texts, split)]
+        return [
+            [x for w in words for x in self._ids(w)] if all(w in self.index for w in words) else self._whole([t])[0]
+            for t, words in zip(texts, split)
+        ]
 
     def _ids(self, word: str) -> list[int]:
         j = self.index[word]
-        return self.values[self.starts[j]:self.starts[j] + self.lens[j]].tolist()
+        return self.values[self.starts[j] : self.starts[j] + self.lens[j]].tolist()
 
 
 def _flatten(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:

@@ -45,6 +45,7 @@ MSRVTT_SPLITS = ("train", "validate", "test")
 
 # ---------------------------------------------------------------- decoding (PyAV)
 
+
 def sample_indices(n: int, k: int) -> np.ndarray:
     """K frame indices spread uniformly over n frames (centres of K equal spans); a clip
     shorter than K repeats frames, so every clip yields exactly K."""
@@ -86,7 +87,7 @@ def decode_clip(data: bytes, num_frames: int, frame_size: int, fps: float = 0.0,
         expected = _frame_count(data, name, demux=fps <= 0)
     except DataError:
         raise
-    except Exception as e:  # noqa: BLE001 - PyAV raises many kinds; all mean "unreadable"
+    except Exception as e:
         raise DataError(f"{name}: cannot decode video ({type(e).__name__}: {e})") from e
     if fps <= 0 and not expected:
         raise DataError(f"{name}: no frames could be decoded")
@@ -123,7 +124,7 @@ def decode_clip(data: bytes, num_frames: int, frame_size: int, fps: float = 0.0,
                 last, n = (frame, t), n + 1
                 if len(picks) == num_frames:
                     break
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         if not n:
             raise DataError(f"{name}: cannot decode video ({type(e).__name__}: {e})") from e
         error = e
@@ -143,6 +144,7 @@ def decode_clip(data: bytes, num_frames: int, frame_size: int, fps: float = 0.0,
 
 
 # ---------------------------------------------------------------- feature cache
+
 
 def sampling_key(cfg: Any) -> str:
     return f"k{cfg.num_frames}-fps{cfg.fps:g}-s{cfg.frame_size}"
@@ -177,7 +179,7 @@ class FeatureCache:
             with fs.open(p, "rb") as f:
                 row = pq.read_table(f).to_pylist()[0]
             return np.frombuffer(row["data"], dtype=row["dtype"]).reshape(row["shape"])
-        except Exception as e:  # noqa: BLE001 - a damaged entry is a miss: recomputed, rewritten, counted
+        except Exception as e:
             self.error = f"{self._path(content_hash)}: {type(e).__name__}: {e}"
             return None
 
@@ -186,8 +188,9 @@ class FeatureCache:
             return
         fs, p = fsspec.core.url_to_fs(self._path(content_hash))
         fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
-        table = pa.table({"data": [np.ascontiguousarray(array).tobytes()], "shape": [list(array.shape)],
-                          "dtype": [str(array.dtype)]})
+        table = pa.table(
+            {"data": [np.ascontiguousarray(array).tobytes()], "shape": [list(array.shape)], "dtype": [str(array.dtype)]}
+        )
         tmp = f"{p}.{os.getpid()}.tmp"  # written aside, then moved: readers never see half a file
         with fs.open(tmp, "wb") as f:
             pq.write_table(table, f)
@@ -210,16 +213,24 @@ def _load_json(path: str) -> Any:
 
 def _field(obj: Any, key: str, where: str, path: str) -> str:
     if not isinstance(obj, dict) or key not in obj:
-        raise DataError(f"{path}: {where} has no '{key}' field (MSR-VTT layout: videos need video_id and split, "
-                        f"sentences need video_id and caption)")
+        raise DataError(
+            f"{path}: {where} has no '{key}' field (MSR-VTT layout: videos need video_id and split, "
+            f"sentences need video_id and caption)"
+        )
     return str(obj[key])
 
 
-def read_msrvtt(path: str, split_names: dict[str, str]) -> tuple[dict[str, str], list[tuple[str, str, str]], dict[str, str]]:
+def read_msrvtt(
+    path: str, split_names: dict[str, str]
+) -> tuple[dict[str, str], list[tuple[str, str, str]], dict[str, str]]:
     """-> ({video_id: split}, [(video_id, caption, where)], {video_id: why} for videos listed
     in two splits); split names mapped to train/val/test."""
     ann = _load_json(path)
-    if not isinstance(ann, dict) or not isinstance(ann.get("videos"), list) or not isinstance(ann.get("sentences"), list):
+    if (
+        not isinstance(ann, dict)
+        or not isinstance(ann.get("videos"), list)
+        or not isinstance(ann.get("sentences"), list)
+    ):
         raise DataError(f"{path}: expected an object with 'videos' and 'sentences' lists (MSR-VTT layout)")
     splits: dict[str, str] = {}
     first: dict[str, int] = {}
@@ -227,16 +238,27 @@ def read_msrvtt(path: str, split_names: dict[str, str]) -> tuple[dict[str, str],
     for i, v in enumerate(ann["videos"]):
         vid, raw = _field(v, "video_id", f"videos[{i}]", path), _field(v, "split", f"videos[{i}]", path)
         if raw not in split_names:
-            raise DataError(f"{path}: videos[{i}] ({vid}) has split '{raw}'; expected one of {sorted(split_names)} "
-                            "(set data.train_split / data.val_split / data.test_split)")
+            raise DataError(
+                f"{path}: videos[{i}] ({vid}) has split '{raw}'; expected one of {sorted(split_names)} "
+                "(set data.train_split / data.val_split / data.test_split)"
+            )
         if vid in splits and splits[vid] != split_names[raw]:
-            conflicts.setdefault(vid, f"{path}: videos[{i}]: video '{vid}' is listed in split '{raw}' and, at "
-                                      f"videos[{first[vid]}], in another split")
+            conflicts.setdefault(
+                vid,
+                f"{path}: videos[{i}]: video '{vid}' is listed in split '{raw}' and, at "
+                f"videos[{first[vid]}], in another split",
+            )
             continue
         splits[vid] = split_names[raw]
         first.setdefault(vid, i)
-    caps = [(_field(s, "video_id", f"sentences[{i}]", path), _field(s, "caption", f"sentences[{i}]", path),
-             f"{path}: sentences[{i}]") for i, s in enumerate(ann["sentences"])]
+    caps = [
+        (
+            _field(s, "video_id", f"sentences[{i}]", path),
+            _field(s, "caption", f"sentences[{i}]", path),
+            f"{path}: sentences[{i}]",
+        )
+        for i, s in enumerate(ann["sentences"])
+    ]
     return splits, caps, conflicts
 
 
@@ -322,12 +344,14 @@ def _feature_files(cfg: Any, skip: bool, errors: list[str]) -> dict[str, list[st
                 with fsspec.open(path, "rb") as f:
                     pf = pq.ParquetFile(f)
                     if not {"video_id", "features"} <= set(pf.schema_arrow.names):
-                        raise DataError(f"{path}: feature Parquet needs columns video_id and features; it has "
-                                        f"{pf.schema_arrow.names}")
+                        raise DataError(
+                            f"{path}: feature Parquet needs columns video_id and features; it has "
+                            f"{pf.schema_arrow.names}"
+                        )
                     ids = pf.read(columns=["video_id"]).column("video_id").to_pylist()
             except DataError:
                 raise
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 err = DataError(f"{path}: cannot read features ({type(e).__name__}: {e})")
                 if not skip:
                     raise err from e
@@ -365,8 +389,9 @@ def list_corpus(cfg: Any) -> dict[str, Any]:
     conflicts: dict[str, str] = {}
     if cfg.name in ("msrvtt", "demo_video") or (cfg.name == "video_features" and ann.endswith(".json")):
         names = {cfg.train_split: "train", cfg.val_split: "val", cfg.test_split: "test"}
-        splits, caps, conflicts = read_msrvtt(ann or f"{root}/train_val_videodatainfo.json",
-                                              {k: v for k, v in names.items() if k})
+        splits, caps, conflicts = read_msrvtt(
+            ann or f"{root}/train_val_videodatainfo.json", {k: v for k, v in names.items() if k}
+        )
         for vid in conflicts:
             del splits[vid]
     else:
@@ -386,15 +411,19 @@ def list_corpus(cfg: Any) -> dict[str, Any]:
     if conflicts:
         vid, why = next(iter(conflicts.items()))
         if not skip:
-            raise DataError(f"{why}; a video belongs to one split (set data.on_bad_rows=skip to drop the "
-                            f"{len(conflicts)} such video(s))")
+            raise DataError(
+                f"{why}; a video belongs to one split (set data.on_bad_rows=skip to drop the "
+                f"{len(conflicts)} such video(s))"
+            )
         drop(vdropped, "conflicting_split", len(conflicts))
     dups = {vid: where for vid, where in found.items() if len(where) > 1}
     if dups:
         vid, where = next(iter(sorted(dups.items())))
         if not skip:
-            raise DataError(f"video id '{vid}' has {len(where)} clips or feature rows: {', '.join(where[:3])} "
-                            f"({len(dups)} such id(s)); set data.on_bad_rows=skip to keep the first of each")
+            raise DataError(
+                f"video id '{vid}' has {len(where)} clips or feature rows: {', '.join(where[:3])} "
+                f"({len(dups)} such id(s)); set data.on_bad_rows=skip to keep the first of each"
+            )
         # The first in path order is kept, the other copies counted: which copy the captions
         # describe is unknown, and this choice is at least the same on every run.
         drop(vdropped, "duplicate_video", sum(len(w) - 1 for w in dups.values()))
@@ -403,8 +432,10 @@ def list_corpus(cfg: Any) -> dict[str, Any]:
     missing = sorted(v for v in splits if v not in sources)
     if missing and not skip:
         where = "data.files" if cfg.name == "video_features" else (cfg.videos_dir or root + "/videos")
-        raise DataError(f"{len(missing)} video(s) with captions have no clip or feature file, e.g. '{missing[0]}' "
-                        f"(looked in {where}); set data.on_bad_rows=skip to drop them")
+        raise DataError(
+            f"{len(missing)} video(s) with captions have no clip or feature file, e.g. '{missing[0]}' "
+            f"(looked in {where}); set data.on_bad_rows=skip to drop them"
+        )
     if missing:
         drop(vdropped, "missing_video", len(missing))
     not_listed = [v for v in sources if v not in splits]
@@ -423,24 +454,43 @@ def list_corpus(cfg: Any) -> dict[str, Any]:
             drop(dropped, "missing_video")
         elif len(captions.get(vid, ())) >= MAX_CAPTIONS_PER_VIDEO:
             if not skip:
-                raise DataError(f"{where}: video '{vid}' has more than {MAX_CAPTIONS_PER_VIDEO} captions (training "
-                                f"numbers each (video, caption) pair as video id * {MAX_CAPTIONS_PER_VIDEO} + caption "
-                                "index); set data.on_bad_rows=skip to keep the first ones")
+                raise DataError(
+                    f"{where}: video '{vid}' has more than {MAX_CAPTIONS_PER_VIDEO} captions (training "
+                    f"numbers each (video, caption) pair as video id * {MAX_CAPTIONS_PER_VIDEO} + caption "
+                    "index); set data.on_bad_rows=skip to keep the first ones"
+                )
             drop(dropped, "too_many_captions")
         else:
             captions.setdefault(vid, []).append(caption)
     known = set(splits) | set(sources) | set(conflicts)
-    return {"sources": sources, "source_rows": source_rows, "splits": splits, "captions": captions,
-            "dropped": dropped, "captions_read": captions_read, "missing_videos": missing,
-            "videos_dropped": vdropped, "videos_read": len(known) + vdropped.get("duplicate_video", 0),
-            "errors": errors}
+    return {
+        "sources": sources,
+        "source_rows": source_rows,
+        "splits": splits,
+        "captions": captions,
+        "dropped": dropped,
+        "captions_read": captions_read,
+        "missing_videos": missing,
+        "videos_dropped": vdropped,
+        "videos_read": len(known) + vdropped.get("duplicate_video", 0),
+        "errors": errors,
+    }
 
 
 # ---------------------------------------------------------------- Ray Data UDFs
 
+
 def _error_row(vid: str, path: str, err: str, reason: str = "bad_video") -> dict[str, Any]:
-    return {"video_id": vid, "path": path, "data": b"", "shape": [], "dtype": "", "reason": reason,
-            "error": err, "cache_hit": False}
+    return {
+        "video_id": vid,
+        "path": path,
+        "data": b"",
+        "shape": [],
+        "dtype": "",
+        "reason": reason,
+        "error": err,
+        "cache_hit": False,
+    }
 
 
 def decode_clips(batch: dict[str, np.ndarray], params: dict[str, Any]) -> pa.Table:
@@ -461,8 +511,12 @@ def decode_clips(batch: dict[str, np.ndarray], params: dict[str, Any]) -> pa.Tab
         except DataError as e:
             if not params["skip"]:
                 raise
-            rows.append({**_error_row(vid, path, str(e), "truncated_video" if isinstance(e, TruncatedClip)
-                                      else "bad_video"), "cache_error": cache_error})
+            rows.append(
+                {
+                    **_error_row(vid, path, str(e), "truncated_video" if isinstance(e, TruncatedClip) else "bad_video"),
+                    "cache_error": cache_error,
+                }
+            )
             continue
         if params["encoder"] == "frames":
             cache.put(h, frames)
@@ -471,13 +525,32 @@ def decode_clips(batch: dict[str, np.ndarray], params: dict[str, Any]) -> pa.Tab
 
 
 def _clip_row(vid: str, path: str, arr: np.ndarray, hit: bool) -> dict[str, Any]:
-    return {"video_id": vid, "path": path, "data": arr.tobytes(), "shape": list(arr.shape), "dtype": str(arr.dtype),
-            "reason": "", "error": "", "cache_hit": hit}
+    return {
+        "video_id": vid,
+        "path": path,
+        "data": arr.tobytes(),
+        "shape": list(arr.shape),
+        "dtype": str(arr.dtype),
+        "reason": "",
+        "error": "",
+        "cache_hit": hit,
+    }
+
 
 def _table(rows: list[dict[str, Any]]) -> pa.Table:
     cols = ["video_id", "path", "data", "shape", "dtype", "reason", "error", "cache_hit", "content_hash", "cache_error"]
-    types = [pa.string(), pa.string(), pa.binary(), pa.list_(pa.int32()), pa.string(), pa.string(), pa.string(),
-             pa.bool_(), pa.string(), pa.string()]
+    types = [
+        pa.string(),
+        pa.string(),
+        pa.binary(),
+        pa.list_(pa.int32()),
+        pa.string(),
+        pa.string(),
+        pa.string(),
+        pa.bool_(),
+        pa.string(),
+        pa.string(),
+    ]
     return pa.table({c: pa.array([r.get(c, "") for r in rows], type=t) for c, t in zip(cols, types)})
 
 
@@ -539,11 +612,14 @@ def load_feature_files(batch: dict[str, np.ndarray], skip: bool, wanted: dict[st
                 items = [(vids[0], np.load(io.BytesIO(raw), allow_pickle=False))]
             else:
                 table = pq.read_table(io.BytesIO(raw), columns=["video_id", "features"])
-                items = [(str(v), np.asarray([np.asarray(x, dtype=np.float32) for x in f]))
-                         for r, (v, f) in enumerate(zip(table.column("video_id").to_pylist(),
-                                                        table.column("features").to_pylist()))
-                         if wanted.get(str(v)) == f"{path}#{r}"]
-        except Exception as e:  # noqa: BLE001
+                items = [
+                    (str(v), np.asarray([np.asarray(x, dtype=np.float32) for x in f]))
+                    for r, (v, f) in enumerate(
+                        zip(table.column("video_id").to_pylist(), table.column("features").to_pylist())
+                    )
+                    if wanted.get(str(v)) == f"{path}#{r}"
+                ]
+        except Exception as e:
             err = DataError(f"{path}: cannot read features ({type(e).__name__}: {e})")
             if not skip:
                 raise err from e
@@ -553,7 +629,9 @@ def load_feature_files(batch: dict[str, np.ndarray], skip: bool, wanted: dict[st
             if vid not in wanted:
                 continue
             if arr.ndim != 2 or not arr.size or not np.isfinite(arr).all():
-                err = DataError(f"{path}: features of '{vid}' must be a finite (frames, dims) array, got shape {arr.shape}")
+                err = DataError(
+                    f"{path}: features of '{vid}' must be a finite (frames, dims) array, got shape {arr.shape}"
+                )
                 if not skip:
                     raise err
                 rows.append(_error_row(vid, path, str(err)))
@@ -564,9 +642,26 @@ def load_feature_files(batch: dict[str, np.ndarray], skip: bool, wanted: dict[st
 
 def attach_captions(batch: dict[str, np.ndarray], meta: dict[str, Any]) -> pa.Table:
     """Join the decoded rows with split, id and encoded captions (a dict shipped with the task)."""
-    out: dict[str, list] = {k: [] for k in ("id", "video_id", "split", "path", "data", "shape", "dtype", "src_len",
-                                            "captions", "caption_ids", "reason", "error", "cache_hit", "n_captions",
-                                            "cache_error")}
+    out: dict[str, list] = {
+        k: []
+        for k in (
+            "id",
+            "video_id",
+            "split",
+            "path",
+            "data",
+            "shape",
+            "dtype",
+            "src_len",
+            "captions",
+            "caption_ids",
+            "reason",
+            "error",
+            "cache_hit",
+            "n_captions",
+            "cache_error",
+        )
+    }
     for i, vid in enumerate(batch["video_id"]):
         m = meta.get(vid)
         reason = str(batch["reason"][i])
@@ -589,17 +684,25 @@ def attach_captions(batch: dict[str, np.ndarray], meta: dict[str, Any]) -> pa.Ta
         out["cache_hit"].append(bool(batch["cache_hit"][i]))
         out["n_captions"].append(len(m["captions"]))
         out["cache_error"].append(batch["cache_error"][i] if "cache_error" in batch else "")
-    return pa.table({
-        "id": pa.array(out["id"], pa.int64()), "video_id": pa.array(out["video_id"], pa.string()),
-        "split": pa.array(out["split"], pa.string()), "path": pa.array(out["path"], pa.string()),
-        "data": pa.array(out["data"], pa.binary()), "shape": pa.array(out["shape"], pa.list_(pa.int32())),
-        "dtype": pa.array(out["dtype"], pa.string()), "src_len": pa.array(out["src_len"], pa.int32()),
-        "captions": pa.array(out["captions"], pa.list_(pa.string())),
-        "caption_ids": pa.array(out["caption_ids"], pa.list_(pa.list_(pa.int32()))),
-        "reason": pa.array(out["reason"], pa.string()), "error": pa.array(out["error"], pa.string()),
-        "cache_hit": pa.array(out["cache_hit"], pa.bool_()), "n_captions": pa.array(out["n_captions"], pa.int32()),
-        "cache_error": pa.array(out["cache_error"], pa.string()),
-    })
+    return pa.table(
+        {
+            "id": pa.array(out["id"], pa.int64()),
+            "video_id": pa.array(out["video_id"], pa.string()),
+            "split": pa.array(out["split"], pa.string()),
+            "path": pa.array(out["path"], pa.string()),
+            "data": pa.array(out["data"], pa.binary()),
+            "shape": pa.array(out["shape"], pa.list_(pa.int32())),
+            "dtype": pa.array(out["dtype"], pa.string()),
+            "src_len": pa.array(out["src_len"], pa.int32()),
+            "captions": pa.array(out["captions"], pa.list_(pa.string())),
+            "caption_ids": pa.array(out["caption_ids"], pa.list_(pa.list_(pa.int32()))),
+            "reason": pa.array(out["reason"], pa.string()),
+            "error": pa.array(out["error"], pa.string()),
+            "cache_hit": pa.array(out["cache_hit"], pa.bool_()),
+            "n_captions": pa.array(out["n_captions"], pa.int32()),
+            "cache_error": pa.array(out["cache_error"], pa.string()),
+        }
+    )
 
 
 def clip_array(data: bytes, shape: Any, dtype: str) -> np.ndarray:

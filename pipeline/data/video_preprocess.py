@@ -60,15 +60,19 @@ def ensure_demo_video(cfg: DataConfig) -> None:
     fs, p = fsspec.core.url_to_fs(root)
     refuse = ""
     if cfg.captions_file or cfg.videos_dir:
-        refuse = (f"data.{'captions_file' if cfg.captions_file else 'videos_dir'} is set, so this is a corpus of "
-                  "your own: use data=msrvtt (or msvd, video_features) for it")
+        refuse = (
+            f"data.{'captions_file' if cfg.captions_file else 'videos_dir'} is set, so this is a corpus of "
+            "your own: use data=msrvtt (or msvd, video_features) for it"
+        )
 
     def generate() -> None:
         from .synthetic_video import write_demo_video
 
         n_eval = max(50, cfg.demo_size // 12)
-        print(f"[preprocess] generating the demo video corpus ({cfg.demo_size} training clips) in {redact(cfg.root)}",
-              flush=True)
+        print(
+            f"[preprocess] generating the demo video corpus ({cfg.demo_size} training clips) in {redact(cfg.root)}",
+            flush=True,
+        )
         write_demo_video(root, n_train=cfg.demo_size, n_val=n_eval, n_test=n_eval, seed=1234)
 
     # The annotation file is written after every clip: with it there, the corpus is whole.
@@ -81,7 +85,9 @@ def _fingerprint(cfg: DataConfig, corpus: dict[str, Any]) -> list[dict[str, Any]
     for path in sorted(set(corpus["sources"].values())) + ([absolute(cfg.captions_file)] if cfg.captions_file else []):
         fs, p = fsspec.core.url_to_fs(path)
         info = fs.info(p)
-        out.append({"path": path, "size": info.get("size"), "mtime": str(info.get("mtime") or info.get("LastModified") or "")})
+        out.append(
+            {"path": path, "size": info.get("size"), "mtime": str(info.get("mtime") or info.get("LastModified") or "")}
+        )
     if not cfg.captions_file and cfg.name != "video_features":
         for name in ("train_val_videodatainfo.json", "captions.txt"):
             fs, p = fsspec.core.url_to_fs(f"{absolute(cfg.root).rstrip('/')}/{name}")
@@ -96,6 +102,7 @@ def _encode_captions(cfg: DataConfig, corpus: dict[str, Any], dropped: dict[str,
     Returns (tokenizer JSON, {video_id: {id, split, captions, caption_ids}}) for videos
     with at least one kept caption; ``dropped[split][reason]`` counts captions.
     """
+
     def drop(split: str, reason: str, n: int = 1) -> None:
         dropped[split][reason] = dropped[split].get(reason, 0) + n
 
@@ -112,8 +119,10 @@ def _encode_captions(cfg: DataConfig, corpus: dict[str, Any], dropped: dict[str,
                 cleaned.setdefault(vid, []).append(text)
     train_text = [c for vid, caps in cleaned.items() if corpus["splits"][vid] == "train" for c in caps]
     if not train_text:
-        raise DataError(f"no usable training captions in {cfg.root or cfg.captions_file}: no video of the train split "
-                        "has a clip and a caption that passes the filters")
+        raise DataError(
+            f"no usable training captions in {cfg.root or cfg.captions_file}: no video of the train split "
+            "has a clip and a caption that passes the filters"
+        )
     tok = toklib.train_tokenizer(train_text[: cfg.tokenizer_max_lines], cfg.tokenizer, cfg.vocab_size)
     meta: dict[str, Any] = {}
     for n, vid in enumerate(sorted(cleaned)):
@@ -132,25 +141,37 @@ def _encode_captions(cfg: DataConfig, corpus: dict[str, Any], dropped: dict[str,
     return tok.to_str(), meta
 
 
-def _clips_dataset(cfg: DataConfig, corpus: dict[str, Any], meta: dict[str, Any]) -> "ray.data.Dataset":
+def _clips_dataset(cfg: DataConfig, corpus: dict[str, Any], meta: dict[str, Any]) -> ray.data.Dataset:
     skip = cfg.on_bad_rows == "skip"
     if cfg.name == "video_features":
         wanted = {vid: corpus["source_rows"][vid] for vid in meta}
         files = sorted({w.split("#", 1)[0] for w in wanted.values()})
         return ray.data.from_items([{"path": p} for p in files], override_num_blocks=min(len(files), 64)).map_batches(
-            load_feature_files, fn_kwargs={"skip": skip, "wanted": wanted}, batch_size=1, batch_format="numpy")
+            load_feature_files, fn_kwargs={"skip": skip, "wanted": wanted}, batch_size=1, batch_format="numpy"
+        )
     paths = [corpus["sources"][vid] for vid in sorted(meta)]
-    params = {"num_frames": cfg.num_frames, "frame_size": cfg.frame_size, "fps": cfg.fps, "skip": skip,
-              "cache_root": cfg.feature_cache, "encoder": encoder_key(cfg), "sampling": sampling_key(cfg)}
+    params = {
+        "num_frames": cfg.num_frames,
+        "frame_size": cfg.frame_size,
+        "fps": cfg.fps,
+        "skip": skip,
+        "cache_root": cfg.feature_cache,
+        "encoder": encoder_key(cfg),
+        "sampling": sampling_key(cfg),
+    }
     ds = ray.data.read_binary_files(paths, include_paths=True, num_cpus=0.25, override_num_blocks=min(len(paths), 200))
     ds = ds.map_batches(decode_clips, fn_kwargs={"params": params}, batch_size=8, batch_format="numpy")
     if cfg.frame_encoder == "frozen":
         gpus = ray.cluster_resources().get("GPU", 0)
         n = max(1, min(4, int(gpus) or int(ray.cluster_resources().get("CPU", 1))))
-        ds = ds.map_batches(FrozenBackbone, fn_constructor_args=(cfg.backbone, params["cache_root"], params["encoder"],
-                                                                 params["sampling"]),
-                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n), num_gpus=1 if gpus else 0,
-                            batch_size=16, batch_format="numpy")
+        ds = ds.map_batches(
+            FrozenBackbone,
+            fn_constructor_args=(cfg.backbone, params["cache_root"], params["encoder"], params["sampling"]),
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n),
+            num_gpus=1 if gpus else 0,
+            batch_size=16,
+            batch_format="numpy",
+        )
     return ds
 
 
@@ -162,14 +183,24 @@ class VideoSink(SplitSink):
     def write(self, blocks: Any, ctx: Any) -> dict[str, Any]:
         from ray.data.block import BlockAccessor
 
-        res: dict[str, Any] = {"videos": Counter(), "captions": Counter(), "hits": 0, "rows": 0, "errors": [],
-                               "cache_errors": [], "n_cache_errors": 0, "seen": [], "first": None}
+        res: dict[str, Any] = {
+            "videos": Counter(),
+            "captions": Counter(),
+            "hits": 0,
+            "rows": 0,
+            "errors": [],
+            "cache_errors": [],
+            "n_cache_errors": 0,
+            "seen": [],
+            "first": None,
+        }
         for block in blocks:
             table = BlockAccessor.for_block(block).to_arrow()
             if not table.num_rows:
                 continue
-            stats = table.select(["video_id", "split", "reason", "error", "cache_hit", "n_captions", "cache_error",
-                                  "shape", "dtype"]).to_pylist()
+            stats = table.select(
+                ["video_id", "split", "reason", "error", "cache_hit", "n_captions", "cache_error", "shape", "dtype"]
+            ).to_pylist()
             for r in stats:
                 key = (r["split"], r["reason"] or "kept")
                 res["videos"][key] += 1
@@ -189,8 +220,17 @@ class VideoSink(SplitSink):
         return res
 
     def on_write_complete(self, write_result: Any) -> None:
-        total: dict[str, Any] = {"videos": Counter(), "captions": Counter(), "hits": 0, "rows": 0, "errors": [],
-                                 "cache_errors": [], "n_cache_errors": 0, "seen": [], "first": None}
+        total: dict[str, Any] = {
+            "videos": Counter(),
+            "captions": Counter(),
+            "hits": 0,
+            "rows": 0,
+            "errors": [],
+            "cache_errors": [],
+            "n_cache_errors": 0,
+            "seen": [],
+            "first": None,
+        }
         for r in write_result.write_returns:
             for k in ("videos", "captions"):
                 total[k] += r[k]
@@ -199,7 +239,10 @@ class VideoSink(SplitSink):
             for k in ("errors", "cache_errors", "seen"):
                 total[k] += r[k]
             total["first"] = total["first"] or r["first"]
-        total["errors"], total["cache_errors"] = total["errors"][:MAX_ERRORS_KEPT], total["cache_errors"][:MAX_ERRORS_KEPT]
+        total["errors"], total["cache_errors"] = (
+            total["errors"][:MAX_ERRORS_KEPT],
+            total["cache_errors"][:MAX_ERRORS_KEPT],
+        )
         self.result = total
 
 
@@ -212,8 +255,10 @@ def preprocess_video(cfg: DataConfig, force: bool = False) -> tuple[str, dict[st
     if built:
         report_done(out, manifest)
     else:
-        print(f"[preprocess] reusing {redact(out)} ({manifest['videos']['kept']} videos, {manifest['rows_kept']} captions)",
-              flush=True)
+        print(
+            f"[preprocess] reusing {redact(out)} ({manifest['videos']['kept']} videos, {manifest['rows_kept']} captions)",
+            flush=True,
+        )
     return out, manifest
 
 
@@ -230,16 +275,21 @@ def _build(cfg: DataConfig, corpus: dict[str, Any], out: str, t0: float) -> dict
     if no_caps:
         vdropped["no_captions"] = len(no_caps)
 
-    print(f"[preprocess] decoding {len(meta)} clips ({cfg.num_frames} frames at {cfg.frame_size}px, "
-          f"encoder {cfg.frame_encoder}) on Ray Data", flush=True)
+    print(
+        f"[preprocess] decoding {len(meta)} clips ({cfg.num_frames} frames at {cfg.frame_size}px, "
+        f"encoder {cfg.frame_encoder}) on Ray Data",
+        flush=True,
+    )
     sink = VideoSink(out)
-    (_clips_dataset(cfg, corpus, meta)
-     .map_batches(attach_captions, fn_kwargs={"meta": meta}, batch_size=64, batch_format="numpy")
-     .write_datasink(sink))
+    (
+        _clips_dataset(cfg, corpus, meta)
+        .map_batches(attach_captions, fn_kwargs={"meta": meta}, batch_size=64, batch_format="numpy")
+        .write_datasink(sink)
+    )
     res = sink.result
     errors = (corpus["errors"] + res["errors"])[:MAX_ERRORS_KEPT]
-    kept_caps = {s: 0 for s in SPLITS}
-    kept_videos = {s: 0 for s in SPLITS}
+    kept_caps = dict.fromkeys(SPLITS, 0)
+    kept_videos = dict.fromkeys(SPLITS, 0)
     for (split, reason), n in res["videos"].items():
         if reason == "kept":
             kept_videos[split] += n
@@ -271,26 +321,45 @@ def _build(cfg: DataConfig, corpus: dict[str, Any], out: str, t0: float) -> dict
         "rows_kept": sum(kept_caps.values()),
         "dropped": dropped_all,
         "splits": {s: {"kept": kept_caps[s], "videos": kept_videos[s], "dropped": dropped[s]} for s in SPLITS},
-        "videos": {"read": corpus["videos_read"], "kept": sum(kept_videos.values()), "dropped": vdropped,
-                   "errors": errors},
+        "videos": {
+            "read": corpus["videos_read"],
+            "kept": sum(kept_videos.values()),
+            "dropped": vdropped,
+            "errors": errors,
+        },
         # A cache entry that cannot be read is recomputed (the cache is derived data: the clip
         # is fine) and rewritten; counted here, with the first entries named.
-        "cache": {"hits": res["hits"], "misses": res["rows"] - res["hits"], "dir": redact(cfg.feature_cache),
-                  **({"errors": res["n_cache_errors"], "error_files": res["cache_errors"]}
-                     if res["n_cache_errors"] else {})},
-        "video": {"kind": "frames" if first["dtype"] == "uint8" else "features",
-                  "shape": first["shape"], "num_frames": cfg.num_frames, "fps": cfg.fps,
-                  "frame_size": cfg.frame_size, "encoder": cfg.frame_encoder,
-                  "feature_dim": int(first["shape"][-1]) if first["dtype"] != "uint8" else 0},
+        "cache": {
+            "hits": res["hits"],
+            "misses": res["rows"] - res["hits"],
+            "dir": redact(cfg.feature_cache),
+            **({"errors": res["n_cache_errors"], "error_files": res["cache_errors"]} if res["n_cache_errors"] else {}),
+        },
+        "video": {
+            "kind": "frames" if first["dtype"] == "uint8" else "features",
+            "shape": first["shape"],
+            "num_frames": cfg.num_frames,
+            "fps": cfg.fps,
+            "frame_size": cfg.frame_size,
+            "encoder": cfg.frame_encoder,
+            "feature_dim": int(first["shape"][-1]) if first["dtype"] != "uint8" else 0,
+        },
         "tokenizer": tokenizer_info(cfg, tok_json, tok_json),
         "seconds": round(time.time() - t0, 2),
     }
     if manifest["rows_read"] != manifest["rows_kept"] + sum(dropped_all.values()):
-        raise AssertionError(f"caption counts do not add up: {manifest['rows_read']} read != "
-                             f"{manifest['rows_kept']} kept + {dropped_all}")
+        raise AssertionError(
+            f"caption counts do not add up: {manifest['rows_read']} read != "
+            f"{manifest['rows_kept']} kept + {dropped_all}"
+        )
     if manifest["videos"]["read"] != manifest["videos"]["kept"] + sum(vdropped.values()):
-        raise AssertionError(f"video counts do not add up: {manifest['videos']['read']} read != "
-                             f"{manifest['videos']['kept']} kept + {vdropped}")
-    print(f"[preprocess] videos: {manifest['videos']['kept']} kept, dropped {vdropped or 0}; cache hits {res['hits']}/"
-          f"{res['rows']}", flush=True)
+        raise AssertionError(
+            f"video counts do not add up: {manifest['videos']['read']} read != "
+            f"{manifest['videos']['kept']} kept + {vdropped}"
+        )
+    print(
+        f"[preprocess] videos: {manifest['videos']['kept']} kept, dropped {vdropped or 0}; cache hits {res['hits']}/"
+        f"{res['rows']}",
+        flush=True,
+    )
     return check_manifest(manifest)

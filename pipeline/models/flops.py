@@ -13,8 +13,16 @@ import numpy as np
 from torch import nn
 
 # Dense fp16/bf16 tensor-core peaks (TFLOP/s) by device name, from the vendors' data sheets.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 125.0,
-               "V100": 125.0, "T4": 65.0}
+PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "A10G": 125.0,
+    "V100": 125.0,
+    "T4": 65.0,
+}
 
 
 def peak_tflops(device_name: str) -> float | None:
@@ -32,8 +40,9 @@ def _lstm_macs(lstm: nn.LSTM) -> int:
     return sum(d * 4 * h * ((lstm.input_size if layer == 0 else d * h) + h) for layer in range(lstm.num_layers))
 
 
-def train_step_flops(model: nn.Module, src_lens: np.ndarray, tgt_lens: np.ndarray,
-                     pairs: np.ndarray | None = None) -> float:
+def train_step_flops(
+    model: nn.Module, src_lens: np.ndarray, tgt_lens: np.ndarray, pairs: np.ndarray | None = None
+) -> float:
     """FLOPs of forward + backward for one batch.
 
     ``src_lens``: real lengths of the encoded sources (each distinct clip once for video);

@@ -42,7 +42,9 @@ class Attention(nn.Module):
         """Precompute the source side once per sentence: (B, S, H)."""
         return enc_out if self.attention == "dot" else self.key(enc_out)
 
-    def forward(self, query: torch.Tensor, keys: torch.Tensor, enc_out: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, query: torch.Tensor, keys: torch.Tensor, enc_out: torch.Tensor, src_mask: torch.Tensor
+    ) -> torch.Tensor:
         """query (B, T, H), keys/enc_out (B, S, H), src_mask (B, S) True at real tokens -> context (B, T, H)."""
         if self.attention == "mlp":
             scores = self.v(torch.tanh(self.query(query).unsqueeze(2) + keys.unsqueeze(1))).squeeze(-1)
@@ -71,13 +73,23 @@ class FrameInput(nn.Module):
         self.kind = kind
         if kind == "frames":
             c = channels
+
             def conv(cin: int, cout: int, k: int, stride: int = 1) -> list[nn.Module]:
                 # Batch norm: a CNN trained from scratch next to an LSTM learns in far fewer steps.
-                return [nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=False), nn.BatchNorm2d(cout),
-                        nn.ReLU(inplace=True)]
+                return [
+                    nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=False),
+                    nn.BatchNorm2d(cout),
+                    nn.ReLU(inplace=True),
+                ]
 
-            self.cnn = nn.Sequential(*conv(3, c // 2, 5, 2), *conv(c // 2, c, 3), nn.MaxPool2d(2),
-                                     *conv(c, c, 3), nn.MaxPool2d(2), *conv(c, c, 3))
+            self.cnn = nn.Sequential(
+                *conv(3, c // 2, 5, 2),
+                *conv(c // 2, c, 3),
+                nn.MaxPool2d(2),
+                *conv(c, c, 3),
+                nn.MaxPool2d(2),
+                *conv(c, c, 3),
+            )
             self.where = nn.Sequential(nn.AdaptiveAvgPool2d(self.GRID), nn.Flatten())
             self.what = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten())
             feature_dim = c * (self.GRID * self.GRID + 1)
@@ -108,8 +120,12 @@ class Encoder(nn.Module):
         self.embedding = embedding  # token embedding (text) or FrameInput (video)
         self.dropout = nn.Dropout(dropout)
         self.lstm = nn.LSTM(
-            embedding.embedding_dim, hidden_size // 2, num_layers, batch_first=True,
-            bidirectional=True, dropout=dropout if num_layers > 1 else 0.0,
+            embedding.embedding_dim,
+            hidden_size // 2,
+            num_layers,
+            batch_first=True,
+            bidirectional=True,
+            dropout=dropout if num_layers > 1 else 0.0,
         )
 
     def forward(self, src: torch.Tensor, src_lens: torch.Tensor) -> tuple[torch.Tensor, LSTMState]:
@@ -127,8 +143,16 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, embedding: nn.Embedding, hidden_size: int, num_layers: int, dropout: float,
-                 attention: str, input_feeding: bool, tie_embeddings: bool):
+    def __init__(
+        self,
+        embedding: nn.Embedding,
+        hidden_size: int,
+        num_layers: int,
+        dropout: float,
+        attention: str,
+        input_feeding: bool,
+        tie_embeddings: bool,
+    ):
         super().__init__()
         emb_size = embedding.embedding_dim
         self.embedding = embedding
@@ -136,8 +160,11 @@ class Decoder(nn.Module):
         self.hidden_size = hidden_size
         self.dropout = nn.Dropout(dropout)
         self.lstm = nn.LSTM(
-            emb_size + (hidden_size if input_feeding else 0), hidden_size, num_layers,
-            batch_first=True, dropout=dropout if num_layers > 1 else 0.0,
+            emb_size + (hidden_size if input_feeding else 0),
+            hidden_size,
+            num_layers,
+            batch_first=True,
+            dropout=dropout if num_layers > 1 else 0.0,
         )
         self.attention = Attention(hidden_size, attention)
         self.combine = nn.Linear(2 * hidden_size, hidden_size, bias=False)
@@ -148,7 +175,9 @@ class Decoder(nn.Module):
         if tie_embeddings:
             self.generator.weight = embedding.weight
 
-    def _attend(self, h: torch.Tensor, keys: torch.Tensor, enc_out: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
+    def _attend(
+        self, h: torch.Tensor, keys: torch.Tensor, enc_out: torch.Tensor, src_mask: torch.Tensor
+    ) -> torch.Tensor:
         """Decoder states (B, T, H) -> attentional vectors (B, T, H)."""
         ctx = self.attention(h, keys, enc_out, src_mask)
         return torch.tanh(self.combine(torch.cat([ctx, h], dim=-1)))
@@ -158,8 +187,9 @@ class Decoder(nn.Module):
         x = self.dropout(attn_h)
         return self.to_embedding(x) if self.to_embedding is not None else x
 
-    def forward(self, tgt_in: torch.Tensor, enc_out: torch.Tensor, src_mask: torch.Tensor,
-                state: LSTMState) -> torch.Tensor:
+    def forward(
+        self, tgt_in: torch.Tensor, enc_out: torch.Tensor, src_mask: torch.Tensor, state: LSTMState
+    ) -> torch.Tensor:
         """Teacher forcing over the whole target: tgt_in (B, T) -> features (B, T, E)."""
         keys = self.attention.keys(enc_out)
         x = self.dropout(self.embedding(tgt_in))
@@ -174,8 +204,15 @@ class Decoder(nn.Module):
             steps.append(prev)
         return self.features(torch.cat(steps, dim=1))
 
-    def step(self, tokens: torch.Tensor, keys: torch.Tensor, enc_out: torch.Tensor, src_mask: torch.Tensor,
-             state: LSTMState, prev: torch.Tensor | None) -> tuple[torch.Tensor, LSTMState, torch.Tensor]:
+    def step(
+        self,
+        tokens: torch.Tensor,
+        keys: torch.Tensor,
+        enc_out: torch.Tensor,
+        src_mask: torch.Tensor,
+        state: LSTMState,
+        prev: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, LSTMState, torch.Tensor]:
         """One decoding step: tokens (B,) -> log-probs (B, V), new state, attentional vector (B, 1, H)."""
         x = self.dropout(self.embedding(tokens).unsqueeze(1))
         if self.input_feeding:
@@ -189,10 +226,23 @@ class Decoder(nn.Module):
 
 
 class Seq2Seq(nn.Module):
-    def __init__(self, src_vocab_size: int, tgt_vocab_size: int, embedding_size: int, hidden_size: int,
-                 num_layers: int, dropout: float, attention: str = "general", input_feeding: bool = False,
-                 tie_embeddings: bool = True, joint_vocab: bool = False, pad_id: int = 0, bos_id: int = 2,
-                 eos_id: int = 3, src_input: nn.Module | None = None):
+    def __init__(
+        self,
+        src_vocab_size: int,
+        tgt_vocab_size: int,
+        embedding_size: int,
+        hidden_size: int,
+        num_layers: int,
+        dropout: float,
+        attention: str = "general",
+        input_feeding: bool = False,
+        tie_embeddings: bool = True,
+        joint_vocab: bool = False,
+        pad_id: int = 0,
+        bos_id: int = 2,
+        eos_id: int = 3,
+        src_input: nn.Module | None = None,
+    ):
         super().__init__()
         if hidden_size % 2:
             raise ValueError(f"hidden_size must be even (bidirectional encoder), got {hidden_size}")
@@ -206,7 +256,9 @@ class Seq2Seq(nn.Module):
         else:
             src_embedding = nn.Embedding(src_vocab_size, embedding_size, padding_idx=pad_id)
         self.encoder = Encoder(src_embedding, hidden_size, num_layers, dropout)
-        self.decoder = Decoder(tgt_embedding, hidden_size, num_layers, dropout, attention, input_feeding, tie_embeddings)
+        self.decoder = Decoder(
+            tgt_embedding, hidden_size, num_layers, dropout, attention, input_feeding, tie_embeddings
+        )
         for p in self.parameters():
             nn.init.uniform_(p, -0.1, 0.1)
         with torch.no_grad():
@@ -221,8 +273,9 @@ class Seq2Seq(nn.Module):
         src_mask = torch.arange(src.size(1), device=src.device).unsqueeze(0) < src_lens.to(src.device).unsqueeze(1)
         return enc_out, src_mask, state
 
-    def features(self, src: torch.Tensor, src_lens: torch.Tensor, tgt_in: torch.Tensor,
-                 src_index: torch.Tensor | None = None) -> torch.Tensor:
+    def features(
+        self, src: torch.Tensor, src_lens: torch.Tensor, tgt_in: torch.Tensor, src_index: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The generator's input features (B, T, E) under teacher forcing.
 
         ``src_index`` (B,) maps each target to its row of ``src`` when sources repeat (a
@@ -233,8 +286,15 @@ class Seq2Seq(nn.Module):
             enc_out, src_mask, h, c = enc_out[src_index], src_mask[src_index], h[:, src_index], c[:, src_index]
         return self.decoder(tgt_in, enc_out, src_mask, (h, c))
 
-    def forward(self, src: torch.Tensor, src_lens: torch.Tensor, tgt_in: torch.Tensor, tgt_out: torch.Tensor,
-                label_smoothing: float = 0.0, src_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        src: torch.Tensor,
+        src_lens: torch.Tensor,
+        tgt_in: torch.Tensor,
+        tgt_out: torch.Tensor,
+        label_smoothing: float = 0.0,
+        src_index: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed cross-entropy over real target tokens, and their count.
 
         The loss is the forward pass so that DDP's wrapper sees it. Logits are computed
@@ -271,8 +331,9 @@ class Seq2Seq(nn.Module):
         return [i for i in ids if i != self.pad_id]
 
     @torch.no_grad()
-    def beam_search(self, src: torch.Tensor, src_lens: torch.Tensor, max_len: int, beam_size: int = 4,
-                    length_penalty: float = 0.6) -> list[list[int]]:
+    def beam_search(
+        self, src: torch.Tensor, src_lens: torch.Tensor, max_len: int, beam_size: int = 4, length_penalty: float = 0.6
+    ) -> list[list[int]]:
         """Batched beam search with the GNMT length penalty ((5 + len) / 6) ** alpha.
 
         Each sentence keeps ``beam_size`` live hypotheses; one that emits EOS is set aside

@@ -26,17 +26,24 @@ class Batch:
     padded_tokens: int  # B * T
     src_index: torch.Tensor | None = None  # (B,) row of src per target when sources repeat (video)
 
-    def to(self, device: torch.device) -> "Batch":
+    def to(self, device: torch.device) -> Batch:
         non_blocking = device.type == "cuda"
         index = self.src_index.to(device, non_blocking=non_blocking) if self.src_index is not None else None
-        return Batch(self.src.to(device, non_blocking=non_blocking), self.src_lens,
-                     self.tgt_in.to(device, non_blocking=non_blocking),
-                     self.tgt_out.to(device, non_blocking=non_blocking), self.ids,
-                     self.real_tokens, self.padded_tokens, index)
+        return Batch(
+            self.src.to(device, non_blocking=non_blocking),
+            self.src_lens,
+            self.tgt_in.to(device, non_blocking=non_blocking),
+            self.tgt_out.to(device, non_blocking=non_blocking),
+            self.ids,
+            self.real_tokens,
+            self.padded_tokens,
+            index,
+        )
 
 
-def plan_batches(src_lens: np.ndarray, tgt_lens: np.ndarray, batch_tokens: int,
-                 rng: np.random.Generator | None = None) -> list[np.ndarray]:
+def plan_batches(
+    src_lens: np.ndarray, tgt_lens: np.ndarray, batch_tokens: int, rng: np.random.Generator | None = None
+) -> list[np.ndarray]:
     """Index groups whose padded size max(len) * rows (target side incl. EOS, and source)
     stays within ``batch_tokens``; a single over-long row still gets its own batch."""
     order = np.lexsort((src_lens, tgt_lens))
@@ -54,8 +61,15 @@ def plan_batches(src_lens: np.ndarray, tgt_lens: np.ndarray, batch_tokens: int,
     return batches
 
 
-def collate(src_ids: Sequence[np.ndarray], tgt_ids: Sequence[np.ndarray], ids: Sequence[int],
-            pad_id: int, bos_id: int, eos_id: int, pin: bool = False) -> Batch:
+def collate(
+    src_ids: Sequence[np.ndarray],
+    tgt_ids: Sequence[np.ndarray],
+    ids: Sequence[int],
+    pad_id: int,
+    bos_id: int,
+    eos_id: int,
+    pin: bool = False,
+) -> Batch:
     b = len(src_ids)
     s_len = max(1, max(len(s) for s in src_ids))
     t_len = max(len(t) for t in tgt_ids) + 1
@@ -74,13 +88,27 @@ def collate(src_ids: Sequence[np.ndarray], tgt_ids: Sequence[np.ndarray], ids: S
     tensors = [torch.from_numpy(x) for x in (src, lens, tgt_in, tgt_out)]
     if pin:
         tensors = [t.pin_memory() for t in tensors]
-    return Batch(tensors[0], tensors[1], tensors[2], tensors[3], torch.as_tensor(np.asarray(ids, dtype=np.int64)),
-                 real, b * t_len)
+    return Batch(
+        tensors[0],
+        tensors[1],
+        tensors[2],
+        tensors[3],
+        torch.as_tensor(np.asarray(ids, dtype=np.int64)),
+        real,
+        b * t_len,
+    )
 
 
-def token_batches(mega_batches: Iterator[dict[str, np.ndarray]], batch_tokens: int, pad_id: int, bos_id: int,
-                  eos_id: int, rng: np.random.Generator | None = None, pin: bool = False,
-                  skip: np.ndarray | None = None) -> Iterator[Batch]:
+def token_batches(
+    mega_batches: Iterator[dict[str, np.ndarray]],
+    batch_tokens: int,
+    pad_id: int,
+    bos_id: int,
+    eos_id: int,
+    rng: np.random.Generator | None = None,
+    pin: bool = False,
+    skip: np.ndarray | None = None,
+) -> Iterator[Batch]:
     """Mega-batches of rows (columns src_ids, tgt_ids, src_len, tgt_len, id) -> Batches.
     Rows whose id is in ``skip`` (trained on before a resume) are left out."""
     for mb in mega_batches:
@@ -90,13 +118,27 @@ def token_batches(mega_batches: Iterator[dict[str, np.ndarray]], batch_tokens: i
             if not keep.any():
                 continue
         for idx in plan_batches(np.asarray(mb["src_len"]), np.asarray(mb["tgt_len"]), batch_tokens, rng):
-            yield collate([mb["src_ids"][i] for i in idx], [mb["tgt_ids"][i] for i in idx],
-                          mb["id"][idx], pad_id, bos_id, eos_id, pin)
+            yield collate(
+                [mb["src_ids"][i] for i in idx],
+                [mb["tgt_ids"][i] for i in idx],
+                mb["id"][idx],
+                pad_id,
+                bos_id,
+                eos_id,
+                pin,
+            )
 
 
-def collate_clips(clips: Sequence[np.ndarray], tgt_ids: Sequence[np.ndarray], ids: Sequence[int],
-                  pad_id: int, bos_id: int, eos_id: int, pin: bool = False,
-                  src_index: Sequence[int] | None = None) -> Batch:
+def collate_clips(
+    clips: Sequence[np.ndarray],
+    tgt_ids: Sequence[np.ndarray],
+    ids: Sequence[int],
+    pad_id: int,
+    bos_id: int,
+    eos_id: int,
+    pin: bool = False,
+    src_index: Sequence[int] | None = None,
+) -> Batch:
     """Video: distinct clips (K_i, ...) (frames uint8 or features float16) padded to
     (V, K, ...), targets as in :func:`collate`; ``src_index`` gives each target's clip
     (default: target i belongs to clip i)."""
@@ -108,8 +150,9 @@ def collate_clips(clips: Sequence[np.ndarray], tgt_ids: Sequence[np.ndarray], id
     index = torch.as_tensor(np.asarray(src_index, dtype=np.int64)) if src_index is not None else None
     if pin:
         src_t, text.tgt_in, text.tgt_out = src_t.pin_memory(), text.tgt_in.pin_memory(), text.tgt_out.pin_memory()
-    return Batch(src_t, torch.from_numpy(lens), text.tgt_in, text.tgt_out, text.ids, text.real_tokens,
-                 text.padded_tokens, index)
+    return Batch(
+        src_t, torch.from_numpy(lens), text.tgt_in, text.tgt_out, text.ids, text.real_tokens, text.padded_tokens, index
+    )
 
 
 def caption_pairs(mb: dict[str, np.ndarray]) -> tuple[list[np.ndarray], np.ndarray, list[np.ndarray], np.ndarray]:
@@ -127,9 +170,16 @@ def caption_pairs(mb: dict[str, np.ndarray]) -> tuple[list[np.ndarray], np.ndarr
     return clips, np.asarray(which, dtype=np.int64), tgts, np.asarray(ids, dtype=np.int64)
 
 
-def caption_batches(mega_batches: Iterator[dict[str, np.ndarray]], batch_tokens: int, pad_id: int, bos_id: int,
-                    eos_id: int, rng: np.random.Generator | None = None, pin: bool = False,
-                    skip: np.ndarray | None = None) -> Iterator[Batch]:
+def caption_batches(
+    mega_batches: Iterator[dict[str, np.ndarray]],
+    batch_tokens: int,
+    pad_id: int,
+    bos_id: int,
+    eos_id: int,
+    rng: np.random.Generator | None = None,
+    pin: bool = False,
+    skip: np.ndarray | None = None,
+) -> Iterator[Batch]:
     """Mega-batches of video rows -> Batches of whole videos with all their captions.
 
     A clip is encoded once per batch however many captions it has (the encoder, a CNN
@@ -156,7 +206,15 @@ def caption_batches(mega_batches: Iterator[dict[str, np.ndarray]], batch_tokens:
             if group:
                 pairs = np.concatenate([pairs_of[g] for g in group])
                 local = {g: r for r, g in enumerate(group)}
-                yield collate_clips([clips[g] for g in group], [tgts[i] for i in pairs], ids[pairs], pad_id, bos_id,
-                                    eos_id, pin, [local[which[i]] for i in pairs])
+                yield collate_clips(
+                    [clips[g] for g in group],
+                    [tgts[i] for i in pairs],
+                    ids[pairs],
+                    pad_id,
+                    bos_id,
+                    eos_id,
+                    pin,
+                    [local[which[i]] for i in pairs],
+                )
             if v is not None:
                 group, longest = [v], max((len(tgts[i]) + 1 for i in pairs_of[v]), default=1)

@@ -46,8 +46,16 @@ def lr_factor(step: int, warmup_steps: int) -> float:
     return math.sqrt(warmup_steps / step) if warmup_steps > 0 else 1.0
 
 
-def train_step(model: torch.nn.Module, batch: Batch, weight: float, global_tokens: float, world_size: int,
-               label_smoothing: float, scaler: torch.amp.GradScaler, amp_dtype: torch.dtype | None) -> float:
+def train_step(
+    model: torch.nn.Module,
+    batch: Batch,
+    weight: float,
+    global_tokens: float,
+    world_size: int,
+    label_smoothing: float,
+    scaler: torch.amp.GradScaler,
+    amp_dtype: torch.dtype | None,
+) -> float:
     """Forward and backward of one (micro-)batch. Returns this rank's summed loss.
 
     DDP averages gradients over ranks, so scaling the summed loss by
@@ -129,29 +137,76 @@ def _loss(model: Seq2Seq, batches: Any, device: torch.device) -> tuple[float, in
     return loss_sum, tokens
 
 
-def _eval_text(model: Seq2Seq, rows: dict[str, list], cfg: Config, tgt_tok: Any, device: torch.device,
-               beam_size: int, with_loss: bool) -> dict[str, Any]:
+def _eval_text(
+    model: Seq2Seq,
+    rows: dict[str, list],
+    cfg: Config,
+    tgt_tok: Any,
+    device: torch.device,
+    beam_size: int,
+    with_loss: bool,
+) -> dict[str, Any]:
     chunks = range(0, len(rows["id"]), 64)
-    loss = _loss(model, (collate(rows["src_ids"][s : s + 64], rows["tgt_ids"][s : s + 64], rows["id"][s : s + 64],
-                                 model.pad_id, model.bos_id, model.eos_id) for s in chunks), device) if with_loss else (0.0, 0)
+    loss = (
+        _loss(
+            model,
+            (
+                collate(
+                    rows["src_ids"][s : s + 64],
+                    rows["tgt_ids"][s : s + 64],
+                    rows["id"][s : s + 64],
+                    model.pad_id,
+                    model.bos_id,
+                    model.eos_id,
+                )
+                for s in chunks
+            ),
+            device,
+        )
+        if with_loss
+        else (0.0, 0)
+    )
     hyp_ids = decode_ids(model, [list(x) for x in rows["src_ids"]], beam_size, cfg.train.length_penalty, 64, device)
-    return {"id": rows["id"], "src": rows["src"], "ref": rows["tgt"], "hyp": toklib.decode(tgt_tok, hyp_ids),
-            "loss": loss[0], "tokens": loss[1]}
+    return {
+        "id": rows["id"],
+        "src": rows["src"],
+        "ref": rows["tgt"],
+        "hyp": toklib.decode(tgt_tok, hyp_ids),
+        "loss": loss[0],
+        "tokens": loss[1],
+    }
 
 
-def _eval_video(model: Seq2Seq, rows: dict[str, list], cfg: Config, tgt_tok: Any, device: torch.device,
-                beam_size: int, with_loss: bool) -> dict[str, Any]:
+def _eval_video(
+    model: Seq2Seq,
+    rows: dict[str, list],
+    cfg: Config,
+    tgt_tok: Any,
+    device: torch.device,
+    beam_size: int,
+    with_loss: bool,
+) -> dict[str, Any]:
     mb = {k: np.asarray(v, dtype=object) if k != "id" else np.asarray(v) for k, v in rows.items()}
-    loss = _loss(model, caption_batches(iter([mb]), 2000, model.pad_id, model.bos_id, model.eos_id), device) \
-        if with_loss else (0.0, 0)
+    loss = (
+        _loss(model, caption_batches(iter([mb]), 2000, model.pad_id, model.bos_id, model.eos_id), device)
+        if with_loss
+        else (0.0, 0)
+    )
     clips = caption_pairs(mb)[0]
     hyp_ids = decode_clips(model, clips, beam_size, cfg.train.length_penalty, 64, device)
-    return {"id": rows["id"], "src": rows["video_id"], "ref": [list(c) for c in rows["captions"]],
-            "hyp": toklib.decode(tgt_tok, hyp_ids), "loss": loss[0], "tokens": loss[1]}
+    return {
+        "id": rows["id"],
+        "src": rows["video_id"],
+        "ref": [list(c) for c in rows["captions"]],
+        "hyp": toklib.decode(tgt_tok, hyp_ids),
+        "loss": loss[0],
+        "tokens": loss[1],
+    }
 
 
-def evaluate(model: Seq2Seq, shard: Any, cfg: Config, tgt_tok: Any, device: torch.device, beam_size: int,
-             with_loss: bool = True) -> dict[str, Any]:
+def evaluate(
+    model: Seq2Seq, shard: Any, cfg: Config, tgt_tok: Any, device: torch.device, beam_size: int, with_loss: bool = True
+) -> dict[str, Any]:
     """Loss, outputs and metrics of this rank's shard, gathered from all ranks. Text: BLEU
     and chrF (0-100); video: CIDEr-D, BLEU-4 and ROUGE-L (fractions) over all references."""
     model.eval()
@@ -194,7 +249,7 @@ def pack_ids(ids: np.ndarray) -> dict[str, np.ndarray]:
     files, first = np.unique(ids >> 32, return_index=True)
     lows = ids & 0xFFFFFFFF
     starts, lengths, bits = [], [], []
-    for i, f in enumerate(files):
+    for i, _f in enumerate(files):
         part = lows[first[i] : first[i + 1] if i + 1 < len(files) else len(ids)]
         start, n = int(part[0]), int(part[-1] - part[0] + 1)
         mask = np.zeros(n, dtype=bool)
@@ -202,9 +257,12 @@ def pack_ids(ids: np.ndarray) -> dict[str, np.ndarray]:
         starts.append(start)
         lengths.append(n)
         bits.append(np.packbits(mask))
-    return {"files": files.astype(np.int64), "starts": np.asarray(starts, np.int64),
-            "lengths": np.asarray(lengths, np.int64),
-            "bits": np.concatenate(bits) if bits else np.empty(0, np.uint8)}
+    return {
+        "files": files.astype(np.int64),
+        "starts": np.asarray(starts, np.int64),
+        "lengths": np.asarray(lengths, np.int64),
+        "bits": np.concatenate(bits) if bits else np.empty(0, np.uint8),
+    }
 
 
 def unpack_ids(packed: Any) -> np.ndarray:
@@ -217,8 +275,9 @@ def unpack_ids(packed: Any) -> np.ndarray:
     return np.concatenate(out).astype(np.int64) if out else np.empty(0, np.int64)
 
 
-def _save_checkpoint(model: Seq2Seq, opt: Any, sched: Any, scaler: Any, state: dict[str, Any],
-                     seen: np.ndarray, d: str | None = None) -> str:
+def _save_checkpoint(
+    model: Seq2Seq, opt: Any, sched: Any, scaler: Any, state: dict[str, Any], seen: np.ndarray, d: str | None = None
+) -> str:
     """Write a checkpoint into the folder ``d`` (the caller's temporary folder, removed once
     Ray has persisted it; a new temporary folder when None): model.pt, optim.pt, state.json, and seen_ids.npz: the example ids
     already trained on in the current epoch (all ranks), so a resume mid-epoch trains on the
@@ -226,8 +285,10 @@ def _save_checkpoint(model: Seq2Seq, opt: Any, sched: Any, scaler: Any, state: d
     d = d or tempfile.mkdtemp(prefix="ckpt-")
     np.savez(os.path.join(d, "seen_ids.npz"), **pack_ids(seen))
     torch.save(model.state_dict(), os.path.join(d, "model.pt"))
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict()},
-               os.path.join(d, "optim.pt"))
+    torch.save(
+        {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict()},
+        os.path.join(d, "optim.pt"),
+    )
     with open(os.path.join(d, "state.json"), "w") as f:
         json.dump(state, f)
     sizes = {n: os.path.getsize(os.path.join(d, n)) for n in os.listdir(d)}
@@ -277,10 +338,13 @@ def _load_checkpoint(ckpt: Any, model: Seq2Seq, opt: Any, sched: Any, scaler: An
         model_state = torch.load(os.path.join(d, "model.pt"), map_location="cpu", weights_only=True)
         mine = model.state_dict()
         bad = sorted(set(mine) ^ set(model_state)) + sorted(
-            k for k in set(mine) & set(model_state) if mine[k].shape != model_state[k].shape)
+            k for k in set(mine) & set(model_state) if mine[k].shape != model_state[k].shape
+        )
         if bad:
-            raise RuntimeError(f"checkpoint {ckpt.path} does not fit this model config; mismatched keys: {bad[:10]}"
-                               " (use a new train.run_name, or the config the run was started with)")
+            raise RuntimeError(
+                f"checkpoint {ckpt.path} does not fit this model config; mismatched keys: {bad[:10]}"
+                " (use a new train.run_name, or the config the run was started with)"
+            )
         model.load_state_dict(model_state)
         rest = torch.load(os.path.join(d, "optim.pt"), map_location="cpu", weights_only=True)
         opt.load_state_dict(rest["optimizer"])
@@ -316,13 +380,28 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     video = vocab.get("video")
     metric = default_metric(cfg)
-    raw = build_model(cfg.model, vocab["src_vocab_size"], vocab["tgt_vocab_size"], vocab["joint_vocab"],
-                      vocab["pad_id"], vocab["bos_id"], vocab["eos_id"], video).to(device)
+    raw = build_model(
+        cfg.model,
+        vocab["src_vocab_size"],
+        vocab["tgt_vocab_size"],
+        vocab["joint_vocab"],
+        vocab["pad_id"],
+        vocab["bos_id"],
+        vocab["eos_id"],
+        video,
+    ).to(device)
     opt = torch.optim.AdamW(raw.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=on_gpu)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, t.warmup_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is not None)
-    state = {"step": 0, "epoch": 0, "best": -1.0, "evals_since_best": 0, "elapsed_s": 0.0,
-             "mlflow_run_id": run_id, "validated_step": -1}
+    state = {
+        "step": 0,
+        "epoch": 0,
+        "best": -1.0,
+        "evals_since_best": 0,
+        "elapsed_s": 0.0,
+        "mlflow_run_id": run_id,
+        "validated_step": -1,
+    }
     ckpt = ray.train.get_checkpoint()
     found = loop_config.get("latest_checkpoint")  # (step, path) listed by the driver
     if found and (ckpt is None or _checkpoint_step(ckpt) < found[0]):
@@ -346,8 +425,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     skip = state.pop("seen_ids", np.empty(0, np.int64))
     seen: list[np.ndarray] = [skip] if rank == 0 else []
     trace = t.trace_examples
-    model = configure_ddp(ray.train.torch.prepare_model(raw, parallel_strategy_kwargs={"bucket_cap_mb": t.ddp_bucket_mb}),
-                          t.grad_compression)
+    model = configure_ddp(
+        ray.train.torch.prepare_model(raw, parallel_strategy_kwargs={"bucket_cap_mb": t.ddp_bucket_mb}),
+        t.grad_compression,
+    )
     nodes = _all_gather(ray.get_runtime_context().get_node_id())
     # Rank 0's MLflow calls go through a buffer sent by a background thread: an outage of the
     # tracking server neither stalls nor kills training; what is unsent at the end is spilled.
@@ -358,9 +439,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         # metric is not logged again at a step it already has (no duplicate steps). The
         # logger asks MLflow for those steps when it answers (maybe after an outage).
         logger.skip_logged_steps()
-        logger.set_tags({"ray.worker_nodes": ",".join(sorted(set(nodes))), "ray.num_worker_nodes": str(len(set(nodes)))})
+        logger.set_tags(
+            {"ray.worker_nodes": ",".join(sorted(set(nodes))), "ray.num_worker_nodes": str(len(set(nodes)))}
+        )
         if ckpt:
-            logger.set_tags({"pipeline.resumed_at": f"{time.time():.3f}", "pipeline.resumed_from_step": str(state["step"])})
+            logger.set_tags(
+                {"pipeline.resumed_at": f"{time.time():.3f}", "pipeline.resumed_from_step": str(state["step"])}
+            )
         logger.flush()
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
@@ -392,12 +477,15 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 if improved:
                     save_bundle(best_dir, raw, meta, loop_config["src_tokenizer"], loop_config["tgt_tokenizer"])
                 checkpoint = ray.train.Checkpoint.from_directory(
-                    _save_checkpoint(raw, opt, sched, scaler, state, seen_all, ckpt_dir))
+                    _save_checkpoint(raw, opt, sched, scaler, state, seen_all, ckpt_dir)
+                )
             ray.train.report({**val, "step": state["step"], f"best_{metric}": state["best"]}, checkpoint=checkpoint)
         if rank == 0:
             log({**val, f"best_{metric}": state["best"]})  # after the checkpoint is saved (report persists it)
-            say(f"[train] step {state['step']} epoch {state['epoch']}: val_loss {res['loss']:.3f} "
-                f"{metric} {val[metric]:.3f}{' (best)' if improved else ''}")
+            say(
+                f"[train] step {state['step']} epoch {state['epoch']}: val_loss {res['loss']:.3f} "
+                f"{metric} {val[metric]:.3f}{' (best)' if improved else ''}"
+            )
         # Decided right after the validation that triggers it (every rank holds the same counts).
         return "early_stopping" if t.early_stopping and state["evals_since_best"] >= t.early_stopping else ""
 
@@ -425,8 +513,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     while state["epoch"] < t.max_epochs and not stop:
         rng = np.random.default_rng(t.seed * 100_003 + state["epoch"] * 101 + rank)
         rows_per_mega = mega_rows if not video else max(16, mega_rows // 8)  # a video row holds all its captions
-        batches = make_batches(train_shard.iter_batches(batch_size=rows_per_mega, batch_format="numpy", prefetch_batches=2),
-                               t.batch_tokens, *specials, rng, pin=on_gpu, skip=skip)
+        batches = make_batches(
+            train_shard.iter_batches(batch_size=rows_per_mega, batch_format="numpy", prefetch_batches=2),
+            t.batch_tokens,
+            *specials,
+            rng,
+            pin=on_gpu,
+            skip=skip,
+        )
         epoch_done = False
         while not epoch_done:
             micro: list[Batch | None] = []
@@ -441,8 +535,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             real = [b for b in micro if b is not None]
             over = rank == 0 and budget_s > 0 and time.time() - t_start >= budget_s
             has, over_all, tokens, padded = _all_reduce(
-                [float(bool(real)), float(over), float(sum(b.real_tokens for b in real)),
-                 float(sum(b.padded_tokens for b in real))], device)
+                [
+                    float(bool(real)),
+                    float(over),
+                    float(sum(b.real_tokens for b in real)),
+                    float(sum(b.padded_tokens for b in real)),
+                ],
+                device,
+            )
             if over_all:
                 stop = "max_minutes"
                 break
@@ -468,17 +568,31 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             seen += [b.ids.numpy() for b in real]
             if trace:  # an audit of exactly-once: every step's example ids, per rank and process
                 with open(os.path.join(trace, f"rank{rank}-{os.getpid()}.jsonl"), "a") as f:
-                    f.write(json.dumps({"epoch": state["epoch"], "step": state["step"],
-                                        "ids": [int(i) for b in real for i in b.ids]}) + "\n")
+                    f.write(
+                        json.dumps(
+                            {
+                                "epoch": state["epoch"],
+                                "step": state["step"],
+                                "ids": [int(i) for b in real for i in b.ids],
+                            }
+                        )
+                        + "\n"
+                    )
             if state["step"] % LOG_EVERY == 0:
                 loss_total, flops_total = _all_reduce([win["loss"], win["flops"]], device)
                 elapsed = time.time() - win["start"]
                 tflops = flops_total / max(elapsed, 1e-9) / 1e12
-                log({"train_loss": loss_total / max(win["tokens"], 1.0), "lr": sched.get_last_lr()[0],
-                     "train_tokens_per_s": win["tokens"] / max(elapsed, 1e-9),
-                     "padding_fraction": 1.0 - win["tokens"] / max(win["padded"], 1.0),
-                     "data_wait_fraction": win["wait"] / max(elapsed, 1e-9), "train_tflops": tflops,
-                     **({"mfu": tflops / (peak * world)} if peak else {})})
+                log(
+                    {
+                        "train_loss": loss_total / max(win["tokens"], 1.0),
+                        "lr": sched.get_last_lr()[0],
+                        "train_tokens_per_s": win["tokens"] / max(elapsed, 1e-9),
+                        "padding_fraction": 1.0 - win["tokens"] / max(win["padded"], 1.0),
+                        "data_wait_fraction": win["wait"] / max(elapsed, 1e-9),
+                        "train_tflops": tflops,
+                        **({"mfu": tflops / (peak * world)} if peak else {}),
+                    }
+                )
                 win = {"loss": 0.0, "tokens": 0.0, "padded": 0.0, "wait": 0.0, "flops": 0.0, "start": time.time()}
             if t.eval_every and state["step"] % t.eval_every == 0:
                 stop = validate_and_report()
@@ -492,8 +606,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             # (not again when this run took no step since the last validation).
             stop = validate_and_report() or stop
     if rank == 0:
-        say(f"[train] finished: {state['step']} steps, {state['epoch']} epochs, best {metric} "
-            f"{state['best']:.3f}, stop reason: {stop or 'max_epochs'}")
+        say(
+            f"[train] finished: {state['step']} steps, {state['epoch']} epochs, best {metric} "
+            f"{state['best']:.3f}, stop reason: {stop or 'max_epochs'}"
+        )
         left = logger.close(wait_s=30.0)
         if left:
             say(logger.unsent_message(left))

@@ -98,8 +98,10 @@ def _start_local_ray(num_cpus: int) -> None:
 
     mode = os.environ.get("RAY_AUTH_MODE", "")
     if mode and mode.lower() != "token":
-        raise ClusterError(f"RAY_AUTH_MODE={mode}: pipeline starts its local Ray with token authentication only; "
-                           "unset RAY_AUTH_MODE (or set it to token)")
+        raise ClusterError(
+            f"RAY_AUTH_MODE={mode}: pipeline starts its local Ray with token authentication only; "
+            "unset RAY_AUTH_MODE (or set it to token)"
+        )
     # Ray 2.60's ray.init turns a loopback _node_ip_address into the machine's routable
     # address (services.resolve_ip_for_localhost), and the GCS, raylet, object manager,
     # workers and agents then listen on all interfaces. With "clusters" off, the mode Ray
@@ -188,22 +190,38 @@ class _CaptionBatch:
         clips = [clip_array(d, s, t) for d, s, t in zip(batch["data"], batch["shape"], batch["dtype"])]
         hyps = self.cap.caption(clips, self.beam_size, self.length_penalty)
         refs = [json.dumps([str(c) for c in caps]) for caps in batch["captions"]]  # a string column, not ragged lists
-        return {"id": batch["id"], "src": batch["video_id"], "tgt": np.array(refs, dtype=object),
-                "hyp": np.array(hyps, dtype=object)}
+        return {
+            "id": batch["id"],
+            "src": batch["video_id"],
+            "tgt": np.array(refs, dtype=object),
+            "hyp": np.array(hyps, dtype=object),
+        }
 
 
-def translate_split(bundle: str, split_dir: str, beam_size: int, length_penalty: float,
-                    video: bool = False) -> dict[str, list]:
+def translate_split(
+    bundle: str, split_dir: str, beam_size: int, length_penalty: float, video: bool = False
+) -> dict[str, list]:
     """Translate (or caption) a preprocessed split on an actor pool; rows come back in id
     order. Video: ``src`` is the video id and ``tgt`` the list of its reference captions."""
     n = max(1, min(4, int(ray.available_resources().get("CPU", 1))))
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    columns, actor = (["id", "video_id", "data", "shape", "dtype", "captions"], _CaptionBatch) if video else \
-        (["id", "src", "tgt"], _TranslateBatch)
-    ds = ray.data.read_parquet(split_dir).select_columns(columns).map_batches(
-        actor, fn_constructor_args=(bundle, beam_size, length_penalty), batch_size=64 if video else 256,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n), num_gpus=1 if use_gpu else 0,
-        batch_format="numpy")
+    columns, actor = (
+        (["id", "video_id", "data", "shape", "dtype", "captions"], _CaptionBatch)
+        if video
+        else (["id", "src", "tgt"], _TranslateBatch)
+    )
+    ds = (
+        ray.data.read_parquet(split_dir)
+        .select_columns(columns)
+        .map_batches(
+            actor,
+            fn_constructor_args=(bundle, beam_size, length_penalty),
+            batch_size=64 if video else 256,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n),
+            num_gpus=1 if use_gpu else 0,
+            batch_format="numpy",
+        )
+    )
     rows = sorted(ds.take_all(), key=lambda r: r["id"])
     out = {k: [r[k] for r in rows] for k in ("src", "tgt", "hyp")}
     if video:
@@ -226,14 +244,33 @@ def prepare(cfg: Config) -> dict[str, Any]:
     vocab.update(pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID)
     if manifest.get("video"):
         vocab["video"] = {k: manifest["video"][k] for k in ("kind", "shape", "feature_dim")}
-    return {"uri": uri, "experiment": experiment, "storage": storage, "data_dir": data_dir, "manifest": manifest,
-            "src_json": src_json, "tgt_json": tgt_json, "vocab": vocab}
+    return {
+        "uri": uri,
+        "experiment": experiment,
+        "storage": storage,
+        "data_dir": data_dir,
+        "manifest": manifest,
+        "src_json": src_json,
+        "tgt_json": tgt_json,
+        "vocab": vocab,
+    }
 
 
 # Training keys that change what a run learns. The others (budgets, workers and resources,
 # evaluation cadence and beams, storage, logging) may change when a run is resumed.
-RESULT_KEYS = ("seed", "batch_tokens", "sort_window", "lr", "weight_decay", "warmup_steps", "clip_norm",
-               "accumulate", "label_smoothing", "amp", "grad_compression")
+RESULT_KEYS = (
+    "seed",
+    "batch_tokens",
+    "sort_window",
+    "lr",
+    "weight_decay",
+    "warmup_steps",
+    "clip_norm",
+    "accumulate",
+    "label_smoothing",
+    "amp",
+    "grad_compression",
+)
 FINGERPRINT_FILE = "run_fingerprint.json"
 
 
@@ -242,16 +279,22 @@ def run_fingerprint(cfg: Config, prep: dict[str, Any]) -> dict[str, str]:
     the input files), both tokenizers, every model key and the training keys that change the
     result. A run_name resumes only where this is unchanged."""
     tok = prep["manifest"]["tokenizer"]
-    out = {"data": os.path.basename(prep["data_dir"].rstrip("/")), "data.src_tokenizer": tok["src_sha256"],
-           "data.tgt_tokenizer": tok["tgt_sha256"]}
+    out = {
+        "data": os.path.basename(prep["data_dir"].rstrip("/")),
+        "data.src_tokenizer": tok["src_sha256"],
+        "data.tgt_tokenizer": tok["tgt_sha256"],
+    }
     out.update({k: str(v) for k, v in cfg.flat(("model",)).items()})
     out.update({f"train.{k}": str(getattr(cfg.train, k)) for k in RESULT_KEYS})
     return out
 
 
 def fingerprint_diff(old: dict[str, str], new: dict[str, str]) -> list[str]:
-    return [f"{k}: {old.get(k, '(unset)')} != {new.get(k, '(unset)')}"
-            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return [
+        f"{k}: {old.get(k, '(unset)')} != {new.get(k, '(unset)')}"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k)
+    ]
 
 
 def check_fingerprint(folder: str, fingerprint: dict[str, str], what: str) -> None:
@@ -264,8 +307,11 @@ def check_fingerprint(folder: str, fingerprint: dict[str, str], what: str) -> No
             old = json.load(f)
         diff = fingerprint_diff(old, fingerprint)
         if diff:
-            raise ConfigError(f"{what} exists with other data or config, so it cannot resume:\n  " + "\n  ".join(diff)
-                              + f"\nStart anew with another name, or delete {tracking.redact(folder)} to discard the old run.")
+            raise ConfigError(
+                f"{what} exists with other data or config, so it cannot resume:\n  "
+                + "\n  ".join(diff)
+                + f"\nStart anew with another name, or delete {tracking.redact(folder)} to discard the old run."
+            )
         return
     fs.makedirs(root, exist_ok=True)
     with fs.open(f"{path}.tmp", "w") as f:
@@ -279,8 +325,9 @@ def run_training(cfg: Config) -> dict[str, Any]:
     return fit_run(cfg, prep, run_name)
 
 
-def fit_run(cfg: Config, prep: dict[str, Any], run_name: str, parent_run_id: str | None = None,
-            in_tune: bool = False) -> dict[str, Any]:
+def fit_run(
+    cfg: Config, prep: dict[str, Any], run_name: str, parent_run_id: str | None = None, in_tune: bool = False
+) -> dict[str, Any]:
     """One MLflow run + one TorchTrainer fit. A sweep's trial passes its parent run and
     ``in_tune`` (metrics go to Tune too; the test split is left to the sweep's champion)."""
     t = cfg.train
@@ -295,8 +342,9 @@ def fit_run(cfg: Config, prep: dict[str, Any], run_name: str, parent_run_id: str
             lock.release()
 
 
-def _fit_run(cfg: Config, prep: dict[str, Any], run_name: str, run_dir: str, parent_run_id: str | None,
-             in_tune: bool) -> dict[str, Any]:
+def _fit_run(
+    cfg: Config, prep: dict[str, Any], run_name: str, run_dir: str, parent_run_id: str | None, in_tune: bool
+) -> dict[str, Any]:
     t = cfg.train
     uri, experiment, data_dir, manifest = prep["uri"], prep["experiment"], prep["data_dir"], prep["manifest"]
     fingerprint = run_fingerprint(cfg, prep)
@@ -308,8 +356,11 @@ def _fit_run(cfg: Config, prep: dict[str, Any], run_name: str, run_dir: str, par
     if commit:
         tags["mlflow.source.git.commit"] = commit
     run_id, resumed = tracking.open_run(uri, experiment, run_name, cfg.redacted_flat(), tags)
-    print(f"[train] MLflow run {run_id} ({'resumed' if resumed else 'new'}) in experiment '{experiment}' at "
-          f"{tracking.redact(uri)}", flush=True)
+    print(
+        f"[train] MLflow run {run_id} ({'resumed' if resumed else 'new'}) in experiment '{experiment}' at "
+        f"{tracking.redact(uri)}",
+        flush=True,
+    )
     # The driver's logging is buffered like rank 0's: a server away at the end of a run that
     # trained well costs a spill file to replay, not the run.
     spill = tracking.spill_dir(prep["storage"], run_name)
@@ -335,21 +386,39 @@ def _fit_run(cfg: Config, prep: dict[str, Any], run_name: str, run_dir: str, par
         callbacks.append(TuneReportCallback())
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": cfg.to_dict(), "vocab": prep["vocab"], "mlflow_run_id": run_id,
-                           "tracking_uri": uri, "src_tokenizer": prep["src_json"], "tgt_tokenizer": prep["tgt_json"],
-                           "best_dir": best_dir, "latest_checkpoint": latest_checkpoint(run_dir),
-                           "fingerprint": fingerprint, "tracking_spill_dir": spill},
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, placement_strategy=t.placement_strategy,
-                                     resources_per_worker={"CPU": t.cpus_per_worker,
-                                                           **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}),
-        run_config=RunConfig(name=run_name, storage_path=prep["storage"], callbacks=callbacks,
-                             failure_config=FailureConfig(max_failures=t.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "vocab": prep["vocab"],
+            "mlflow_run_id": run_id,
+            "tracking_uri": uri,
+            "src_tokenizer": prep["src_json"],
+            "tgt_tokenizer": prep["tgt_json"],
+            "best_dir": best_dir,
+            "latest_checkpoint": latest_checkpoint(run_dir),
+            "fingerprint": fingerprint,
+            "tracking_spill_dir": spill,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers,
+            use_gpu=t.use_gpu,
+            placement_strategy=t.placement_strategy,
+            resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=prep["storage"],
+            callbacks=callbacks,
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
         # Reads take a quarter CPU: the workers hold whole CPUs, and a sweep's trial driver
         # a sliver more, so whole-CPU read tasks could wait forever on a small cluster.
-        datasets={s: ray.data.read_parquet(f"{data_dir}/{s}", num_cpus=0.25).repartition(
-                      target_num_rows_per_block=rows_per_block(manifest["splits"][s], t.num_workers))
-                  for s in ("train", "val")},
+        datasets={
+            s: ray.data.read_parquet(f"{data_dir}/{s}", num_cpus=0.25).repartition(
+                target_num_rows_per_block=rows_per_block(manifest["splits"][s], t.num_workers)
+            )
+            for s in ("train", "val")
+        },
         dataset_config=_exactly_once_data_config(),
     )
     t0 = time.time()
@@ -362,12 +431,19 @@ def _fit_run(cfg: Config, prep: dict[str, Any], run_name: str, run_dir: str, par
             log.end_run("FAILED")
         try:
             close_logger(log)
-        except Exception as e:  # noqa: BLE001 - the training error is the one to raise
+        except Exception as e:
             print(f"[tracking] closing the MLflow run failed too: {e}", flush=True)
         raise
-    results: dict[str, Any] = {"run_id": run_id, "run_name": run_name, "tracking_uri": uri, "experiment": experiment,
-                               "best_dir": best_dir, "data_dir": data_dir, "train_seconds": round(time.time() - t0, 1),
-                               "video": is_video(cfg)}
+    results: dict[str, Any] = {
+        "run_id": run_id,
+        "run_name": run_name,
+        "tracking_uri": uri,
+        "experiment": experiment,
+        "best_dir": best_dir,
+        "data_dir": data_dir,
+        "train_seconds": round(time.time() - t0, 1),
+        "video": is_video(cfg),
+    }
     fs, best_root = fsspec.core.url_to_fs(best_dir)
     final = latest_checkpoint(run_dir)
     tested = _tested_at(uri, run_id)
@@ -389,7 +465,7 @@ TESTED_TAG = "pipeline.tested_at_step"  # a rerun that trained nothing does not 
 def _tested_at(uri: str, run_id: str) -> str | None:
     try:
         return tracking.client(uri).get_run(run_id).data.tags.get(TESTED_TAG)
-    except Exception as e:  # noqa: BLE001 - with the server away, test again (at the same step)
+    except Exception as e:
         if not tracking.is_outage(e):
             raise
         return None
@@ -406,12 +482,20 @@ def close_logger(log: tracking.RunLogger) -> int:
 def data_metrics(manifest: dict[str, Any]) -> dict[str, float]:
     """The manifest's counts as MLflow metrics: rows (pairs or captions) read, kept and
     dropped per reason; for video also clips and feature-cache hits."""
-    out = {"data_rows_read": manifest["rows_read"], "data_rows_kept": manifest["rows_kept"],
-           **{f"data_dropped_{k}": v for k, v in manifest["dropped"].items()}}
+    out = {
+        "data_rows_read": manifest["rows_read"],
+        "data_rows_kept": manifest["rows_kept"],
+        **{f"data_dropped_{k}": v for k, v in manifest["dropped"].items()},
+    }
     if "videos" in manifest:
-        out.update({"data_videos_read": manifest["videos"]["read"], "data_videos_kept": manifest["videos"]["kept"],
-                    "data_cache_hits": manifest["cache"]["hits"],
-                    **{f"data_videos_dropped_{k}": v for k, v in manifest["videos"]["dropped"].items()}})
+        out.update(
+            {
+                "data_videos_read": manifest["videos"]["read"],
+                "data_videos_kept": manifest["videos"]["kept"],
+                "data_cache_hits": manifest["cache"]["hits"],
+                **{f"data_videos_dropped_{k}": v for k, v in manifest["videos"]["dropped"].items()},
+            }
+        )
     return out
 
 
@@ -425,8 +509,9 @@ def _local_copy(path: str, dest_dir: str) -> str:
     return dest
 
 
-def test_and_log(cfg: Config, log: tracking.RunLogger, best_dir: str, data_dir: str,
-                 manifest: dict[str, Any], step: int = 0) -> dict[str, Any]:
+def test_and_log(
+    cfg: Config, log: tracking.RunLogger, best_dir: str, data_dir: str, manifest: dict[str, Any], step: int = 0
+) -> dict[str, Any]:
     """Decode the test split with the best checkpoint and log the scores at ``step`` (the
     run's last training step: a resumed run that trained on is tested again at a new step)."""
     t = cfg.train
@@ -444,14 +529,24 @@ def test_and_log(cfg: Config, log: tracking.RunLogger, best_dir: str, data_dir: 
         k = min(t.num_samples, len(res["src"]))
         picks = np.linspace(0, len(res["src"]) - 1, k).astype(int).tolist() if k else []
         if is_video(cfg):
-            log.log_table({"video_id": [res["src"][i] for i in picks],
-                                             "references": [" | ".join(res["tgt"][i]) for i in picks],
-                                             "caption": [res["hyp"][i] for i in picks]}, "samples/test_captions.json")
+            log.log_table(
+                {
+                    "video_id": [res["src"][i] for i in picks],
+                    "references": [" | ".join(res["tgt"][i]) for i in picks],
+                    "caption": [res["hyp"][i] for i in picks],
+                },
+                "samples/test_captions.json",
+            )
             _log_contact_sheet(log, data_dir, [res["src"][i] for i in picks], res, picks)
         else:
-            log.log_table({"source": [res["src"][i] for i in picks],
-                                             "reference": [res["tgt"][i] for i in picks],
-                                             "translation": [res["hyp"][i] for i in picks]}, "samples/test_translations.json")
+            log.log_table(
+                {
+                    "source": [res["src"][i] for i in picks],
+                    "reference": [res["tgt"][i] for i in picks],
+                    "translation": [res["hyp"][i] for i in picks],
+                },
+                "samples/test_translations.json",
+            )
         print("[test] " + " ".join(f"{k} {v:.3f}" for k, v in out.items()), flush=True)
     with tempfile.TemporaryDirectory(prefix="pipeline-bundle-") as tmp:  # the logger keeps its own copies
         local_best = _local_bundle(best_dir, tmp)
@@ -460,14 +555,18 @@ def test_and_log(cfg: Config, log: tracking.RunLogger, best_dir: str, data_dir: 
         log.flush()
         if cfg.tracking.log_model:
             try:
-                out["model_uri"] = tracking.log_model(log.uri, log.run_id, local_best, is_video(cfg),
-                                                      _model_example(cfg, data_dir, res))
-            except Exception as e:  # noqa: BLE001 - an outage costs the MLflow model, not the run
+                out["model_uri"] = tracking.log_model(
+                    log.uri, log.run_id, local_best, is_video(cfg), _model_example(cfg, data_dir, res)
+                )
+            except Exception as e:
                 if not tracking.is_outage(e):
                     raise
                 # Not spilled: the bundle in best_checkpoint/ (queued above) reloads the same model.
-                print(f"[tracking] MLflow at {tracking.redact(log.uri)} is away: the model was not logged as an "
-                      f"MLflow model (its files go to best_checkpoint/; {best_dir} has them too)", flush=True)
+                print(
+                    f"[tracking] MLflow at {tracking.redact(log.uri)} is away: the model was not logged as an "
+                    f"MLflow model (its files go to best_checkpoint/; {best_dir} has them too)",
+                    flush=True,
+                )
     return out
 
 
@@ -490,16 +589,22 @@ def _local_bundle(bundle: str, dest: str) -> str:
     return dest
 
 
-def _log_contact_sheet(log: tracking.RunLogger, data_dir: str, video_ids: list[str], res: dict[str, list],
-                       picks: list[int]) -> None:
+def _log_contact_sheet(
+    log: tracking.RunLogger, data_dir: str, video_ids: list[str], res: dict[str, list], picks: list[int]
+) -> None:
     """A PNG of a few test clips (frames in a row) with predicted and reference captions."""
+    from ray.data.expressions import col
+
     from ..data.video import clip_array, decode_clip
     from ..report import contact_sheet
 
-    from ray.data.expressions import col
-
-    rows = {r["video_id"]: r for r in ray.data.read_parquet(f"{data_dir}/test").filter(
-        expr=col("video_id").is_in(video_ids)).select_columns(["video_id", "path", "data", "shape", "dtype"]).take_all()}
+    rows = {
+        r["video_id"]: r
+        for r in ray.data.read_parquet(f"{data_dir}/test")
+        .filter(expr=col("video_id").is_in(video_ids))
+        .select_columns(["video_id", "path", "data", "shape", "dtype"])
+        .take_all()
+    }
     items = []
     for vid, i in zip(video_ids, picks):
         r = rows[vid]
@@ -509,7 +614,7 @@ def _log_contact_sheet(log: tracking.RunLogger, data_dir: str, video_ids: list[s
             try:
                 with fsspec.open(r["path"], "rb") as f:
                     frames = decode_clip(f.read(), 6, 96, 0.0, r["path"])
-            except Exception:  # noqa: BLE001 - a .npy features file has no frames to show
+            except Exception:
                 frames = None
         items.append({"video_id": vid, "frames": frames, "hyp": res["hyp"][i], "refs": res["tgt"][i]})
     with tempfile.TemporaryDirectory(prefix="pipeline-sheet-") as tmp:  # the logger keeps its own copy
