@@ -86,10 +86,10 @@ def ray_data(root: str, tok_json: str, out: str) -> tuple[float, float]:
     best of two more."""
     import ray
 
+    from pipeline.cluster import init_ray
     from pipeline.config import load_config
     from pipeline.data.preprocess import cleaned, encode_and_write
     from pipeline.data.readers import list_tasks
-    from pipeline.train.run import init_ray
 
     init_ray()
     cfg = load_config(["data=pairs", f"data.src_files={root}/*.en.gz", f"data.tgt_files={root}/*.de.gz"]).data

@@ -23,7 +23,7 @@ import argparse
 import json
 import sys
 
-from .config import ConfigError, default_metric, load_config
+from .config import ConfigError, load_config
 
 EXAMPLES = """overrides: group=option (data=multi30k) or group.key=value (model.hidden_size=512);
 `pipeline config` lists every key. Examples:
@@ -228,9 +228,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return 0 if doctor(cfg) else 1
     if args.command == "preprocess":
-        from .data.preprocess import preprocess
+        from .cluster import init_ray
+        from .tasks import preprocess
         from .tracking import redact
-        from .train.run import init_ray
 
         init_ray()
         out, manifest = preprocess(cfg.data, force=args.force)
@@ -242,31 +242,17 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
         return 0
     if args.command == "evaluate":
-        from . import metrics
-        from .config import is_video
-        from .data.preprocess import preprocess
-        from .train.run import init_ray, translate_split
+        from .cluster import init_ray
+        from .evaluation import decode_split
+        from .tasks import task_for
 
         init_ray()
-        out, manifest = preprocess(cfg.data)
-        video = is_video(cfg)
-        res = translate_split(args.model, f"{out}/{args.split}", args.beam, args.length_penalty, video)
-        if video:
-            scores = {
-                k: round(v, 4) for k, v in metrics.caption_scores(res["hyp"], res["tgt"], with_meteor=True).items()
-            }
-            print(json.dumps({"split": args.split, "videos": len(res["hyp"]), **scores}))
-        else:
-            print(
-                json.dumps(
-                    {
-                        "split": args.split,
-                        "sentences": len(res["hyp"]),
-                        "bleu": round(metrics.bleu(res["hyp"], res["tgt"]), 2),
-                        "chrf": round(metrics.chrf(res["hyp"], res["tgt"]), 2),
-                    }
-                )
-            )
+        task = task_for(cfg)
+        out, manifest = task.preprocess(cfg.data)
+        res = decode_split(task, args.model, f"{out}/{args.split}", args.beam, args.length_penalty)
+        scores = task.scores(res["hyp"], res["tgt"], final=True)
+        counts = {"split": args.split, task.unit: len(res["hyp"])}
+        print(json.dumps({**counts, **{k: round(v, task.digits) for k, v in scores.items()}}))
         return 0
     if args.command == "report":
         from .report import write_report
@@ -277,10 +263,11 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(path)
         return 0
     if args.command == "tune":
+        from .tasks import task_for
         from .tune import format_table, run_sweep
 
         res = run_sweep(cfg)
-        metric = cfg.tune.metric or default_metric(cfg)
+        metric = cfg.tune.metric or task_for(cfg).metric
         print(f"\n== sweep {res['sweep']} ==\n{format_table(res['trials'], metric)}")
         if res.get("registered_model"):
             tests = " ".join(f"{k} {v:.3f}" for k, v in res.items() if k.startswith("test_") and isinstance(v, float))
@@ -334,10 +321,9 @@ def _summary(res: dict) -> str:
     lines.append(
         f"look at it:   mlflow ui --backend-store-uri {redact(res['tracking_uri'])}   (then open http://127.0.0.1:5000)"
     )
-    if res.get("video"):
-        lines.append(f"caption:      pipeline caption --model {best} CLIP.mp4 ...")
-    else:
-        lines.append(f"translate:    echo 'a sentence' | pipeline translate --model {best}")
+    from .tasks import TASKS
+
+    lines.append(f"use it:       {TASKS[res['task']]().usage(best)}")
     return "\n".join(lines)
 
 

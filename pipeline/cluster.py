@@ -10,11 +10,13 @@ or ``~/.ray/auth_token``, never from the command line).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shlex
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -382,3 +384,104 @@ class loopback_cluster:
             stop_process_group(p)
         self.procs = []
         shutil.rmtree(self._short, ignore_errors=True)
+
+
+def init_ray(min_cpus: int = 1) -> None:
+    """Join ``RAY_ADDRESS`` or start a local Ray (once per process).
+
+    The local Ray is for this machine only: every Ray process listens on 127.0.0.1, and
+    token authentication is on (the token is ``~/.ray/auth_token``, made on first use and
+    never printed)."""
+    import ray  # not at the top: the job commands set RAY_AUTH_MODE before Ray is imported
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        with _loopback_node(_loopback_only(address)):
+            ray.init(address=address, log_to_driver=True)
+    else:
+        # Logical CPUs above the training workers' share leave room for Ray Data's tasks
+        # (whole-CPU file listing) and a sweep's trial drivers; without them, workers
+        # holding every CPU would starve their own input. Never more than the cores + 2:
+        # a request for more workers than this machine can run is refused (check_fits),
+        # not granted as an oversubscribed local cluster.
+        cores = os.cpu_count() or 1
+        _start_local_ray(max(cores, min(min_cpus, cores) + 2))
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+@contextlib.contextmanager
+def _loopback_node(on: bool) -> Iterator[None]:
+    """Ray's single-node mode while ``ray.init`` runs (see _start_local_ray): the node's
+    address stays 127.0.0.1 instead of being turned into the machine's routable one."""
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    if on:
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+def _loopback_only(address: str) -> bool:
+    """A RAY_ADDRESS on loopback whose GCS answers there but not on the machine's routable
+    address: a local Ray that pipeline started (bound to 127.0.0.1). Ray would rewrite the
+    address to the routable one and never reach it. A cluster from ``ray start`` listens on
+    every interface and is joined as Ray does by default."""
+    import socket
+
+    from ray._private.services import node_ip_address_from_perspective
+
+    host, _, port = address.rpartition(":")
+    if host not in ("127.0.0.1", "localhost") or not port.isdigit():
+        return False
+
+    def answers(ip: str) -> bool:
+        try:
+            with socket.create_connection((ip, int(port)), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    return answers("127.0.0.1") and not answers(node_ip_address_from_perspective())
+
+
+def _start_local_ray(num_cpus: int) -> None:
+    import ray
+    from ray._private.authentication.authentication_utils import is_token_auth_enabled
+
+    mode = os.environ.get("RAY_AUTH_MODE", "")
+    if mode and mode.lower() != "token":
+        raise ClusterError(
+            f"RAY_AUTH_MODE={mode}: pipeline starts its local Ray with token authentication only; "
+            "unset RAY_AUTH_MODE (or set it to token)"
+        )
+    # Ray 2.60's ray.init turns a loopback _node_ip_address into the machine's routable
+    # address (services.resolve_ip_for_localhost), and the GCS, raylet, object manager,
+    # workers and agents then listen on all interfaces. With "clusters" off, the mode Ray
+    # itself uses on macOS and Windows, the node address stays 127.0.0.1 and every process
+    # binds there. Off only while this node starts: ray.init reads it, nothing after does.
+    with _loopback_node(True):
+        # The dashboard serves Ray's state API, which Ray Train's cleanup polls; 127.0.0.1 only.
+        ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", log_to_driver=True)
+    if not is_token_auth_enabled():  # Ray turns it on for a new local cluster; make sure it did
+        ray.shutdown()
+        raise ClusterError("the local Ray started without token authentication; set RAY_AUTH_MODE=token")
+
+
+def storage_uri(path: str) -> str:
+    """Ray needs an absolute local path or a URI; check it can be written now, not later."""
+    uri = path if "://" in path else str(Path(path).expanduser().resolve())
+    fs, root = fsspec.core.url_to_fs(uri)
+    probe = f"{root}/.write-probe-{os.getpid()}"
+    try:
+        fs.makedirs(root, exist_ok=True)
+        with fs.open(probe, "wb") as f:
+            f.write(b"ok")
+        fs.rm(probe)
+    except OSError as e:
+        raise PermissionError(f"train.storage_path '{path}' cannot be written: {e}") from e
+    return uri

@@ -180,10 +180,10 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def redacted(self) -> dict[str, Any]:
-        """``to_dict()`` with secrets hidden in every string value (``tracking.redact``: URI
+        """``to_dict()`` with secrets hidden in every string value (``redaction.redact``: URI
         passwords and tokens, secret query parameters). Everything printed or logged goes
         through here; the workers get the real values."""
-        from .tracking import redact
+        from .redaction import redact
 
         def hide(v: Any) -> Any:
             if isinstance(v, dict):
@@ -217,15 +217,6 @@ class Config:
 
 GROUPS = [f.name for f in dataclasses.fields(Config)]
 VIDEO_DATA = ("demo_video", "msrvtt", "msvd", "video_features")
-
-
-def is_video(cfg: Config) -> bool:
-    return cfg.data.name in VIDEO_DATA
-
-
-def default_metric(cfg: Config) -> str:
-    """The validation metric that picks the best checkpoint and ranks sweep trials."""
-    return "val_cider" if is_video(cfg) else "val_bleu"
 
 
 def _field_types(obj: Any) -> dict[str, Any]:

@@ -12,28 +12,22 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .config import VIDEO_DATA, Config
+from .config import Config
 
 
 def check_data(cfg: Config) -> str:
     """The inputs exist and list (no decoding, no reading of whole files)."""
     if cfg.data.name in ("demo_text", "demo_video"):
         return f"{cfg.data.name}: generated on first use under {cfg.data.root}"
-    if cfg.data.name in VIDEO_DATA:
-        from .data.video import list_corpus
+    from .tasks import task_for
 
-        corpus = list_corpus(cfg.data)
-        return f"{len(corpus['splits'])} videos, {corpus['captions_read']} captions listed"
-    from .data.readers import list_tasks
-
-    tasks = list_tasks(cfg.data)
-    return f"{len(tasks)} input file(s) or file pair(s) found"
+    return task_for(cfg).check_inputs(cfg.data)
 
 
 def check_ray(cfg: Config) -> str:
     import ray
 
-    from .train.run import init_ray
+    from .cluster import init_ray
 
     init_ray(cfg.train.num_workers * cfg.train.cpus_per_worker)
     res = ray.cluster_resources()
@@ -50,7 +44,7 @@ def check_ray(cfg: Config) -> str:
 
 
 def check_storage(cfg: Config) -> str:
-    from .train.run import storage_uri
+    from .cluster import storage_uri
 
     return f"{storage_uri(cfg.train.storage_path)} is writable"
 

@@ -13,7 +13,6 @@ from typing import Any
 import matplotlib.pyplot as plt
 
 from . import tracking
-from .tune import summarize
 
 
 def load_sweep(uri: str, experiment: str, sweep: str) -> dict[str, Any]:
@@ -167,3 +166,56 @@ def contact_sheet(items: list[dict[str, Any]], path: str, max_frames: int = 6) -
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
+
+
+def summarize(
+    uri: str, parent_id: str, metric: str, mode: str, failed: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """Child runs of a sweep, ranked by the best value of ``metric``. Children still
+    RUNNING once Tune is done either failed (``failed``: run name -> error) or were
+    stopped by the scheduler: close them as FAILED, or as KILLED with the early-stop tag."""
+    c = tracking.client(uri)
+    parent = c.get_run(parent_id)
+    children = c.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", max_results=10_000
+    )
+    space_keys = list(json.loads(parent.data.params.get("tune.space", "{}")))
+    rows = []
+    for ch in children:
+        rid = ch.info.run_id
+        name = ch.data.tags.get(tracking.RUN_NAME_TAG, ch.info.run_name)
+        if ch.info.status == "RUNNING" and failed is not None:
+            if name in failed:
+                c.set_terminated(rid, "FAILED")
+            elif ch.data.metrics.get("epoch", 0) >= int(ch.data.params.get("train.max_epochs", 0)):
+                c.set_terminated(rid, "FINISHED")  # Tune stopped it at max_t, after its last epoch
+            else:
+                c.set_tag(rid, EARLY_STOPPED_TAG, "true")
+                c.set_terminated(rid, "KILLED")
+            ch = c.get_run(rid)
+        history = [m.value for m in c.get_metric_history(rid, metric)]
+        if not history:
+            continue
+        rows.append(
+            {
+                "run_name": name,
+                "run_id": rid,
+                "params": {k: _typed(ch.data.params.get(k)) for k in space_keys},
+                "best": max(history) if mode == "max" else min(history),
+                "validations": len(history),
+                "status": ch.info.status,
+                "early_stopped": ch.data.tags.get(EARLY_STOPPED_TAG) == "true",
+            }
+        )
+    rows.sort(key=lambda r: r["best"], reverse=mode == "max")
+    return rows
+
+
+EARLY_STOPPED_TAG = "tune.early_stopped"
+
+
+def _typed(text: str | None) -> Any:
+    try:
+        return json.loads(text) if text is not None else None
+    except ValueError:
+        return text

@@ -16,36 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from .config import TrackingConfig
+from .redaction import redact
 
 RUN_NAME_TAG = "pipeline.run_name"
-# scheme://user:password@host (the password may hold a raw "/"): the password is hidden.
-_USER_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/?#@\s,]*):(?P<pw>[^\s,]*)@")
-# scheme://token@host, userinfo without a colon: in practice a token (https://ghp_...@github.com),
-# so all of it is hidden; a user name alone is little to lose.
-_USER_ONLY = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^:/?#@\s,]+@")
-# A query-string or key=value secret: a parameter whose name is, or ends in, one of these
-# words (token, access_token, X-Amz-Signature, sig, api_key, client_secret, ...).
-_SECRET_PARAM = re.compile(
-    r"(?i)(?P<name>(?:^|(?<=[?&;\s]))(?:[\w.-]*[_.-])?"
-    r"(?:token|secret|password|passwd|pwd|signature|sig|key|apikey|credential|auth)=)"
-    r"[^&;#\s]*"
-)
 
 
 class TrackingError(RuntimeError):
     """MLflow is misconfigured or unreachable."""
-
-
-def redact(value: Any) -> Any:
-    """Hide secrets in a string: the password of ``scheme://user:password@host`` (-> ``user:***@``),
-    a userinfo without a password (``https://TOKEN@host`` -> ``https://***@host``) and
-    secret-looking parameters (``?token=``, ``X-Amz-Signature=``, ``sig=``, ``password=``,
-    ``api_key=``, ... -> ``=***``). Anything that is not a string comes back as it is."""
-    if not isinstance(value, str):
-        return value
-    value = _USER_PASSWORD.sub(r"\g<scheme>\g<user>:***@", value)
-    value = _USER_ONLY.sub(r"\g<scheme>***@", value)
-    return _SECRET_PARAM.sub(r"\g<name>***", value)
 
 
 def resolve(cfg: TrackingConfig) -> tuple[str, str]:

@@ -19,12 +19,14 @@ from typing import Any
 import ray
 
 from . import tracking
-from .config import Config, ConfigError, default_metric, is_video, set_key, validate
+from .config import Config, ConfigError, set_key, validate
+from .evaluation import test_and_log
 from .lock import hold_named
+from .report import summarize
+from .tasks import task_for
 from .train.loop import latest_checkpoint
-from .train.run import check_fingerprint, close_logger, fit_run, prepare, run_fingerprint, test_and_log
+from .train.run import check_fingerprint, close_logger, fit_run, prepare, run_fingerprint
 
-EARLY_STOPPED_TAG = "tune.early_stopped"
 # A trial's driver only waits on its TorchTrainer, whose workers hold the CPUs; Tune
 # refuses 0, so it asks for a sliver.
 TRIAL_DRIVER_CPU = 0.01
@@ -99,7 +101,7 @@ def sweep_fingerprint(cfg: Config, prep: dict[str, Any]) -> dict[str, str]:
             "tune.search": tc.search,
             "tune.num_samples": str(tc.num_samples),
             "tune.scheduler": tc.scheduler,
-            "tune.metric": tc.metric or default_metric(cfg),
+            "tune.metric": tc.metric or task_for(cfg).metric,
             "tune.mode": tc.mode,
             "tune.grace_period": str(tc.grace_period),
             "tune.reduction_factor": str(tc.reduction_factor),
@@ -116,7 +118,7 @@ def _run_sweep(cfg: Config, prep: dict[str, Any], sweep: str) -> dict[str, Any]:
     check_fingerprint(
         f"{storage}/{sweep}", sweep_fingerprint(cfg, prep), f"tune.name '{sweep}' ({tracking.redact(storage)}/{sweep})"
     )
-    metric = tc.metric or default_metric(cfg)
+    metric = tc.metric or task_for(cfg).metric
     params = {
         "tune.space": json.dumps(tc.space),
         "tune.search": tc.search,
@@ -208,14 +210,14 @@ def _run_sweep(cfg: Config, prep: dict[str, Any], sweep: str) -> dict[str, Any]:
     return out
 
 
-def champion_metric(metric: str, mode: str, tested: dict[str, Any], video: bool) -> tuple[str, str]:
+def champion_metric(metric: str, mode: str, tested: dict[str, Any], default: str) -> tuple[str, str]:
     """The test metric that stands for the sweep's validation metric (val_bleu -> test_bleu),
     and its mode; a validation metric with no test counterpart (val_loss) falls back to the
-    default one (test_bleu, test_cider: higher is better)."""
+    task's default one (``default``: val_bleu -> test_bleu, val_cider -> test_cider; higher is better)."""
     counterpart = "test_" + metric.removeprefix("val_")
     if counterpart in tested:
         return counterpart, mode
-    return ("test_cider" if video else "test_bleu"), "max"
+    return "test_" + default.removeprefix("val_"), "max"
 
 
 def _register(
@@ -225,7 +227,7 @@ def _register(
     with what it scored on which data; ``champion`` moves to it only when it wins."""
     tc, uri = cfg.tune, prep["uri"]
     name = tc.register_as or f"{prep['experiment']}-{cfg.data.name}"
-    key, mode = champion_metric(metric, tc.mode, tested, is_video(cfg))
+    key, mode = champion_metric(metric, tc.mode, tested, task_for(cfg).metric)
     fingerprint = tracking.data_fingerprint(prep["data_dir"], prep["manifest"])
     tags = {
         tracking.SWEEP_TAG: sweep,
@@ -248,56 +250,6 @@ def _register(
         "promotion": reason,
         "champion_version": champion,
     }
-
-
-def summarize(
-    uri: str, parent_id: str, metric: str, mode: str, failed: dict[str, str] | None = None
-) -> list[dict[str, Any]]:
-    """Child runs of a sweep, ranked by the best value of ``metric``. Children still
-    RUNNING once Tune is done either failed (``failed``: run name -> error) or were
-    stopped by the scheduler: close them as FAILED, or as KILLED with the early-stop tag."""
-    c = tracking.client(uri)
-    parent = c.get_run(parent_id)
-    children = c.search_runs(
-        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", max_results=10_000
-    )
-    space_keys = list(json.loads(parent.data.params.get("tune.space", "{}")))
-    rows = []
-    for ch in children:
-        rid = ch.info.run_id
-        name = ch.data.tags.get(tracking.RUN_NAME_TAG, ch.info.run_name)
-        if ch.info.status == "RUNNING" and failed is not None:
-            if name in failed:
-                c.set_terminated(rid, "FAILED")
-            elif ch.data.metrics.get("epoch", 0) >= int(ch.data.params.get("train.max_epochs", 0)):
-                c.set_terminated(rid, "FINISHED")  # Tune stopped it at max_t, after its last epoch
-            else:
-                c.set_tag(rid, EARLY_STOPPED_TAG, "true")
-                c.set_terminated(rid, "KILLED")
-            ch = c.get_run(rid)
-        history = [m.value for m in c.get_metric_history(rid, metric)]
-        if not history:
-            continue
-        rows.append(
-            {
-                "run_name": name,
-                "run_id": rid,
-                "params": {k: _typed(ch.data.params.get(k)) for k in space_keys},
-                "best": max(history) if mode == "max" else min(history),
-                "validations": len(history),
-                "status": ch.info.status,
-                "early_stopped": ch.data.tags.get(EARLY_STOPPED_TAG) == "true",
-            }
-        )
-    rows.sort(key=lambda r: r["best"], reverse=mode == "max")
-    return rows
-
-
-def _typed(text: str | None) -> Any:
-    try:
-        return json.loads(text) if text is not None else None
-    except ValueError:
-        return text
 
 
 def format_table(rows: list[dict[str, Any]], metric: str) -> str:

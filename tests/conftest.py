@@ -23,7 +23,7 @@ def ray_session():
     """A real local Ray cluster, started once (startup costs seconds on 2 cores)."""
     import ray
 
-    from pipeline.train.run import init_ray
+    from pipeline.cluster import init_ray
 
     # The same local cluster `pipeline tune` starts for 1-worker trials on this 2-core
     # machine (3 logical CPUs), so resource starvation shows up here as for users.

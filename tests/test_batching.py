@@ -1,6 +1,7 @@
 import numpy as np
 
-from pipeline.train.batching import caption_batches, collate, plan_batches, token_batches
+from pipeline.tasks.captioning import caption_batches
+from pipeline.train.batching import collate, plan_batches, token_batches
 
 
 def rows(n, seed=0):

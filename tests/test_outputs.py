@@ -15,11 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import load_config
-from pipeline.data.output import DEMO_MARKER, publish, read_manifest, remove_leftovers
-from pipeline.data.preprocess import ensure_demo_corpus, output_dir, preprocess
+from pipeline.data.output import DEMO_MARKER, output_dir, publish, read_manifest, remove_leftovers
+from pipeline.data.preprocess import ensure_demo_corpus
 from pipeline.data.readers import DataError
 from pipeline.data.synthetic_video import write_demo_video
 from pipeline.data.video_preprocess import ensure_demo_video
+from pipeline.tasks import preprocess
 
 SPLITS = ("train", "val", "test")
 

@@ -8,9 +8,10 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.data import tokenizer as toklib
-from pipeline.data.preprocess import preprocess, read_tokenizers
+from pipeline.data.output import read_tokenizers
 from pipeline.data.readers import DataError
 from pipeline.data.synthetic import generate_pairs
+from pipeline.tasks import preprocess
 
 
 def count_lines(path):

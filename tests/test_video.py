@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.data.preprocess import preprocess
 from pipeline.data.readers import DataError
 from pipeline.data.synthetic_video import encode_mp4, render_clip, write_demo_video
 from pipeline.data.video import clip_array, decode_clip, sample_indices
 from pipeline.models import build_model
+from pipeline.tasks import preprocess
 
 
 @pytest.fixture(scope="module")

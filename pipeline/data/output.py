@@ -22,12 +22,17 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import fsspec
+import pyarrow as pa
 
+from ..config import DataConfig, config_hash
 from ..lock import StorageLock, describe
 from ..tracking import redact
+from . import tokenizer as toklib
 from .readers import DataError
 
 MANIFEST = "manifest.json"
@@ -200,3 +205,79 @@ def demo_folder(
         _write_json_atomic(marker, {"generator": what, "complete": False})  # a crash from here leaves it ours
         generate()
         _write_json_atomic(marker, {"generator": what, "complete": True})
+
+
+SPLITS = ("train", "val", "test")
+
+
+def write_split_shards(out: str, table: pa.Table, columns: list[str]) -> None:
+    """The kept rows (reason "") of a block, one Parquet file per split under ``out/{split}/``.
+
+    A file is named by the smallest id among its rows (ids are unique among kept rows), so a
+    retried task rewrites the same files instead of adding copies."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    fs, root = fsspec.core.url_to_fs(out)
+    for split in SPLITS:
+        kept = table.filter(pc.and_(pc.equal(table["reason"], ""), pc.equal(table["split"], split)))
+        if kept.num_rows:
+            first = int(pc.min(kept["id"]).as_py())
+            with fs.open(f"{root}/{split}/part-{first:020d}.parquet", "wb") as f:
+                pq.write_table(kept.select(columns), f)
+
+
+def output_dir(cfg: DataConfig, inputs: list[dict[str, Any]]) -> str:
+    keyed = {k: v for k, v in asdict(cfg).items() if k not in ("output_dir", "feature_cache")}
+    h = config_hash({"config": keyed, "inputs": inputs})
+    # Absolute: Ray workers read it from other working directories (and other nodes).
+    base = cfg.output_dir if "://" in cfg.output_dir else str(Path(cfg.output_dir).expanduser().resolve())
+    return f"{base.rstrip('/')}/{cfg.name}-{cfg.src_lang}-{cfg.tgt_lang}-{h}"
+
+
+def read_tokenizers(out: str) -> tuple[str, str]:
+    texts = []
+    for side in ("src", "tgt"):
+        with fsspec.open(f"{out}/{side}_tokenizer.json", "r") as f:
+            texts.append(f.read())
+    return texts[0], texts[1]
+
+
+def tokenizer_info(cfg: DataConfig, src_json: str, tgt_json: str) -> dict[str, Any]:
+    src_tok, tgt_tok = toklib.load_tokenizer(src_json), toklib.load_tokenizer(tgt_json)
+    return {
+        "kind": cfg.tokenizer,
+        "joint_vocab": cfg.joint_vocab,
+        "src_vocab_size": src_tok.get_vocab_size(),
+        "tgt_vocab_size": tgt_tok.get_vocab_size(),
+        "src_sha256": config_hash(src_json),
+        "tgt_sha256": config_hash(tgt_json),
+        "pad_id": toklib.PAD_ID,
+        "bos_id": toklib.BOS_ID,
+        "eos_id": toklib.EOS_ID,
+    }
+
+
+def write_tokenizers(out: str, src_json: str, tgt_json: str) -> None:
+    for side, text in (("src", src_json), ("tgt", tgt_json)):
+        with fsspec.open(f"{out}/{side}_tokenizer.json", "w") as f:
+            f.write(text)
+
+
+def check_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The splits a run needs are not empty (else the output is not published)."""
+    for split in ("train", "val"):
+        if not manifest["splits"][split]["kept"]:
+            raise DataError(
+                f"the {split} split is empty after preprocessing ({manifest['splits'][split]}); "
+                "check data.*_split / data.val_fraction and the filters"
+            )
+    return manifest
+
+
+def report_done(out: str, manifest: dict[str, Any]) -> None:
+    print(
+        f"[preprocess] built {redact(out)} in {manifest['seconds']}s: read {manifest['rows_read']}, kept "
+        f"{manifest['rows_kept']}, dropped {manifest['dropped'] or 0}",
+        flush=True,
+    )

@@ -19,7 +19,6 @@ import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -28,13 +27,22 @@ import pyarrow as pa
 import ray
 from ray.data.datasource import Datasink
 
-from ..config import VIDEO_DATA, DataConfig, config_hash
+from ..config import DataConfig, config_hash
 from ..tracking import redact  # printed lines and the manifest: paths may be URIs with credentials
 from . import tokenizer as toklib
-from .output import demo_folder, read_manifest, reuse_or_build  # noqa: F401 - read_manifest: callers import it here
+from .output import (
+    SPLITS,
+    check_manifest,
+    demo_folder,
+    output_dir,
+    report_done,
+    reuse_or_build,
+    tokenizer_info,
+    write_split_shards,
+    write_tokenizers,
+)
 from .readers import DataError, absolute, list_tasks, read_tasks
 
-SPLITS = ("train", "val", "test")
 OUTPUT_COLUMNS = ["id", "src_ids", "tgt_ids", "src_len", "tgt_len", "src", "tgt"]
 
 
@@ -156,83 +164,10 @@ def encode_batch(batch: pa.Table, src_json: str, tgt_json: str, min_tokens: int,
     )
 
 
-def write_split_shards(out: str, table: pa.Table, columns: list[str]) -> None:
-    """The kept rows (reason "") of a block, one Parquet file per split under ``out/{split}/``.
-
-    A file is named by the smallest id among its rows (ids are unique among kept rows), so a
-    retried task rewrites the same files instead of adding copies."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    fs, root = fsspec.core.url_to_fs(out)
-    for split in SPLITS:
-        kept = table.filter(pc.and_(pc.equal(table["reason"], ""), pc.equal(table["split"], split)))
-        if kept.num_rows:
-            first = int(pc.min(kept["id"]).as_py())
-            with fs.open(f"{root}/{split}/part-{first:020d}.parquet", "wb") as f:
-                pq.write_table(kept.select(columns), f)
-
-
-class SplitSink(Datasink):
-    """Writes each block's kept rows to ``{out}/{split}/`` and returns its counts per (split,
-    reason): one streaming pass gives both the shards and the manifest's numbers. ``out`` is
-    a fresh staging folder (see ``output.py``), so nothing of an earlier run is in it."""
-
-    def __init__(self, out: str):
-        self.out = out
-        self.counts: dict[str, dict[str, int]] = {s: {} for s in SPLITS}  # split -> reason ("kept") -> rows
-
-    def on_write_start(self, schema: Any = None) -> None:
-        fs, root = fsspec.core.url_to_fs(self.out)
-        for split in SPLITS:
-            fs.makedirs(f"{root}/{split}", exist_ok=True)
-
-    def write(self, blocks: Any, ctx: Any) -> Counter:
-        from ray.data.block import BlockAccessor
-
-        counts: Counter = Counter()  # (split, reason or "kept") -> rows
-        for block in blocks:
-            table = BlockAccessor.for_block(block).to_arrow()
-            if not table.num_rows:
-                continue
-            for row in table.group_by(["split", "reason"]).aggregate([([], "count_all")]).to_pylist():
-                counts[row["split"], row["reason"] or "kept"] += row["count_all"]
-            write_split_shards(self.out, table, OUTPUT_COLUMNS)
-        return counts
-
-    def on_write_complete(self, write_result: Any) -> None:
-        for (split, reason), n in sum(write_result.write_returns, Counter()).items():
-            self.counts.setdefault(split, {})[reason] = n
-
-
 def _kept_in(split: str):
     from ray.data.expressions import col
 
     return (col("reason") == "") & (col("split") == split)
-
-
-def _fingerprint(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    out = []
-    for t in tasks:
-        for path in filter(None, (t["src_path"], t["tgt_path"])):
-            fs, p = fsspec.core.url_to_fs(path)
-            info = fs.info(p)
-            out.append(
-                {
-                    "path": path,
-                    "size": info.get("size"),
-                    "mtime": str(info.get("mtime") or info.get("LastModified") or ""),
-                }
-            )
-    return out
-
-
-def output_dir(cfg: DataConfig, inputs: list[dict[str, Any]]) -> str:
-    keyed = {k: v for k, v in asdict(cfg).items() if k not in ("output_dir", "feature_cache")}
-    h = config_hash({"config": keyed, "inputs": inputs})
-    # Absolute: Ray workers read it from other working directories (and other nodes).
-    base = cfg.output_dir if "://" in cfg.output_dir else str(Path(cfg.output_dir).expanduser().resolve())
-    return f"{base.rstrip('/')}/{cfg.name}-{cfg.src_lang}-{cfg.tgt_lang}-{h}"
 
 
 def ensure_demo_corpus(cfg: DataConfig) -> None:
@@ -270,14 +205,6 @@ def ensure_demo_corpus(cfg: DataConfig) -> None:
     demo_folder(root, lambda: all(fs.exists(f"{p}/{n}") for n in names), generate, "data=demo_text")
 
 
-def read_tokenizers(out: str) -> tuple[str, str]:
-    texts = []
-    for side in ("src", "tgt"):
-        with fsspec.open(f"{out}/{side}_tokenizer.json", "r") as f:
-            texts.append(f.read())
-    return texts[0], texts[1]
-
-
 def cleaned(cfg: DataConfig, tasks: list[dict[str, Any]]) -> ray.data.Dataset:
     """Read tasks -> rows -> cleaned rows with a split and a drop reason (lazy)."""
     clean_cfg = {
@@ -308,12 +235,9 @@ def encode_and_write(
     return sink.counts
 
 
-def preprocess(cfg: DataConfig, force: bool = False) -> tuple[str, dict[str, Any]]:
-    """Run (or reuse) preprocessing; returns (output folder, manifest)."""
-    if cfg.name in VIDEO_DATA:
-        from .video_preprocess import preprocess_video
-
-        return preprocess_video(cfg, force)
+def preprocess_text(cfg: DataConfig, force: bool = False) -> tuple[str, dict[str, Any]]:
+    """Run (or reuse) the preprocessing of sentence pairs; returns (output folder, manifest).
+    (``pipeline.tasks.preprocess`` picks this or the video one by the config.)"""
     t0 = time.time()
     ensure_demo_corpus(cfg)
     tasks = list_tasks(cfg)
@@ -393,41 +317,49 @@ def _build(
     return check_manifest(manifest)
 
 
-def tokenizer_info(cfg: DataConfig, src_json: str, tgt_json: str) -> dict[str, Any]:
-    src_tok, tgt_tok = toklib.load_tokenizer(src_json), toklib.load_tokenizer(tgt_json)
-    return {
-        "kind": cfg.tokenizer,
-        "joint_vocab": cfg.joint_vocab,
-        "src_vocab_size": src_tok.get_vocab_size(),
-        "tgt_vocab_size": tgt_tok.get_vocab_size(),
-        "src_sha256": config_hash(src_json),
-        "tgt_sha256": config_hash(tgt_json),
-        "pad_id": toklib.PAD_ID,
-        "bos_id": toklib.BOS_ID,
-        "eos_id": toklib.EOS_ID,
-    }
+class SplitSink(Datasink):
+    """Writes each block's kept rows to ``{out}/{split}/`` and returns its counts per (split,
+    reason): one streaming pass gives both the shards and the manifest's numbers. ``out`` is
+    a fresh staging folder (see ``output.py``), so nothing of an earlier run is in it."""
+
+    def __init__(self, out: str):
+        self.out = out
+        self.counts: dict[str, dict[str, int]] = {s: {} for s in SPLITS}  # split -> reason ("kept") -> rows
+
+    def on_write_start(self, schema: Any = None) -> None:
+        fs, root = fsspec.core.url_to_fs(self.out)
+        for split in SPLITS:
+            fs.makedirs(f"{root}/{split}", exist_ok=True)
+
+    def write(self, blocks: Any, ctx: Any) -> Counter:
+        from ray.data.block import BlockAccessor
+
+        counts: Counter = Counter()  # (split, reason or "kept") -> rows
+        for block in blocks:
+            table = BlockAccessor.for_block(block).to_arrow()
+            if not table.num_rows:
+                continue
+            for row in table.group_by(["split", "reason"]).aggregate([([], "count_all")]).to_pylist():
+                counts[row["split"], row["reason"] or "kept"] += row["count_all"]
+            write_split_shards(self.out, table, OUTPUT_COLUMNS)
+        return counts
+
+    def on_write_complete(self, write_result: Any) -> None:
+        for (split, reason), n in sum(write_result.write_returns, Counter()).items():
+            self.counts.setdefault(split, {})[reason] = n
 
 
-def write_tokenizers(out: str, src_json: str, tgt_json: str) -> None:
-    for side, text in (("src", src_json), ("tgt", tgt_json)):
-        with fsspec.open(f"{out}/{side}_tokenizer.json", "w") as f:
-            f.write(text)
-
-
-def check_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
-    """The splits a run needs are not empty (else the output is not published)."""
-    for split in ("train", "val"):
-        if not manifest["splits"][split]["kept"]:
-            raise DataError(
-                f"the {split} split is empty after preprocessing ({manifest['splits'][split]}); "
-                "check data.*_split / data.val_fraction and the filters"
+def _fingerprint(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for t in tasks:
+        for path in filter(None, (t["src_path"], t["tgt_path"])):
+            fs, p = fsspec.core.url_to_fs(path)
+            info = fs.info(p)
+            out.append(
+                {
+                    "path": path,
+                    "size": info.get("size"),
+                    "mtime": str(info.get("mtime") or info.get("LastModified") or ""),
+                }
             )
-    return manifest
-
-
-def report_done(out: str, manifest: dict[str, Any]) -> None:
-    print(
-        f"[preprocess] built {redact(out)} in {manifest['seconds']}s: read {manifest['rows_read']}, kept "
-        f"{manifest['rows_kept']}, dropped {manifest['dropped'] or 0}",
-        flush=True,
-    )
+    return out

@@ -25,13 +25,14 @@ import ray
 from ..config import DataConfig, config_hash
 from ..tracking import redact  # printed lines and the manifest: paths may be URIs with credentials
 from . import tokenizer as toklib
-from .output import demo_folder, reuse_or_build
-from .preprocess import (
+from .output import (
     SPLITS,
     SplitSink,
     check_manifest,
+    demo_folder,
     output_dir,
     report_done,
+    reuse_or_build,
     tokenizer_info,
     write_split_shards,
     write_tokenizers,

@@ -24,7 +24,7 @@ class Batch:
     ids: torch.Tensor  # (B,) example ids
     real_tokens: int  # non-pad target tokens
     padded_tokens: int  # B * T
-    src_index: torch.Tensor | None = None  # (B,) row of src per target when sources repeat (video)
+    src_index: torch.Tensor | None = None  # (B,) row of src per target when targets share a source
 
     def to(self, device: torch.device) -> Batch:
         non_blocking = device.type == "cuda"
@@ -127,94 +127,3 @@ def token_batches(
                 eos_id,
                 pin,
             )
-
-
-def collate_clips(
-    clips: Sequence[np.ndarray],
-    tgt_ids: Sequence[np.ndarray],
-    ids: Sequence[int],
-    pad_id: int,
-    bos_id: int,
-    eos_id: int,
-    pin: bool = False,
-    src_index: Sequence[int] | None = None,
-) -> Batch:
-    """Video: distinct clips (K_i, ...) (frames uint8 or features float16) padded to
-    (V, K, ...), targets as in :func:`collate`; ``src_index`` gives each target's clip
-    (default: target i belongs to clip i)."""
-    from ..data.video import pad_clips
-
-    src, lens = pad_clips(list(clips))
-    text = collate([np.zeros(1, dtype=np.int64)] * len(tgt_ids), tgt_ids, ids, pad_id, bos_id, eos_id)
-    src_t = torch.from_numpy(src)
-    index = torch.as_tensor(np.asarray(src_index, dtype=np.int64)) if src_index is not None else None
-    if pin:
-        src_t, text.tgt_in, text.tgt_out = src_t.pin_memory(), text.tgt_in.pin_memory(), text.tgt_out.pin_memory()
-    return Batch(
-        src_t, torch.from_numpy(lens), text.tgt_in, text.tgt_out, text.ids, text.real_tokens, text.padded_tokens, index
-    )
-
-
-def caption_pairs(mb: dict[str, np.ndarray]) -> tuple[list[np.ndarray], np.ndarray, list[np.ndarray], np.ndarray]:
-    """A mega-batch of video rows -> (clips, clip index per pair, caption ids per pair, pair ids).
-    Every (video, caption) pair is one training example; pair id = video id * 1024 + caption index."""
-    from ..data.video import clip_array
-
-    clips = [clip_array(d, s, t) for d, s, t in zip(mb["data"], mb["shape"], mb["dtype"])]
-    which, tgts, ids = [], [], []
-    for i, caps in enumerate(mb["caption_ids"]):
-        for j, cap in enumerate(caps):
-            which.append(i)
-            tgts.append(np.asarray(cap, dtype=np.int64))
-            ids.append(int(mb["id"][i]) * 1024 + j)
-    return clips, np.asarray(which, dtype=np.int64), tgts, np.asarray(ids, dtype=np.int64)
-
-
-def caption_batches(
-    mega_batches: Iterator[dict[str, np.ndarray]],
-    batch_tokens: int,
-    pad_id: int,
-    bos_id: int,
-    eos_id: int,
-    rng: np.random.Generator | None = None,
-    pin: bool = False,
-    skip: np.ndarray | None = None,
-) -> Iterator[Batch]:
-    """Mega-batches of video rows -> Batches of whole videos with all their captions.
-
-    A clip is encoded once per batch however many captions it has (the encoder, a CNN
-    over every frame, is most of a step's cost); videos are added, in shuffled order,
-    while the padded target size stays within ``batch_tokens``.
-    """
-    for mb in mega_batches:
-        clips, which, tgts, ids = caption_pairs(mb)
-        if skip is not None and len(skip):  # pairs trained on before a resume
-            keep = np.nonzero(~np.isin(ids, skip))[0]
-            which, tgts, ids = which[keep], [tgts[i] for i in keep], ids[keep]
-        pairs_of = [np.nonzero(which == v)[0] for v in range(len(clips))]
-        order = rng.permutation(len(clips)) if rng is not None else np.arange(len(clips))
-        group: list[int] = []
-        longest = 0
-        for v in [v for v in order if len(pairs_of[v])] + [None]:
-            if v is not None:
-                width = max((len(tgts[i]) + 1 for i in pairs_of[v]), default=1)
-                n_pairs = sum(len(pairs_of[g]) for g in group) + len(pairs_of[v])
-                if not group or max(longest, width) * n_pairs <= batch_tokens:
-                    group.append(v)
-                    longest = max(longest, width)
-                    continue
-            if group:
-                pairs = np.concatenate([pairs_of[g] for g in group])
-                local = {g: r for r, g in enumerate(group)}
-                yield collate_clips(
-                    [clips[g] for g in group],
-                    [tgts[i] for i in pairs],
-                    ids[pairs],
-                    pad_id,
-                    bos_id,
-                    eos_id,
-                    pin,
-                    [local[which[i]] for i in pairs],
-                )
-            if v is not None:
-                group, longest = [v], max((len(tgts[i]) + 1 for i in pairs_of[v]), default=1)

@@ -26,13 +26,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .. import metrics, tracking
-from ..config import Config, default_metric, is_video
+from .. import tracking
+from ..config import Config
 from ..data import tokenizer as toklib
-from ..inference import bundle_meta, decode_clips, decode_ids, save_bundle
-from ..models import Seq2Seq, build_model
+from ..inference import bundle_meta, save_bundle
+from ..models import Seq2Seq
 from ..models.flops import peak_tflops, train_step_flops
-from .batching import Batch, caption_batches, caption_pairs, collate, collate_clips, token_batches
+from ..tasks import Task, task_for
+from .batching import Batch
 
 LOG_EVERY = 20  # optimizer steps between step-metric logs
 
@@ -119,7 +120,7 @@ def _all_gather(obj: Any) -> list[Any]:
     return out
 
 
-def _shard_rows(shard: Any, columns: list[str]) -> dict[str, list]:
+def _shard_rows(shard: Any, columns: tuple[str, ...]) -> dict[str, list]:
     rows: dict[str, list] = {c: [] for c in columns}
     for b in shard.iter_batches(batch_size=1024, batch_format="numpy"):
         for c in columns:
@@ -137,103 +138,32 @@ def _loss(model: Seq2Seq, batches: Any, device: torch.device) -> tuple[float, in
     return loss_sum, tokens
 
 
-def _eval_text(
-    model: Seq2Seq,
-    rows: dict[str, list],
-    cfg: Config,
-    tgt_tok: Any,
-    device: torch.device,
-    beam_size: int,
-    with_loss: bool,
-) -> dict[str, Any]:
-    chunks = range(0, len(rows["id"]), 64)
-    loss = (
-        _loss(
-            model,
-            (
-                collate(
-                    rows["src_ids"][s : s + 64],
-                    rows["tgt_ids"][s : s + 64],
-                    rows["id"][s : s + 64],
-                    model.pad_id,
-                    model.bos_id,
-                    model.eos_id,
-                )
-                for s in chunks
-            ),
-            device,
-        )
-        if with_loss
-        else (0.0, 0)
-    )
-    hyp_ids = decode_ids(model, [list(x) for x in rows["src_ids"]], beam_size, cfg.train.length_penalty, 64, device)
-    return {
-        "id": rows["id"],
-        "src": rows["src"],
-        "ref": rows["tgt"],
-        "hyp": toklib.decode(tgt_tok, hyp_ids),
-        "loss": loss[0],
-        "tokens": loss[1],
-    }
-
-
-def _eval_video(
-    model: Seq2Seq,
-    rows: dict[str, list],
-    cfg: Config,
-    tgt_tok: Any,
-    device: torch.device,
-    beam_size: int,
-    with_loss: bool,
-) -> dict[str, Any]:
-    mb = {k: np.asarray(v, dtype=object) if k != "id" else np.asarray(v) for k, v in rows.items()}
-    loss = (
-        _loss(model, caption_batches(iter([mb]), 2000, model.pad_id, model.bos_id, model.eos_id), device)
-        if with_loss
-        else (0.0, 0)
-    )
-    clips = caption_pairs(mb)[0]
-    hyp_ids = decode_clips(model, clips, beam_size, cfg.train.length_penalty, 64, device)
-    return {
-        "id": rows["id"],
-        "src": rows["video_id"],
-        "ref": [list(c) for c in rows["captions"]],
-        "hyp": toklib.decode(tgt_tok, hyp_ids),
-        "loss": loss[0],
-        "tokens": loss[1],
-    }
-
-
 def evaluate(
-    model: Seq2Seq, shard: Any, cfg: Config, tgt_tok: Any, device: torch.device, beam_size: int, with_loss: bool = True
+    model: Seq2Seq,
+    shard: Any,
+    task: Task,
+    tgt_tok: Any,
+    device: torch.device,
+    beam_size: int,
+    length_penalty: float,
+    with_loss: bool = True,
 ) -> dict[str, Any]:
-    """Loss, outputs and metrics of this rank's shard, gathered from all ranks. Text: BLEU
-    and chrF (0-100); video: CIDEr-D, BLEU-4 and ROUGE-L (fractions) over all references."""
+    """Loss, outputs and the task's scores of this rank's shard, gathered from all ranks."""
     model.eval()
-    if is_video(cfg):
-        rows = _shard_rows(shard, ["id", "video_id", "data", "shape", "dtype", "captions", "caption_ids"])
-        local = _eval_video(model, rows, cfg, tgt_tok, device, beam_size, with_loss)
-    else:
-        rows = _shard_rows(shard, ["id", "src_ids", "tgt_ids", "src", "tgt"])
-        local = _eval_text(model, rows, cfg, tgt_tok, device, beam_size, with_loss)
+    local = task.eval_rows(model, _shard_rows(shard, task.eval_columns), beam_size, length_penalty, device, with_loss)
+    loss = _loss(model, local.pop("batches"), device) if with_loss else (0.0, 0)
+    local.update(hyp=toklib.decode(tgt_tok, local.pop("hyp_ids")), loss=loss[0], tokens=loss[1])
     parts = _all_gather(local)
     merged: dict[str, Any] = {k: [x for p in parts for x in p[k]] for k in ("id", "src", "ref", "hyp")}
     merged["loss"] = sum(p["loss"] for p in parts) / max(1, sum(p["tokens"] for p in parts))
-    if is_video(cfg):
-        merged.update(metrics.caption_scores(merged["hyp"], merged["ref"]))
-    else:
-        merged["bleu"] = metrics.bleu(merged["hyp"], merged["ref"])
-        merged["chrf"] = metrics.chrf(merged["hyp"], merged["ref"])
+    merged.update(task.scores(merged["hyp"], merged["ref"]))
     model.train()
     return merged
 
 
-def val_metrics(res: dict[str, Any], video: bool) -> dict[str, float]:
+def val_metrics(res: dict[str, Any], task: Task) -> dict[str, float]:
     out = {"val_loss": res["loss"], "val_ppl": math.exp(min(res["loss"], 50.0))}
-    if video:
-        out.update(val_cider=res["cider"], val_bleu4=res["bleu4"], val_rouge_l=res["rouge_l"])
-    else:
-        out.update(val_bleu=res["bleu"], val_chrf=res["chrf"])
+    out.update({f"val_{k}": res[k] for k in task.val_scores})
     return out
 
 
@@ -378,18 +308,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     amp_dtype = torch.float16 if (on_gpu and t.amp) else None
     tgt_tok = toklib.load_tokenizer(loop_config["tgt_tokenizer"])
 
-    video = vocab.get("video")
-    metric = default_metric(cfg)
-    raw = build_model(
-        cfg.model,
-        vocab["src_vocab_size"],
-        vocab["tgt_vocab_size"],
-        vocab["joint_vocab"],
-        vocab["pad_id"],
-        vocab["bos_id"],
-        vocab["eos_id"],
-        video,
-    ).to(device)
+    task = task_for(cfg)
+    metric = task.metric
+    raw = task.build_model(cfg.model, vocab).to(device)
     opt = torch.optim.AdamW(raw.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=on_gpu)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, t.warmup_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is not None)
@@ -413,7 +334,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             if state.get("mlflow_run_id") != run_id:
                 say(f"[train] note: checkpoint belongs to MLflow run {state.get('mlflow_run_id')}, logging to {run_id}")
         state["mlflow_run_id"] = run_id
-        state.setdefault("best", state.pop("best_bleu", -1.0))  # checkpoints written before video support
         state.setdefault("validated_step", state["step"])  # every checkpoint is written at a validation
     # Why a run stops is decided anew from this run's config, never kept from an earlier one:
     # the same run_name with a larger max_epochs, max_minutes or early_stopping trains on.
@@ -459,8 +379,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     def validate_and_report() -> str:
         """Validate, checkpoint, log; returns "early_stopping" when this validation ends the run."""
-        res = evaluate(raw, val_shard, cfg, tgt_tok, device, t.eval_beam_size)
-        val = {**val_metrics(res, bool(video)), "epoch": state["epoch"]}
+        res = evaluate(raw, val_shard, task, tgt_tok, device, t.eval_beam_size, t.length_penalty)
+        val = {**val_metrics(res, task), "epoch": state["epoch"]}
         improved = val[metric] > state["best"]
         if improved:
             state["best"], state["evals_since_best"] = val[metric], 0
@@ -495,13 +415,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     budget_s = t.max_minutes * 60.0
     mega_rows = max(256, t.sort_window * t.batch_tokens // 24)
     specials = (vocab["pad_id"], vocab["bos_id"], vocab["eos_id"])
-    if video:  # a zero-weight step's input: one blank clip of the stored shape
-        blank = np.zeros(video["shape"], dtype=np.uint8 if video["kind"] == "frames" else np.float16)
-        dummy = collate_clips([blank], [np.array([vocab["eos_id"]])], [-1], *specials).to(device)
-        make_batches = caption_batches
-    else:
-        dummy = collate([np.array([vocab["eos_id"]])], [np.array([vocab["eos_id"]])], [-1], *specials).to(device)
-        make_batches = token_batches
+    dummy = task.blank_batch(vocab).to(device)  # a zero-weight step's input
     win = {"loss": 0.0, "tokens": 0.0, "padded": 0.0, "wait": 0.0, "flops": 0.0, "start": time.time()}
     # MFU on GPU: model FLOP/s over the device's dense fp16/bf16 peak (pipeline.models.flops).
     peak = peak_tflops(torch.cuda.get_device_name(device)) if on_gpu else None
@@ -512,14 +426,15 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         stop = "early_stopping"  # a rerun with the same patience stays stopped; a larger one goes on
     while state["epoch"] < t.max_epochs and not stop:
         rng = np.random.default_rng(t.seed * 100_003 + state["epoch"] * 101 + rank)
-        rows_per_mega = mega_rows if not video else max(16, mega_rows // 8)  # a video row holds all its captions
-        batches = make_batches(
-            train_shard.iter_batches(batch_size=rows_per_mega, batch_format="numpy", prefetch_batches=2),
+        batches = task.batches(
+            train_shard.iter_batches(
+                batch_size=task.rows_per_read(mega_rows), batch_format="numpy", prefetch_batches=2
+            ),
             t.batch_tokens,
-            *specials,
+            specials,
             rng,
-            pin=on_gpu,
-            skip=skip,
+            on_gpu,
+            skip,
         )
         epoch_done = False
         while not epoch_done:
