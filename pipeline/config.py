@@ -131,7 +131,7 @@ class TrainConfig:
     test_beam_size: int = 4
     length_penalty: float = 0.6
     early_stopping: int = 0  # validations without a better val_bleu before stopping; 0 = off
-    num_samples: int = 5  # sample translations logged as a table
+    log_samples: int = 5  # test rows (source, reference, hypothesis) logged to MLflow as a table
     trace_examples: str = ""  # a folder (shared by the workers) to write every step's example ids to; "" = off
 
 
@@ -233,8 +233,16 @@ def _field_types(obj: Any) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(obj)}
 
 
+# Keys that were renamed: the old name is refused with a message giving the new one.
+RENAMED = {
+    "train.num_samples": "train.log_samples (tune.num_samples is the number of sweep trials)",
+}
+
+
 def _check_key(key: str, obj: Any, prefix: str) -> None:
     names = [f.name for f in dataclasses.fields(obj)]
+    if f"{prefix}{key}" in RENAMED:
+        raise ConfigError(f"config key '{prefix}{key}' was renamed to {RENAMED[prefix + key]}")
     if key not in names:
         where = f"'{prefix}{key}'"
         raise ConfigError(f"unknown config key {where}; valid keys: {', '.join(prefix + n for n in names)}")
@@ -474,7 +482,7 @@ RANGES: dict[str, Rule] = {
     "train.test_beam_size": _at_least(1),
     "train.length_penalty": _at_least(0),
     "train.early_stopping": _at_least(0),  # 0 = off
-    "train.num_samples": _at_least(0),
+    "train.log_samples": _at_least(0),
     "tune.num_samples": _at_least(1),
     "tune.grace_period": _at_least(1),
     "tune.reduction_factor": _at_least(2),

@@ -97,7 +97,7 @@ BAD_VALUES = {
     "train.test_beam_size": 0,
     "train.length_penalty": -0.1,
     "train.early_stopping": -1,
-    "train.num_samples": -1,
+    "train.log_samples": -1,
     "tune.num_samples": 0,
     "tune.grace_period": 0,
     "tune.reduction_factor": 1,
@@ -157,7 +157,7 @@ def test_edges_that_mean_off_or_forever_are_valid():
             "train.early_stopping=0",
             "train.clip_norm=0",
             "train.warmup_steps=0",
-            "train.num_samples=0",
+            "train.log_samples=0",
             "data.fps=0",
             "tune.max_concurrent_trials=0",
             "train.seed=0",
@@ -217,3 +217,12 @@ def test_safe_names_pass(key):
     else:
         with pytest.raises(ConfigError, match="not a safe name"):
             Config.from_dict({group: {name: ""}})
+
+
+def test_renamed_key_is_refused_naming_the_new_one():
+    for bad in (["train.num_samples=3"], ["tune.search=grid", "tune.space.train.num_samples=[1, 2]"]):
+        with pytest.raises(ConfigError, match=r"'train.num_samples' was renamed to train.log_samples"):
+            load_config(bad)
+    with pytest.raises(ConfigError, match="renamed to train.log_samples"):
+        Config.from_dict({"train": {"num_samples": 3}})
+    assert load_config(["train.log_samples=3", "tune.num_samples=4"]).train.log_samples == 3
