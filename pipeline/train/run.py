@@ -526,7 +526,7 @@ def test_and_log(
         else:
             out = {"test_bleu": metrics.bleu(res["hyp"], res["tgt"]), "test_chrf": metrics.chrf(res["hyp"], res["tgt"])}
         log.log_metrics(out, step)
-        k = min(t.num_samples, len(res["src"]))
+        k = min(t.log_samples, len(res["src"]))
         picks = np.linspace(0, len(res["src"]) - 1, k).astype(int).tolist() if k else []
         if is_video(cfg):
             log.log_table(
