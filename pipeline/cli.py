@@ -23,7 +23,7 @@ import argparse
 import json
 import sys
 
-from .config import ConfigError, load_config
+from .config import ConfigError, compose
 
 EXAMPLES = """overrides: group=option (data=multi30k) or group.key=value (model.hidden_size=512);
 `pipeline config` lists every key. Examples:
@@ -219,9 +219,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.command == "demo":
         overrides = DEMO_OVERRIDES + overrides
-    cfg = load_config(overrides)
+    cfg, composition = compose(overrides)
     if args.command == "config":
-        print(cfg.redacted_yaml(), end="")
+        print(f"# options: {composition.summary()}\n{cfg.redacted_yaml()}", end="")
         return 0
     if args.command == "doctor":
         from .doctor import doctor

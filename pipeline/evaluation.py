@@ -62,7 +62,7 @@ def test_and_log(
         res = decode_split(task, best_dir, f"{data_dir}/test", t.test_beam_size, t.length_penalty)
         out = {f"test_{k}": v for k, v in task.scores(res["hyp"], res["tgt"], final=True).items()}
         log.log_metrics(out, step)
-        k = min(t.num_samples, len(res["src"]))
+        k = min(t.log_samples, len(res["src"]))
         picks = np.linspace(0, len(res["src"]) - 1, k).astype(int).tolist() if k else []
         log.log_table(*task.sample_table(res, picks))
         task.log_samples(log, data_dir, res, picks)

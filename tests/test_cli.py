@@ -112,3 +112,15 @@ def test_doctor_reports_each_check(tmp_path):
     assert f"data.root '{tmp_path}/missing' does not exist" in text
     assert "train.storage_path" in text and "cannot be written" in text
     assert "127.0.0.1:9" in text and "needs 1 GPUs; the cluster has 0" in text
+
+
+def test_config_names_the_options_and_the_recipe():
+    p = run("config", "data=demo_video", "model=small")
+    assert p.returncode == 0, p.stderr[-2000:]
+    first = p.stdout.splitlines()[0]
+    assert first == (
+        "# options: data=demo_video model=small train=default tracking=default tune=default "
+        "recipe=demo_video (named by data=demo_video; not over model=small)"
+    )
+    cfg = yaml.safe_load(p.stdout)
+    assert cfg["model"]["hidden_size"] == 128 and cfg["train"]["batch_tokens"] == 800

@@ -97,7 +97,7 @@ BAD_VALUES = {
     "train.test_beam_size": 0,
     "train.length_penalty": -0.1,
     "train.early_stopping": -1,
-    "train.num_samples": -1,
+    "train.log_samples": -1,
     "tune.num_samples": 0,
     "tune.grace_period": 0,
     "tune.reduction_factor": 1,
@@ -157,7 +157,7 @@ def test_edges_that_mean_off_or_forever_are_valid():
             "train.early_stopping=0",
             "train.clip_norm=0",
             "train.warmup_steps=0",
-            "train.num_samples=0",
+            "train.log_samples=0",
             "data.fps=0",
             "tune.max_concurrent_trials=0",
             "train.seed=0",
@@ -217,3 +217,141 @@ def test_safe_names_pass(key):
     else:
         with pytest.raises(ConfigError, match="not a safe name"):
             Config.from_dict({group: {name: ""}})
+
+
+# One source of defaults: the dataclasses. conf/ holds only what each option changes.
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_no_overrides_gives_the_dataclass_defaults(group):
+    assert getattr(load_config([]), group) == getattr(Config(), group)
+    assert load_config([]) == Config()
+
+
+def _option_files():
+    from pipeline.config import OPTION_GROUPS
+
+    for group in OPTION_GROUPS:
+        for opt in options(group):
+            yield group, opt
+
+
+def _restated(group, keys):
+    """Keys of a group whose value (after the schema's coercion) is the dataclass default."""
+    from pipeline.config import set_key
+
+    default, cfg = Config(), Config()
+    same = []
+    for key, value in keys.items():
+        set_key(cfg, f"{group}.{key}", value)
+        if getattr(getattr(cfg, group), key) == getattr(getattr(default, group), key):
+            same.append(f"{group}.{key}")
+    return same
+
+
+@pytest.mark.parametrize(("group", "opt"), list(_option_files()))
+def test_each_yaml_sets_only_what_differs_from_the_defaults(group, opt):
+    from pipeline.config import read_option, read_recipe
+
+    if group == "recipe":
+        by_group = {}
+        for dotted, value in read_recipe(opt):
+            g, k = dotted.split(".", 1)
+            by_group.setdefault(g, {})[k] = value
+        restated = [k for g, keys in by_group.items() for k in _restated(g, keys)]
+    else:
+        keys, _ = read_option(group, opt)  # refuses keys of other groups
+        restated = _restated(group, keys)
+    assert not restated, f"conf/{group}/{opt}.yaml restates defaults from pipeline/config.py: {restated}"
+
+
+def test_the_default_options_are_empty():
+    import yaml
+
+    from pipeline.config import read_option
+
+    defaults = yaml.safe_load((CONF_DIR / "config.yaml").read_text())["defaults"]
+    assert defaults["recipe"] == "none"
+    for group in GROUPS:
+        assert read_option(group, defaults[group]) == ({}, None)
+
+
+@pytest.mark.parametrize("opt", options("recipe"))
+def test_every_recipe_loads(opt):
+    assert isinstance(load_config([f"recipe={opt}"]), Config)
+
+
+# Recipes: settings across groups, named by a data option, never over an option the user picked.
+
+
+def test_data_demo_video_brings_its_recipe():
+    from pipeline.config import compose, read_recipe
+
+    cfg, how = compose(["data=demo_video"])
+    assert how.choices["recipe"] == "demo_video" and how.recipe_from == "data=demo_video"
+    assert "recipe=demo_video (named by data=demo_video)" in how.summary()
+    for dotted, value in read_recipe("demo_video"):
+        group, key = dotted.split(".")
+        assert getattr(getattr(cfg, group), key) == value
+    assert (cfg.model.num_layers, cfg.train.batch_tokens, cfg.train.lr, cfg.train.log_samples) == (1, 800, 0.001, 6)
+    assert cfg.data.name == "demo_video" and cfg.data.vocab_size == 200
+    assert load_config(["data=demo_video", "recipe=demo_video"]) == cfg
+
+
+def test_recipe_none_turns_it_off():
+    cfg = load_config(["data=demo_video", "recipe=none"])
+    assert cfg.model == Config().model and cfg.train == Config().train
+    assert cfg.data == load_config(["data=demo_video"]).data
+
+
+def test_a_picked_model_or_train_option_wins_over_the_recipe():
+    from pipeline.config import compose
+
+    recipe = load_config(["data=demo_video"])
+    small, how = compose(["data=demo_video", "model=small"])
+    assert small.model == load_config(["model=small"]).model  # the whole option, none of the recipe's model keys
+    assert small.train == recipe.train  # the recipe's train keys still apply
+    assert how.not_over == ["model"] and "not over model=small" in how.summary()
+    demo = load_config(["data=demo_video", "train=demo"])
+    assert demo.train == load_config(["train=demo"]).train and demo.model == recipe.model
+    # Even picking the default option keeps the recipe off that group.
+    assert load_config(["data=demo_video", "train=default"]).train == Config().train
+    both = load_config(["data=demo_video", "model=small", "train=demo"])  # what `pipeline demo data=demo_video` gets
+    assert both.model == load_config(["model=small"]).model and both.train == load_config(["train=demo"]).train
+
+
+def test_key_overrides_win_over_the_recipe():
+    cfg = load_config(["data=demo_video", "train.lr=0.01", "model.num_layers=3"])
+    assert cfg.train.lr == 0.01 and cfg.model.num_layers == 3 and cfg.train.batch_tokens == 800
+
+
+def test_a_recipe_can_be_picked_for_any_data():
+    cfg = load_config(["recipe=demo_video"])
+    assert cfg.data == Config().data and cfg.model.num_layers == 1 and cfg.train.batch_tokens == 800
+
+
+def test_an_option_setting_other_groups_keys_is_refused(tmp_path, monkeypatch):
+    import pipeline.config as config
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "recipe").mkdir()
+    (tmp_path / "config.yaml").write_text("defaults: {data: x}\n")
+    (tmp_path / "data" / "x.yaml").write_text("vocab_size: 300\nmodel: {num_layers: 1}\n")
+    monkeypatch.setattr(config, "CONF_DIR", tmp_path)
+    with pytest.raises(ConfigError, match=r"x.yaml: sets model\.\* keys, but an option sets only data\.\* keys"):
+        load_config([])
+    (tmp_path / "data" / "x.yaml").write_text("defaults: {recipe: r}\nvocab_size: 300\n")
+    (tmp_path / "recipe" / "r.yaml").write_text("model: {num_layers: 1}\n")
+    assert load_config([]).model.num_layers == 1
+    (tmp_path / "data" / "x.yaml").write_text("defaults: {model: small}\n")
+    with pytest.raises(ConfigError, match="'defaults' may only name a recipe"):
+        load_config([])
+
+
+def test_renamed_key_is_refused_naming_the_new_one():
+    for bad in (["train.num_samples=3"], ["tune.search=grid", "tune.space.train.num_samples=[1, 2]"]):
+        with pytest.raises(ConfigError, match=r"'train.num_samples' was renamed to train.log_samples"):
+            load_config(bad)
+    with pytest.raises(ConfigError, match="renamed to train.log_samples"):
+        Config.from_dict({"train": {"num_samples": 3}})
+    assert load_config(["train.log_samples=3", "tune.num_samples=4"]).train.log_samples == 3
