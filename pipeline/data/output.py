@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Any
 
 import fsspec
 import pyarrow as pa
+from ray.data.datasource import Datasink
 
 from ..config import DataConfig, config_hash
 from ..lock import StorageLock, describe
@@ -281,3 +283,35 @@ def report_done(out: str, manifest: dict[str, Any]) -> None:
         f"{manifest['rows_kept']}, dropped {manifest['dropped'] or 0}",
         flush=True,
     )
+
+
+class SplitSink(Datasink):
+    """Writes each block's kept rows to ``{out}/{split}/`` and returns its counts per (split,
+    reason): one streaming pass gives both the shards and the manifest's numbers. ``out`` is
+    a fresh staging folder (see ``output.py``), so nothing of an earlier run is in it."""
+
+    def __init__(self, out: str, columns: list[str] | None = None):
+        self.out, self.columns = out, columns or []
+        self.counts: dict[str, dict[str, int]] = {s: {} for s in SPLITS}  # split -> reason ("kept") -> rows
+
+    def on_write_start(self, schema: Any = None) -> None:
+        fs, root = fsspec.core.url_to_fs(self.out)
+        for split in SPLITS:
+            fs.makedirs(f"{root}/{split}", exist_ok=True)
+
+    def write(self, blocks: Any, ctx: Any) -> Counter:
+        from ray.data.block import BlockAccessor
+
+        counts: Counter = Counter()  # (split, reason or "kept") -> rows
+        for block in blocks:
+            table = BlockAccessor.for_block(block).to_arrow()
+            if not table.num_rows:
+                continue
+            for row in table.group_by(["split", "reason"]).aggregate([([], "count_all")]).to_pylist():
+                counts[row["split"], row["reason"] or "kept"] += row["count_all"]
+            write_split_shards(self.out, table, self.columns)
+        return counts
+
+    def on_write_complete(self, write_result: Any) -> None:
+        for (split, reason), n in sum(write_result.write_returns, Counter()).items():
+            self.counts.setdefault(split, {})[reason] = n

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import time
 import zlib
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Any
@@ -25,20 +24,19 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import ray
-from ray.data.datasource import Datasink
 
 from ..config import DataConfig, config_hash
 from ..tracking import redact  # printed lines and the manifest: paths may be URIs with credentials
 from . import tokenizer as toklib
 from .output import (
     SPLITS,
+    SplitSink,
     check_manifest,
     demo_folder,
     output_dir,
     report_done,
     reuse_or_build,
     tokenizer_info,
-    write_split_shards,
     write_tokenizers,
 )
 from .readers import DataError, absolute, list_tasks, read_tasks
@@ -220,7 +218,7 @@ def encode_and_write(
 ) -> dict[str, dict[str, int]]:
     """Encode and write the kept rows of each split under ``out`` in one streaming pass;
     returns the counts per split and reason (``kept`` or why dropped)."""
-    sink = SplitSink(out)
+    sink = SplitSink(out, OUTPUT_COLUMNS)
     # batch_size=None: whole blocks as the readers yield them. A row count here would make
     # Ray Data bundle that many *input* rows (read tasks) into one task of the fused
     # read->clean->encode->write operator, i.e. the whole corpus in one task.
@@ -315,38 +313,6 @@ def _build(
         "seconds": round(time.time() - t0, 2),
     }
     return check_manifest(manifest)
-
-
-class SplitSink(Datasink):
-    """Writes each block's kept rows to ``{out}/{split}/`` and returns its counts per (split,
-    reason): one streaming pass gives both the shards and the manifest's numbers. ``out`` is
-    a fresh staging folder (see ``output.py``), so nothing of an earlier run is in it."""
-
-    def __init__(self, out: str):
-        self.out = out
-        self.counts: dict[str, dict[str, int]] = {s: {} for s in SPLITS}  # split -> reason ("kept") -> rows
-
-    def on_write_start(self, schema: Any = None) -> None:
-        fs, root = fsspec.core.url_to_fs(self.out)
-        for split in SPLITS:
-            fs.makedirs(f"{root}/{split}", exist_ok=True)
-
-    def write(self, blocks: Any, ctx: Any) -> Counter:
-        from ray.data.block import BlockAccessor
-
-        counts: Counter = Counter()  # (split, reason or "kept") -> rows
-        for block in blocks:
-            table = BlockAccessor.for_block(block).to_arrow()
-            if not table.num_rows:
-                continue
-            for row in table.group_by(["split", "reason"]).aggregate([([], "count_all")]).to_pylist():
-                counts[row["split"], row["reason"] or "kept"] += row["count_all"]
-            write_split_shards(self.out, table, OUTPUT_COLUMNS)
-        return counts
-
-    def on_write_complete(self, write_result: Any) -> None:
-        for (split, reason), n in sum(write_result.write_returns, Counter()).items():
-            self.counts.setdefault(split, {})[reason] = n
 
 
 def _fingerprint(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
