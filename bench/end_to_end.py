@@ -26,21 +26,19 @@ import torch
 from pipeline.config import load_config
 from pipeline.models import build_model
 from pipeline.train.batching import token_batches
-from pipeline.train.loop import lr_factor, train_step
 from pipeline.train.run import fit_run, prepare
+from pipeline.train.trainer import Trainer
 
 
 def bare_loop(cfg, prep, seconds: float) -> dict:
-    """Our model and step, no Ray: Parquet -> the same token-budget batches -> AdamW."""
+    """Our Trainer, no Ray: Parquet -> the same token-budget batches -> Trainer.step."""
     torch.set_num_threads(cfg.train.cpus_per_worker)
     torch.manual_seed(cfg.train.seed)
     v = prep["vocab"]
     model = build_model(
         cfg.model, v["src_vocab_size"], v["tgt_vocab_size"], v["joint_vocab"], v["pad_id"], v["bos_id"], v["eos_id"]
     )
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.train.warmup_steps))
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    trainer = Trainer(model, cfg.train, torch.device("cpu"))  # the workers' trainer, without Ray
     table = pq.read_table(f"{prep['data_dir']}/train", columns=["id", "src_ids", "tgt_ids", "src_len", "tgt_len"])
     rows = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
     mega = max(256, cfg.train.sort_window * cfg.train.batch_tokens // 24)
@@ -49,11 +47,7 @@ def bare_loop(cfg, prep, seconds: float) -> dict:
     while time.perf_counter() - t0 < seconds:
         chunks = ({k: c[i : i + mega] for k, c in rows.items()} for i in range(0, len(rows["id"]), mega))
         for b in token_batches(chunks, cfg.train.batch_tokens, v["pad_id"], v["bos_id"], v["eos_id"], rng):
-            opt.zero_grad(set_to_none=True)
-            train_step(model, b, 1.0, float(b.real_tokens), 1, cfg.train.label_smoothing, scaler, None)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_norm)
-            opt.step()
-            sched.step()
+            trainer.step([b])
             tokens, steps = tokens + b.real_tokens, steps + 1
             if time.perf_counter() - t0 >= seconds:
                 break

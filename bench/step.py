@@ -26,7 +26,7 @@ from bare_loop import BareSeq2Seq, pad
 from pipeline.config import ModelConfig
 from pipeline.models import build_model
 from pipeline.train.batching import collate, plan_batches
-from pipeline.train.loop import batch_flops, train_step
+from pipeline.train.trainer import batch_flops, train_step
 
 
 def make_rows(n: int, vocab: int, rng: np.random.Generator):

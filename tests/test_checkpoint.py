@@ -4,7 +4,7 @@ import io
 
 import numpy as np
 
-from pipeline.train.loop import pack_ids, unpack_ids
+from pipeline.train.trainer import pack_ids, unpack_ids
 
 
 def _ids(rng, files, lines, fraction):

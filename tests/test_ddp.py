@@ -11,7 +11,8 @@ import torch.multiprocessing as mp
 
 from pipeline.cluster import free_port
 from pipeline.config import ConfigError, load_config
-from pipeline.train.loop import configure_ddp, micro_sync
+from pipeline.train.loop import configure_ddp
+from pipeline.train.trainer import micro_sync
 
 
 def _data(rank: int, micro: int) -> torch.Tensor:

@@ -187,7 +187,8 @@ def test_latest_checkpoint_is_found_by_listing_and_partial_uploads_are_passed_ov
     import numpy as np
     import torch
 
-    from pipeline.train.loop import _save_checkpoint, latest_checkpoint
+    from pipeline.train.loop import latest_checkpoint
+    from pipeline.train.trainer import save_checkpoint as _save_checkpoint
 
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters())
