@@ -1,6 +1,6 @@
 """Golden numbers, in the manner of torchtune's recipe tests: the exact losses of three
 seeded optimizer steps of the small model on a fixed tiny batch, and the exact greedy and
-beam-search ids it then decodes; and one seeded step of the captioner (frames through the
+beam-search ids it then decodes; and two seeded steps of the captioner (frames through the
 CNN input module).
 
 THESE NUMBERS PIN THE CURRENT BEHAVIOUR. They were recorded from the code as it stood
@@ -43,7 +43,7 @@ SRC_VOCAB, TGT_VOCAB = 24, 20
 SRC = [[4, 9, 13, 7, 5], [6, 11, 8], [12, 4, 4, 21, 17, 10, 9], [15, 23]]
 TGT = [[5, 8, 12, 4], [9, 6], [17, 11, 4, 19, 7, 13], [10, 14, 16]]
 DECODE_AFTER = 50  # optimizer steps before the decoding tests
-DECODE_SRC = [[4, 9, 13, 7, 5], [20, 18, 6], [15, 23, 12, 4]]
+DECODE_SRC = [[4, 9, 13, 7, 5], [20, 18, 6], [15, 23, 12, 4], [12, 4, 4, 21]]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -129,10 +129,13 @@ def test_small_model_greedy_ids(trained_text):
     assert got == GOLDEN_GREEDY
 
 
-def test_small_model_beam_ids(trained_text):
+@pytest.mark.parametrize("length_penalty", [0.6, 0.0])
+def test_small_model_beam_ids(trained_text, length_penalty):
     model, _ = trained_text
-    got = decode_ids(model, DECODE_SRC, beam_size=4, length_penalty=0.6, batch_size=8, device=torch.device("cpu"))
-    assert got == GOLDEN_BEAM
+    got = decode_ids(
+        model, DECODE_SRC, beam_size=4, length_penalty=length_penalty, batch_size=8, device=torch.device("cpu")
+    )
+    assert got == GOLDEN_BEAM[length_penalty]
 
 
 def test_captioner_step_losses():
@@ -161,6 +164,9 @@ def test_captioner_step_losses():
 # Recorded on torch 2.13.0 (CPU build), one thread; see the module docstring before editing.
 GOLDEN_TEXT_LOSSES = [2.979194440339741, 2.964224564401727, 2.9482411836322986]
 GOLDEN_TEXT_FINAL_LOSS = 1.5464703409295333  # step DECODE_AFTER
-GOLDEN_GREEDY = [[5, 8, 4, 4], [5, 8], [5, 8, 4]]
-GOLDEN_BEAM = [[5, 8, 4, 4], [9, 6], [5, 14, 16]]  # beam 4 finds better hypotheses for two of three
+GOLDEN_GREEDY = [[5, 8, 4, 4], [5, 8], [5, 8, 4], [17, 11, 4, 4]]
+GOLDEN_BEAM = {  # beam 4, by length penalty: differs from greedy on three of four; the penalty decides lengths
+    0.6: [[5, 8, 4, 4], [9, 6], [5, 14, 16], [17, 11, 4]],
+    0.0: [[5, 8, 4], [9, 6], [5, 14], [17, 11, 4]],
+}
 GOLDEN_CAPTION_LOSSES = [2.9933624267578125, 2.9210659662882485]
