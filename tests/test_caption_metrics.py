@@ -170,6 +170,7 @@ def test_meteor_failure_is_none_and_closes_the_process(monkeypatch: pytest.Monke
     assert not started[0].lock.locked()  # so its __del__ cannot hang
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("java") is None, reason="METEOR needs Java")
 def test_meteor_with_java() -> None:
     _, refs = _tokenised(*_dataset(n=12))

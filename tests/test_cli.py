@@ -34,6 +34,7 @@ def test_config_prints_resolved_yaml():
     assert cfg["model"]["hidden_size"] == 512 and cfg["data"]["test_split"] == "test_2016_flickr"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -57,6 +58,7 @@ def test_errors_are_one_clear_line(args, message):
     assert message in p.stderr and "Traceback" not in p.stderr
 
 
+@pytest.mark.slow
 def test_download_from_a_server_and_offline_error(tmp_path):
     src = tmp_path / "srv"
     src.mkdir()
@@ -82,6 +84,7 @@ def test_download_from_a_server_and_offline_error(tmp_path):
         download_multi30k(str(tmp_path / "x"), base=f"http://127.0.0.1:{server.server_port}", timeout=2)
 
 
+@pytest.mark.slow
 def test_doctor_reports_each_check(tmp_path):
     ok = run(
         "doctor",

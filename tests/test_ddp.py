@@ -57,6 +57,7 @@ def _reference() -> list[torch.Tensor]:
     return [p.grad for p in net.parameters()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compression", ["none", "fp16"])
 def test_accumulation_allreduces_once_and_compression_keeps_the_gradient(tmp_path, compression):
     mp.start_processes(_worker, args=(free_port(), compression, str(tmp_path)), nprocs=2, start_method="spawn")

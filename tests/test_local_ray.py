@@ -31,6 +31,7 @@ def _listening(pids: set[int]) -> list[tuple[str, int, int, str]]:
     return out
 
 
+@pytest.mark.slow
 def test_local_ray_listens_on_loopback_only(ray_session):
     ray = ray_session
     ray.get(ray.remote(lambda: os.getpid()).remote())  # a worker process is up and serving too
@@ -47,6 +48,7 @@ def test_local_ray_listens_on_loopback_only(ray_session):
     assert node.node_ip_address == "127.0.0.1"
 
 
+@pytest.mark.slow
 def test_local_ray_requires_the_token(ray_session):
     import grpc
     from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
@@ -79,6 +81,7 @@ def test_local_ray_requires_the_token(ray_session):
     assert gcs([("authorization", f"Bearer {token}")]) == grpc.StatusCode.OK
 
 
+@pytest.mark.slow
 def test_more_workers_than_the_cluster_has_fail_before_preprocessing(ray_session, tmp_path):
     from pipeline.train.run import prepare
 

@@ -86,6 +86,7 @@ def _history(uri: str, run_id: str, key: str) -> list[tuple[int, int]]:
     return sorted((m.step, m.timestamp) for m in MlflowClient(uri).get_metric_history(run_id, key))
 
 
+@pytest.mark.slow
 def test_logger_keeps_records_through_an_outage_and_sends_each_once(server, tmp_path):
     run_id = _new_run(server.uri)
     log = tracking.RunLogger(server.uri, run_id, str(tmp_path / "spill"), retry_s=1.0)
@@ -127,6 +128,7 @@ def test_logger_keeps_records_through_an_outage_and_sends_each_once(server, tmp_
     assert [a.path for a in c.list_artifacts(run_id, "outage")] == ["outage/notes.txt"]
 
 
+@pytest.mark.slow
 def test_close_during_an_outage_spills_and_replay_sends_once(server, tmp_path):
     run_id = _new_run(server.uri)
     spill = tmp_path / "spill"
@@ -166,6 +168,7 @@ def test_close_during_an_outage_spills_and_replay_sends_once(server, tmp_path):
     assert not list(spill.glob("*.jsonl")) and not list((spill / "files").iterdir())
 
 
+@pytest.mark.slow
 def test_a_refused_record_raises_and_does_not_block_the_rest(server, tmp_path):
     run_id = _new_run(server.uri)
     log = tracking.RunLogger(server.uri, run_id, str(tmp_path / "spill"), retry_s=1.0)
@@ -178,6 +181,7 @@ def test_a_refused_record_raises_and_does_not_block_the_rest(server, tmp_path):
     assert log.close() == 0
 
 
+@pytest.mark.slow
 def test_a_restarted_logger_skips_steps_mlflow_has_even_when_it_asks_during_an_outage(server, tmp_path):
     run_id = _new_run(server.uri)
     first = tracking.RunLogger(server.uri, run_id, str(tmp_path / "spill"), retry_s=1.0)

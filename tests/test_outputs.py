@@ -62,6 +62,7 @@ def test_publish_replaces_whole_and_the_manifest_marks_completion(tmp_path, base
     assert [p.rsplit("/", 1)[-1] for p in remove_leftovers(out)] == ["demo-en-de-abc.staging-crashed"]
 
 
+@pytest.mark.slow
 def test_force_twice_text_replaces_the_shards(ray_session, tmp_path):
     cfg = load_config(
         [
@@ -99,6 +100,7 @@ def small_video(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_force_twice_video_replaces_the_shards(ray_session, small_video, tmp_path):
     """Seen on main: the second --force appended a second copy of every row (write_parquet)."""
     cfg = video_cfg(small_video, tmp_path)
@@ -108,6 +110,7 @@ def test_force_twice_video_replaces_the_shards(ray_session, small_video, tmp_pat
     assert leftovers(out) == []
 
 
+@pytest.mark.slow
 def test_a_write_that_fails_partway_publishes_nothing(ray_session, tmp_path):
     """Bad row in the last of several files: the run fails after other files' shards were
     written; nothing sits at the output's name, and no staging folder is left."""
@@ -144,6 +147,7 @@ def _cli(*args):
     return [sys.executable, "-m", "pipeline.cli", "preprocess", *args]
 
 
+@pytest.mark.slow
 def test_killed_preprocess_is_never_reused_and_the_rerun_counts_right(ray_session, tmp_path):
     """SIGKILL `pipeline preprocess` as soon as its first shard is on disk; the same command
     again builds a complete output with one copy of each row."""
@@ -180,6 +184,7 @@ def test_killed_preprocess_is_never_reused_and_the_rerun_counts_right(ray_sessio
     assert leftovers(out) == []
 
 
+@pytest.mark.slow
 def test_two_preprocess_processes_one_builds_the_other_reuses(ray_session, tmp_path):
     args = _cli(
         "data=demo_text",

@@ -19,6 +19,7 @@ def count_lines(path):
         return sum(1 for _ in f)
 
 
+@pytest.mark.slow
 def test_multi30k_counts_match_line_counts(ray_session, multi30k, tmp_path, capsys):
     cfg = load_config(
         ["data=multi30k", f"data.root={multi30k}", f"data.output_dir={tmp_path}", "data.vocab_size=4000"]
@@ -52,6 +53,7 @@ def write_jsonl(path, pairs):
     path.write_text("".join(json.dumps({"en": s, "de": t}) + "\n" for s, t in pairs))
 
 
+@pytest.mark.slow
 def test_bad_rows_strict_and_skip_with_exact_counts(ray_session, tmp_path):
     pairs = generate_pairs(400, seed=7)
     write_jsonl(tmp_path / "a.jsonl", pairs[:200])
@@ -84,6 +86,7 @@ def test_bad_rows_strict_and_skip_with_exact_counts(ray_session, tmp_path):
     assert kept == m["rows_kept"] and m["splits"]["val"]["kept"] > 0 and m["splits"]["test"]["kept"] > 0
 
 
+@pytest.mark.slow
 def test_gzip_shard_pairs_by_uri(ray_session, multi30k, tmp_path):
     """Many shards per side, gzip, given as file:// URI globs: read in parallel, counted exactly."""
     src = gzip.open(multi30k / "val.en.gz", "rt", encoding="utf-8").read().splitlines()
@@ -123,6 +126,7 @@ def test_gzip_shard_pairs_by_uri(ray_session, multi30k, tmp_path):
     assert sum(pq.read_table(f"{out}/{s}").num_rows for s in ("train", "val", "test")) == m2["rows_kept"]
 
 
+@pytest.mark.slow
 def test_empty_corpus_is_refused_naming_the_files(ray_session, tmp_path):
     for lang in ("en", "de"):
         (tmp_path / f"part0.{lang}").write_text("")

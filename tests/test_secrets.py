@@ -96,6 +96,7 @@ def test_config_values_are_redacted_where_logged_but_real_for_the_workers(tmp_pa
     assert not [s for s in SECRETS if s.encode() in store]
 
 
+@pytest.mark.slow
 def test_pipeline_config_output_and_error_lines_are_redacted():
     p = run_cli("config", *overrides())
     assert p.returncode == 0, p.stderr[-2000:]
@@ -106,6 +107,7 @@ def test_pipeline_config_output_and_error_lines_are_redacted():
     assert not leaked(p.stdout + p.stderr)
 
 
+@pytest.mark.slow
 def test_submit_refuses_secrets_before_asking_the_cluster():
     # No cluster at that address: the refusal comes first, so nothing was sent or shown.
     p = run_cli(

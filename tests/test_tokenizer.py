@@ -6,6 +6,7 @@ import pytest
 from pipeline.data import tokenizer as toklib
 
 
+@pytest.mark.slow
 def test_round_trip_on_multi30k(multi30k):
     with gzip.open(multi30k / "train.de.gz", "rt", encoding="utf-8") as f:
         lines = [line.strip() for line in itertools.islice(f, 3000)]
@@ -45,6 +46,7 @@ def _multi30k_lines(multi30k, lang):
         return [line.rstrip("\n") for line in f]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["bpe", "unigram"])
 def test_word_encoder_gives_the_tokenizers_ids_on_all_of_multi30k(multi30k, kind):
     """The word cache is exact: every training sentence of all four languages, cleaned as

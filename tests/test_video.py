@@ -65,6 +65,7 @@ def test_decode_bad_bytes_names_the_file(data, msg):
         decode_clip(data, 4, 32, name="clip7.mp4")
 
 
+@pytest.mark.slow
 def test_msrvtt_preprocess_counts_every_caption_and_reuses_the_cache(ray_session, msrvtt, tmp_path):
     cfg = video_cfg(msrvtt, tmp_path)
     out, m = preprocess(cfg)
@@ -86,6 +87,7 @@ def test_msrvtt_preprocess_counts_every_caption_and_reuses_the_cache(ray_session
     assert m2["cache"]["hits"] == 28 and m2["cache"]["misses"] == 0
 
 
+@pytest.mark.slow
 def test_corrupt_clip_fails_by_default_and_is_counted_when_skipped(ray_session, msrvtt, tmp_path):
     root = fresh_copy(msrvtt, tmp_path)
     (root / "videos" / "video3.mp4").write_bytes(b"garbage" * 100)
@@ -102,6 +104,7 @@ def test_corrupt_clip_fails_by_default_and_is_counted_when_skipped(ray_session, 
     assert "video3" not in {r["video_id"] for r in pq.read_table(f"{out}/train").to_pylist()}
 
 
+@pytest.mark.slow
 def test_msrvtt_annotation_errors_name_the_problem(ray_session, msrvtt, tmp_path):
     root = fresh_copy(msrvtt, tmp_path)
     ann_path = root / "train_val_videodatainfo.json"
@@ -122,6 +125,7 @@ def test_msrvtt_annotation_errors_name_the_problem(ray_session, msrvtt, tmp_path
         preprocess(video_cfg(root, tmp_path))
 
 
+@pytest.mark.slow
 def test_msvd_layout_with_and_without_split_lists(ray_session, tmp_path):
     root = tmp_path / "msvd"
     write_demo_video(str(root), n_train=10, n_val=4, n_test=4, seed=5, layout="msvd", size=64, num_frames=12)
@@ -147,6 +151,7 @@ def test_msvd_layout_with_and_without_split_lists(ray_session, tmp_path):
         preprocess(load_config(base).data)
 
 
+@pytest.mark.slow
 def test_precomputed_features_npy_and_parquet(ray_session, msrvtt, tmp_path):
     ann = json.loads((msrvtt / "train_val_videodatainfo.json").read_text())
     rng = np.random.default_rng(0)
@@ -176,6 +181,7 @@ def test_precomputed_features_npy_and_parquet(ray_session, msrvtt, tmp_path):
         preprocess(load_config(common + [f"data.files={tmp_path}/bad.parquet"]).data)
 
 
+@pytest.mark.slow
 def test_frozen_backbone_features_on_actor_pool_are_cached(ray_session, msrvtt, tmp_path):
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 3))
     torch.jit.script(net).save(str(tmp_path / "backbone.ts"))
@@ -354,6 +360,7 @@ def test_duplicate_feature_rows_are_named_or_counted(msrvtt, tmp_path):
     assert c["videos_dropped"] == {"duplicate_video": 2} and c["source_rows"]["video19"].endswith("a.parquet#19")
 
 
+@pytest.mark.slow
 def test_skipped_problems_add_up_end_to_end_and_a_bad_cache_entry_is_recomputed(ray_session, msrvtt, tmp_path):
     root = fresh_copy(msrvtt, tmp_path)
     _dup_clip(root)
