@@ -28,8 +28,9 @@ import yaml
 from pipeline.config import ModelConfig
 from pipeline.inference import decode_ids
 from pipeline.models import build_model
-from pipeline.train.batching import collate, collate_clips
-from pipeline.train.loop import lr_factor
+from pipeline.tasks.captioning import collate_clips
+from pipeline.train.batching import collate
+from pipeline.train.trainer import lr_factor
 
 REPO = Path(__file__).resolve().parent.parent
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
