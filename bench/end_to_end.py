@@ -34,19 +34,25 @@ def bare_loop(cfg, prep, seconds: float) -> dict:
     """Our Trainer, no Ray: Parquet -> the same token-budget batches -> Trainer.step."""
     torch.set_num_threads(cfg.train.cpus_per_worker)
     torch.manual_seed(cfg.train.seed)
-    v = prep["vocab"]
+    v = prep.vocab
     model = build_model(
-        cfg.model, v["src_vocab_size"], v["tgt_vocab_size"], v["joint_vocab"], v["pad_id"], v["bos_id"], v["eos_id"]
+        model_cfg=cfg.model,
+        src_vocab_size=v.src_vocab_size,
+        tgt_vocab_size=v.tgt_vocab_size,
+        joint_vocab=v.joint_vocab,
+        pad_id=v.pad_id,
+        bos_id=v.bos_id,
+        eos_id=v.eos_id,
     )
     trainer = Trainer(model, cfg.train, torch.device("cpu"))  # the workers' trainer, without Ray
-    table = pq.read_table(f"{prep['data_dir']}/train", columns=["id", "src_ids", "tgt_ids", "src_len", "tgt_len"])
+    table = pq.read_table(f"{prep.data_dir}/train", columns=["id", "src_ids", "tgt_ids", "src_len", "tgt_len"])
     rows = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
     mega = max(256, cfg.train.sort_window * cfg.train.batch_tokens // 24)
     tokens, steps, t0 = 0, 0, time.perf_counter()
     rng = np.random.default_rng(0)
     while time.perf_counter() - t0 < seconds:
         chunks = ({k: c[i : i + mega] for k, c in rows.items()} for i in range(0, len(rows["id"]), mega))
-        for b in token_batches(chunks, cfg.train.batch_tokens, v["pad_id"], v["bos_id"], v["eos_id"], rng):
+        for b in token_batches(chunks, cfg.train.batch_tokens, *v.specials, rng):
             trainer.step([b])
             tokens, steps = tokens + b.real_tokens, steps + 1
             if time.perf_counter() - t0 >= seconds:
@@ -80,7 +86,7 @@ def main() -> None:
     res = fit_run(cfg, prep, "bench-pipeline")
     from mlflow.tracking import MlflowClient
 
-    c = MlflowClient(prep["uri"])
+    c = MlflowClient(prep.uri)
     tps = [m.value for m in c.get_metric_history(res["run_id"], "train_tokens_per_s")][1:]  # first: warm-up
     wait = [m.value for m in c.get_metric_history(res["run_id"], "data_wait_fraction")][1:]
     ours = statistics.median(tps)

@@ -25,7 +25,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from pipeline.cluster import free_port, loopback_cluster, stop_process_group, wait_until
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the loopback harness
+from loopback import free_port, loopback_cluster, stop_process_group, wait_until
+
 from pipeline.config import load_config
 
 
@@ -89,7 +91,13 @@ def main() -> None:
     from pipeline.models import build_model
 
     params = sum(
-        p.numel() for p in build_model(cfg.model, cfg.data.vocab_size, cfg.data.vocab_size, True, 0, 2, 3).parameters()
+        p.numel()
+        for p in build_model(
+            model_cfg=cfg.model,
+            src_vocab_size=cfg.data.vocab_size,
+            tgt_vocab_size=cfg.data.vocab_size,
+            joint_vocab=True,
+        ).parameters()
     )
     results = []
     # A multi-node run needs a tracking server every node reaches (pipeline refuses a

@@ -64,7 +64,7 @@ def main() -> None:
     real_tokens = sum(len(x) + 1 for x in tgt)
 
     ours = build_model(
-        ModelConfig(
+        model_cfg=ModelConfig(
             embedding_size=args.emb,
             hidden_size=args.hidden,
             num_layers=args.layers,
@@ -72,8 +72,8 @@ def main() -> None:
             attention="dot",
             tie_embeddings=True,
         ),
-        args.vocab,
-        args.vocab,
+        src_vocab_size=args.vocab,
+        tgt_vocab_size=args.vocab,
     )
     bare = BareSeq2Seq(args.vocab, args.emb, args.hidden, args.layers, 0.2)
     opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-3)

@@ -32,15 +32,15 @@ class BundleError(ValueError):
     """A model used for what it was not trained for (a captioner given text, ...)."""
 
 
-def bundle_meta(model_cfg: ModelConfig, vocab: dict[str, Any], data_cfg: Any) -> dict[str, Any]:
+def bundle_meta(model_cfg: ModelConfig, vocab: toklib.Vocab, data_cfg: Any) -> dict[str, Any]:
     """model.json: what it takes to rebuild the model and feed it as in training (text
     cleaning; for video the frame sampling, and the ``video`` input entry of the manifest)."""
     meta = {
         "model": asdict(model_cfg),
-        **vocab,
+        **vocab.to_dict(),
         "text": {"normalization": data_cfg.normalization, "lowercase": data_cfg.lowercase},
     }
-    if vocab.get("video"):
+    if vocab.video:
         meta["sampling"] = {k: getattr(data_cfg, k) for k in ("num_frames", "fps", "frame_size", "frame_encoder")}
     return meta
 
@@ -86,15 +86,16 @@ def _located(location: str) -> Iterator[tuple[Any, str, dict[str, Any]]]:
 
 
 def load_model(fs: Any, root: str, meta: dict[str, Any]) -> Seq2Seq:
+    vocab = toklib.Vocab.from_dict(meta)
     model = build_model(
-        ModelConfig(**meta["model"]),
-        meta["src_vocab_size"],
-        meta["tgt_vocab_size"],
-        meta["joint_vocab"],
-        meta["pad_id"],
-        meta["bos_id"],
-        meta["eos_id"],
-        meta.get("video"),
+        model_cfg=ModelConfig(**meta["model"]),
+        src_vocab_size=vocab.src_vocab_size,
+        tgt_vocab_size=vocab.tgt_vocab_size,
+        joint_vocab=vocab.joint_vocab,
+        pad_id=vocab.pad_id,
+        bos_id=vocab.bos_id,
+        eos_id=vocab.eos_id,
+        video=vocab.video,
     )
     state = torch.load(io.BytesIO(fs.cat_file(f"{root}/model.pt")), map_location="cpu", weights_only=True)
     model.load_state_dict(state)

@@ -25,7 +25,7 @@ from .lock import hold_named
 from .report import summarize
 from .tasks import task_for
 from .train.loop import latest_checkpoint
-from .train.run import check_fingerprint, close_logger, fit_run, prepare, run_fingerprint
+from .train.run import Prepared, check_fingerprint, close_logger, fit_run, prepare, run_fingerprint
 
 # A trial's driver only waits on its TorchTrainer, whose workers hold the CPUs; Tune
 # refuses 0, so it asks for a sliver.
@@ -54,9 +54,7 @@ def trial_config(base: dict[str, Any], params: dict[str, Any]) -> Config:
     return cfg
 
 
-def _run_trial(
-    params: dict[str, Any], base: dict[str, Any], prep: dict[str, Any], sweep: str, parent_run_id: str
-) -> None:
+def _run_trial(params: dict[str, Any], base: dict[str, Any], prep: Prepared, sweep: str, parent_run_id: str) -> None:
     import ray.tune
 
     trial_id = ray.tune.get_context().get_trial_id()
@@ -84,14 +82,14 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
         )
     prep = prepare(cfg)
     sweep = tc.name or f"sweep-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    lock = hold_named(f"{prep['storage']}/{sweep}", "tune.name", sweep, "pipeline tune")
+    lock = hold_named(f"{prep.storage}/{sweep}", "tune.name", sweep, "pipeline tune")
     try:
         return _run_sweep(cfg, prep, sweep)
     finally:
         lock.release()
 
 
-def sweep_fingerprint(cfg: Config, prep: dict[str, Any]) -> dict[str, str]:
+def sweep_fingerprint(cfg: Config, prep: Prepared) -> dict[str, str]:
     """A run's fingerprint without the searched keys, plus the search itself."""
     tc = cfg.tune
     out = {k: v for k, v in run_fingerprint(cfg, prep).items() if k not in tc.space}
@@ -110,11 +108,11 @@ def sweep_fingerprint(cfg: Config, prep: dict[str, Any]) -> dict[str, str]:
     return out
 
 
-def _run_sweep(cfg: Config, prep: dict[str, Any], sweep: str) -> dict[str, Any]:
+def _run_sweep(cfg: Config, prep: Prepared, sweep: str) -> dict[str, Any]:
     from ray import tune
 
     tc = cfg.tune
-    uri, experiment, storage = prep["uri"], prep["experiment"], prep["storage"]
+    uri, experiment, storage = prep.uri, prep.experiment, prep.storage
     check_fingerprint(
         f"{storage}/{sweep}", sweep_fingerprint(cfg, prep), f"tune.name '{sweep}' ({tracking.redact(storage)}/{sweep})"
     )
@@ -192,7 +190,7 @@ def _run_sweep(cfg: Config, prep: dict[str, Any], sweep: str) -> dict[str, Any]:
     final = latest_checkpoint(f"{storage}/{best['run_name']}")
     # Buffered like a training run's logging: a server away now leaves spill files, not a crash.
     best_log = tracking.RunLogger(uri, best["run_id"], tracking.spill_dir(storage, best["run_name"]))
-    tested = test_and_log(best_cfg, best_log, best_dir, prep["data_dir"], prep["manifest"], final[0] if final else 0)
+    tested = test_and_log(best_cfg, best_log, best_dir, prep.data_dir, prep.manifest, final[0] if final else 0)
     out.update(tested)
     out["unsent_records"] = close_logger(best_log)
     if tested.get("model_uri"):
@@ -221,14 +219,14 @@ def champion_metric(metric: str, mode: str, tested: dict[str, Any], default: str
 
 
 def _register(
-    cfg: Config, prep: dict[str, Any], sweep: str, run_name: str, metric: str, tested: dict[str, Any]
+    cfg: Config, prep: Prepared, sweep: str, run_name: str, metric: str, tested: dict[str, Any]
 ) -> dict[str, Any]:
     """The best trial's model becomes a new version with the alias ``challenger``, tagged
     with what it scored on which data; ``champion`` moves to it only when it wins."""
-    tc, uri = cfg.tune, prep["uri"]
-    name = tc.register_as or f"{prep['experiment']}-{cfg.data.name}"
+    tc, uri = cfg.tune, prep.uri
+    name = tc.register_as or f"{prep.experiment}-{cfg.data.name}"
     key, mode = champion_metric(metric, tc.mode, tested, task_for(cfg).metric)
-    fingerprint = tracking.data_fingerprint(prep["data_dir"], prep["manifest"])
+    fingerprint = tracking.data_fingerprint(prep.data_dir, prep.manifest)
     tags = {
         tracking.SWEEP_TAG: sweep,
         "pipeline.trial": run_name,

@@ -10,10 +10,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from loopback import free_port, loopback_cluster, wait_until
+from loopback import stop_process_group as stop
 from mlflow.tracking import MlflowClient
-
-from pipeline.cluster import free_port, loopback_cluster, wait_until
-from pipeline.cluster import stop_process_group as stop
 
 pytestmark = pytest.mark.slow
 VENV_BIN = str(Path(sys.executable).parent)

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from loopback import free_port
 
-from pipeline.cluster import free_port
 from pipeline.config import ConfigError, load_config
 from pipeline.train.loop import configure_ddp
 from pipeline.train.trainer import micro_sync

@@ -16,7 +16,7 @@ def make(attention="general", input_feeding=False, tie=True, layers=2):
         input_feeding=input_feeding,
         tie_embeddings=tie,
     )
-    return build_model(cfg, 40, 50).eval()
+    return build_model(model_cfg=cfg, src_vocab_size=40, tgt_vocab_size=50).eval()
 
 
 def batch(seed=0, b=4, s=7, t=6):

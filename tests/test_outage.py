@@ -14,12 +14,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from loopback import free_port, wait_until
+from loopback import stop_process_group as stop
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline import tracking
-from pipeline.cluster import free_port, wait_until
-from pipeline.cluster import stop_process_group as stop
 from pipeline.train.loop import LOG_EVERY
 
 VENV_BIN = str(Path(sys.executable).parent)

@@ -9,7 +9,6 @@ import getpass
 import json
 import os
 import pickle
-import socket
 import subprocess
 import sys
 import time
@@ -19,12 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from loopback import free_port
 from mlflow.tracking import MlflowClient
 
 from pipeline import tracking
 from pipeline.config import load_config
 from pipeline.data.synthetic import generate_pairs
-from pipeline.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, train_tokenizer
+from pipeline.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Vocab, train_tokenizer
 from pipeline.inference import Translator, bundle_meta, save_bundle
 from pipeline.models import build_model
 
@@ -50,16 +50,16 @@ def logged(tmp_path_factory):
     pairs = generate_pairs(400, seed=1)
     src_tok = train_tokenizer([s for s, _ in pairs], "bpe", 300)
     tgt_tok = train_tokenizer([t for _, t in pairs], "bpe", 300)
-    vocab = {
-        "src_vocab_size": src_tok.get_vocab_size(),
-        "tgt_vocab_size": tgt_tok.get_vocab_size(),
-        "joint_vocab": False,
-        "pad_id": PAD_ID,
-        "bos_id": BOS_ID,
-        "eos_id": EOS_ID,
-    }
+    vocab = Vocab(src_tok.get_vocab_size(), tgt_tok.get_vocab_size(), False, PAD_ID, BOS_ID, EOS_ID)
     torch.manual_seed(0)
-    model = build_model(cfg.model, vocab["src_vocab_size"], vocab["tgt_vocab_size"], False, PAD_ID, BOS_ID, EOS_ID)
+    model = build_model(
+        model_cfg=cfg.model,
+        src_vocab_size=vocab.src_vocab_size,
+        tgt_vocab_size=vocab.tgt_vocab_size,
+        pad_id=PAD_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+    )
     bundle = str(tmp / "bundle-src")
     save_bundle(bundle, model, bundle_meta(cfg.model, vocab, cfg.data), src_tok.to_str(), tgt_tok.to_str())
     run_id, _ = tracking.open_run(uri, "serving", "serving-test", {}, {})
@@ -149,12 +149,6 @@ def test_pyfunc_predicts_in_a_process_without_our_package(logged, champion):
     assert "/code/pipeline/" in out["pipeline"], out["pipeline"]  # not /work/main's nor this checkout's
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url, body):
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     t0 = time.perf_counter()
@@ -167,7 +161,7 @@ def _post(url, body):
 
 
 def test_mlflow_models_serve_answers_invocations(logged, champion):
-    port = _free_port()
+    port = free_port()
     log = open(logged["tmp"] / "serve.log", "w")
     proc = subprocess.Popen(
         [

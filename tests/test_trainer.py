@@ -22,6 +22,7 @@ from test_golden import (
 )
 
 from pipeline.config import TrainConfig
+from pipeline.data.tokenizer import Vocab
 from pipeline.tasks import TranslationTask
 from pipeline.train.trainer import Trainer, TrainState
 
@@ -53,7 +54,7 @@ def test_the_trainer_step_is_the_golden_step():
 
 def test_a_zero_weight_micro_batch_changes_nothing():
     b = text_batch()
-    blank = TranslationTask().blank_batch({"pad_id": 0, "bos_id": 2, "eos_id": 3})
+    blank = TranslationTask().blank_batch(Vocab(24, 20, False))
     one, padded = trainer(), trainer()
     for i in range(2):  # the same dropout masks for b in both (the blank runs after it)
         torch.manual_seed(i)

@@ -204,13 +204,19 @@ def test_captioner_model_takes_frames_or_features():
     frames = torch.randint(0, 255, (3, 4, 32, 32, 3), dtype=torch.uint8)
     lens = torch.tensor([4, 4, 4])
     tgt = torch.randint(4, 50, (3, 6))
-    m = build_model(cfg, 50, 50, True, video={"kind": "frames"})
+    m = build_model(model_cfg=cfg, src_vocab_size=50, tgt_vocab_size=50, joint_vocab=True, video={"kind": "frames"})
     loss, n = m(frames, lens, tgt, tgt)
     loss.backward()
     assert n == 18 and all(p.grad is not None for p in m.encoder.embedding.cnn.parameters())
     m.eval()  # dropout and batch statistics off: decoding is deterministic
     assert len(m.greedy(frames, lens, 5)) == 3 and m.beam_search(frames, lens, 5, 1) == m.greedy(frames, lens, 5)
-    f = build_model(cfg, 50, 50, True, video={"kind": "features", "feature_dim": 12})
+    f = build_model(
+        model_cfg=cfg,
+        src_vocab_size=50,
+        tgt_vocab_size=50,
+        joint_vocab=True,
+        video={"kind": "features", "feature_dim": 12},
+    )
     feats = torch.randn(2, 5, 12)
     assert f(feats, torch.tensor([5, 3]), tgt[:2], tgt[:2])[1] == 12
     # Padding frames beyond a clip's length does not change its encoding (packed LSTM).

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import unicodedata
 from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, fields
 from itertools import chain, repeat
+from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -184,3 +186,34 @@ def _flatten(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
 
 def decode(tok: Tokenizer, ids: list[list[int]]) -> list[str]:
     return tok.decode_batch(ids, skip_special_tokens=True)
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """What a model needs of the preprocessed data: vocabulary sizes, the special ids and,
+    for a captioner, its input (``video``: the manifest's kind, shape, feature_dim). Travels
+    to the workers and into a bundle's model.json as a plain dict."""
+
+    src_vocab_size: int
+    tgt_vocab_size: int
+    joint_vocab: bool
+    pad_id: int = PAD_ID
+    bos_id: int = BOS_ID
+    eos_id: int = EOS_ID
+    video: dict[str, Any] | None = None
+
+    @property
+    def specials(self) -> tuple[int, int, int]:
+        return self.pad_id, self.bos_id, self.eos_id
+
+    @classmethod
+    def of(cls, manifest: dict[str, Any], **extra: Any) -> Vocab:
+        tok = manifest["tokenizer"]
+        return cls(tok["src_vocab_size"], tok["tgt_vocab_size"], tok["joint_vocab"], **extra)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Vocab:
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if not (k == "video" and v is None)}

@@ -10,6 +10,7 @@ __all__ = ["FrameInput", "Seq2Seq", "build_model"]
 
 
 def build_model(
+    *,
     model_cfg: Any,
     src_vocab_size: int,
     tgt_vocab_size: int,

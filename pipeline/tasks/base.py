@@ -11,6 +11,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ..data.tokenizer import Vocab
+
 
 class Task:
     name: ClassVar[str]
@@ -39,22 +41,22 @@ class Task:
         input beyond token ids ({} for text)."""
         return {}
 
-    def build_model(self, model_cfg: Any, vocab: dict[str, Any]) -> Any:
+    def build_model(self, model_cfg: Any, vocab: Vocab) -> Any:
         """The encoder-decoder for this task's input (token ids here)."""
         from ..models import build_model
 
         return build_model(
-            model_cfg,
-            vocab["src_vocab_size"],
-            vocab["tgt_vocab_size"],
-            vocab["joint_vocab"],
-            vocab["pad_id"],
-            vocab["bos_id"],
-            vocab["eos_id"],
-            self.model_input_of(vocab),
+            model_cfg=model_cfg,
+            src_vocab_size=vocab.src_vocab_size,
+            tgt_vocab_size=vocab.tgt_vocab_size,
+            joint_vocab=vocab.joint_vocab,
+            pad_id=vocab.pad_id,
+            bos_id=vocab.bos_id,
+            eos_id=vocab.eos_id,
+            video=self.model_input_of(vocab),
         )
 
-    def model_input_of(self, vocab: dict[str, Any]) -> dict[str, Any] | None:
+    def model_input_of(self, vocab: Vocab) -> dict[str, Any] | None:
         """What :meth:`model_input` put into the vocabulary, for ``build_model`` (None: tokens)."""
         return None
 
@@ -91,7 +93,7 @@ class Task:
         """Mega-batches of rows -> training Batches (rows whose id is in ``skip`` left out)."""
         raise NotImplementedError
 
-    def blank_batch(self, vocab: dict[str, Any]) -> Any:
+    def blank_batch(self, vocab: Vocab) -> Any:
         """The input of a zero-weight step (a rank whose shard ran out): one tiny example."""
         raise NotImplementedError
 

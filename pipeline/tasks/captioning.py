@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data.tokenizer import Vocab
 from ..train.batching import Batch, collate
 from .base import Task
 
@@ -41,8 +42,8 @@ class CaptioningTask(Task):
     def model_input(self, manifest: dict[str, Any]) -> dict[str, Any]:
         return {"video": {k: manifest["video"][k] for k in ("kind", "shape", "feature_dim")}}
 
-    def model_input_of(self, vocab: dict[str, Any]) -> dict[str, Any] | None:
-        return vocab["video"]  # frames through the CNN, or features through a projection
+    def model_input_of(self, vocab: Vocab) -> dict[str, Any] | None:
+        return vocab.video  # frames through the CNN, or features through a projection
 
     def split_rows(self, split: dict[str, Any]) -> int:
         return split["videos"]  # a row is a video with all its captions
@@ -65,12 +66,10 @@ class CaptioningTask(Task):
     def batches(self, mega_batches, batch_tokens, specials, rng, pin, skip):
         return caption_batches(mega_batches, batch_tokens, *specials, rng, pin=pin, skip=skip)
 
-    def blank_batch(self, vocab: dict[str, Any]) -> Batch:
-        video = vocab["video"]
+    def blank_batch(self, vocab: Vocab) -> Batch:
+        video = vocab.video
         blank = np.zeros(video["shape"], dtype=np.uint8 if video["kind"] == "frames" else np.float16)
-        return collate_clips(
-            [blank], [np.array([vocab["eos_id"]])], [-1], vocab["pad_id"], vocab["bos_id"], vocab["eos_id"]
-        )
+        return collate_clips([blank], [np.array([vocab.eos_id])], [-1], *vocab.specials)
 
     def eval_rows(self, model, rows, beam_size, length_penalty, device, with_loss):
         from ..inference import decode_clips

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from ..data.tokenizer import Vocab
 from .base import Task
 
 
@@ -34,11 +35,11 @@ class TranslationTask(Task):
 
         return token_batches(mega_batches, batch_tokens, *specials, rng, pin=pin, skip=skip)
 
-    def blank_batch(self, vocab: dict[str, Any]) -> Any:
+    def blank_batch(self, vocab: Vocab) -> Any:
         from ..train.batching import collate
 
-        eos = np.array([vocab["eos_id"]])
-        return collate([eos], [eos], [-1], vocab["pad_id"], vocab["bos_id"], vocab["eos_id"])
+        eos = np.array([vocab.eos_id])
+        return collate([eos], [eos], [-1], *vocab.specials)
 
     def eval_rows(self, model, rows, beam_size, length_penalty, device, with_loss):
         from ..inference import decode_ids

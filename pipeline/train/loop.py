@@ -22,6 +22,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,7 @@ import torch.distributed as dist
 from .. import tracking
 from ..config import Config
 from ..data import tokenizer as toklib
+from ..data.tokenizer import Vocab
 from ..inference import bundle_meta, save_bundle
 from ..models.flops import peak_tflops
 from ..tasks import Task, task_for
@@ -106,14 +108,31 @@ def _checkpoint_step(ckpt: Any) -> int:
         return int(json.loads(f.read())["step"])
 
 
+@dataclass
+class LoopConfig:
+    """What the driver hands every worker (as a dict: Ray's train_loop_config)."""
+
+    config: dict[str, Any]
+    vocab: dict[str, Any]
+    mlflow_run_id: str
+    tracking_uri: str
+    src_tokenizer: str  # the tokenizers' JSON text
+    tgt_tokenizer: str
+    best_dir: str
+    tracking_spill_dir: str
+    latest_checkpoint: tuple[int, str] | None = None  # (step, path), listed by the driver
+    fingerprint: dict[str, str] = field(default_factory=dict)
+
+
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train's worker function: a :class:`Trainer` fed by this rank's shards."""
     import ray
     import ray.train
     import ray.train.torch
 
-    cfg = Config.from_dict(loop_config["config"])
-    vocab, run_id, uri = loop_config["vocab"], loop_config["mlflow_run_id"], loop_config["tracking_uri"]
+    lc = LoopConfig(**loop_config)
+    cfg = Config.from_dict(lc.config)
+    vocab, run_id, uri = Vocab.from_dict(lc.vocab), lc.mlflow_run_id, lc.tracking_uri
     t = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -121,14 +140,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(t.seed)
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
-    tgt_tok = toklib.load_tokenizer(loop_config["tgt_tokenizer"])
+    tgt_tok = toklib.load_tokenizer(lc.tgt_tokenizer)
 
     task = task_for(cfg)
     metric = task.metric
     trainer = Trainer(task.build_model(cfg.model, vocab).to(device), t, device, world)
     raw = trainer.raw
     ckpt = ray.train.get_checkpoint()
-    found = loop_config.get("latest_checkpoint")  # (step, path) listed by the driver
+    found = lc.latest_checkpoint
     if found and (ckpt is None or _checkpoint_step(ckpt) < found[0]):
         ckpt = ray.train.Checkpoint(found[1])
     # Example ids of the current epoch trained on before the checkpoint: skipped now, so that
@@ -145,7 +164,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 )
     state = trainer.state
     state.mlflow_run_id = run_id
-    state.fingerprint = loop_config.get("fingerprint", {})
+    state.fingerprint = lc.fingerprint
     # Why a run stops is decided anew from this run's config, never kept from an earlier one:
     # the same run_name with a larger max_epochs, max_minutes or early_stopping trains on.
     stop = ""
@@ -160,7 +179,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     nodes = _all_gather(ray.get_runtime_context().get_node_id())
     # Rank 0's MLflow calls go through a buffer sent by a background thread: an outage of the
     # tracking server neither stalls nor kills training; what is unsent at the end is spilled.
-    logger = tracking.RunLogger(uri, run_id, loop_config["tracking_spill_dir"], who="rank0") if rank == 0 else None
+    logger = tracking.RunLogger(uri, run_id, lc.tracking_spill_dir, who="rank0") if rank == 0 else None
     if rank == 0:
         # Steps after the last checkpoint (or all steps, when a group restarts before its
         # first checkpoint) were logged once already; they are recomputed now, and each
@@ -177,7 +196,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         logger.flush()
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    best_dir = loop_config["best_dir"]
+    best_dir = lc.best_dir
     meta = bundle_meta(cfg.model, vocab, cfg.data)
 
     def log(values: dict[str, float]) -> None:
@@ -203,7 +222,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             checkpoint = None
             if rank == 0:
                 if improved:
-                    save_bundle(best_dir, raw, meta, loop_config["src_tokenizer"], loop_config["tgt_tokenizer"])
+                    save_bundle(best_dir, raw, meta, lc.src_tokenizer, lc.tgt_tokenizer)
                 checkpoint = ray.train.Checkpoint.from_directory(trainer.save(ckpt_dir, seen_all))
             ray.train.report({**val, "step": state.step, f"best_{metric}": state.best}, checkpoint=checkpoint)
         if rank == 0:
@@ -220,7 +239,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     t_start: float | None = None
     budget_s = t.max_minutes * 60.0
     mega_rows = max(256, t.sort_window * t.batch_tokens // 24)
-    specials = (vocab["pad_id"], vocab["bos_id"], vocab["eos_id"])
+    specials = vocab.specials
     blank = task.blank_batch(vocab).to(device)  # a zero-weight step's input
     win = {"loss": 0.0, "tokens": 0.0, "padded": 0.0, "wait": 0.0, "flops": 0.0, "start": time.time()}
     # MFU on GPU: model FLOP/s over the device's dense fp16/bf16 peak (pipeline.models.flops).
@@ -273,7 +292,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             win["loss"] += trainer.step(micro, tokens, blank)
             win["tokens"] += tokens
             win["padded"] += padded
-            win["flops"] += sum(batch_flops(raw, b, vocab["pad_id"]) for b in real)
+            win["flops"] += sum(batch_flops(raw, b, vocab.pad_id) for b in real)
             seen += [b.ids.numpy() for b in real]
             if trace:  # an audit of exactly-once: every step's example ids, per rank and process
                 with open(os.path.join(trace, f"rank{rank}-{os.getpid()}.jsonl"), "a") as f:

@@ -12,6 +12,7 @@ import json
 import os
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import fsspec
@@ -21,7 +22,7 @@ from .. import tracking
 from ..cluster import check_fits, check_multi_node, init_ray, storage_uri
 from ..config import Config, ConfigError
 from ..data.output import read_tokenizers
-from ..data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from ..data.tokenizer import Vocab
 from ..evaluation import local_copy, test_and_log
 from ..lock import hold_named
 from ..tasks import task_for
@@ -56,7 +57,22 @@ def _exactly_once_data_config():
     return ExactlyOnce()
 
 
-def prepare(cfg: Config) -> dict[str, Any]:
+@dataclass
+class Prepared:
+    """What a run (and every trial of a sweep) starts from: where MLflow and the Ray storage
+    are, and the preprocessed data with its tokenizers and vocabulary."""
+
+    uri: str
+    experiment: str
+    storage: str
+    data_dir: str
+    manifest: dict[str, Any]
+    src_json: str
+    tgt_json: str
+    vocab: Vocab
+
+
+def prepare(cfg: Config) -> Prepared:
     """Checks and preprocessing shared by a training run and every trial of a sweep."""
     t = cfg.train
     uri, experiment = tracking.resolve(cfg.tracking)
@@ -68,18 +84,8 @@ def prepare(cfg: Config) -> dict[str, Any]:
     task = task_for(cfg)
     data_dir, manifest = task.preprocess(cfg.data)
     src_json, tgt_json = read_tokenizers(data_dir)
-    vocab = {k: manifest["tokenizer"][k] for k in ("src_vocab_size", "tgt_vocab_size", "joint_vocab")}
-    vocab.update(pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, **task.model_input(manifest))
-    return {
-        "uri": uri,
-        "experiment": experiment,
-        "storage": storage,
-        "data_dir": data_dir,
-        "manifest": manifest,
-        "src_json": src_json,
-        "tgt_json": tgt_json,
-        "vocab": vocab,
-    }
+    vocab = Vocab.of(manifest, **task.model_input(manifest))
+    return Prepared(uri, experiment, storage, data_dir, manifest, src_json, tgt_json, vocab)
 
 
 # Training keys that change what a run learns. The others (budgets, workers and resources,
@@ -100,13 +106,13 @@ RESULT_KEYS = (
 FINGERPRINT_FILE = "run_fingerprint.json"
 
 
-def run_fingerprint(cfg: Config, prep: dict[str, Any]) -> dict[str, str]:
+def run_fingerprint(cfg: Config, prep: Prepared) -> dict[str, str]:
     """What defines a run: the preprocessed data (its folder name hashes the data config and
     the input files), both tokenizers, every model key and the training keys that change the
     result. A run_name resumes only where this is unchanged."""
-    tok = prep["manifest"]["tokenizer"]
+    tok = prep.manifest["tokenizer"]
     out = {
-        "data": os.path.basename(prep["data_dir"].rstrip("/")),
+        "data": os.path.basename(prep.data_dir.rstrip("/")),
         "data.src_tokenizer": tok["src_sha256"],
         "data.tgt_tokenizer": tok["tgt_sha256"],
     }
@@ -152,13 +158,13 @@ def run_training(cfg: Config) -> dict[str, Any]:
 
 
 def fit_run(
-    cfg: Config, prep: dict[str, Any], run_name: str, parent_run_id: str | None = None, in_tune: bool = False
+    cfg: Config, prep: Prepared, run_name: str, parent_run_id: str | None = None, in_tune: bool = False
 ) -> dict[str, Any]:
     """One MLflow run + one TorchTrainer fit. A sweep's trial passes its parent run and
     ``in_tune`` (metrics go to Tune too; the test split is left to the sweep's champion)."""
     t = cfg.train
     t.run_name = run_name
-    run_dir = f"{prep['storage']}/{run_name}"
+    run_dir = f"{prep.storage}/{run_name}"
     # A sweep holds its own lock; Tune may restart a trial while the old one winds down.
     lock = None if in_tune else hold_named(run_dir, "train.run_name", run_name, "pipeline train")
     try:
@@ -169,10 +175,10 @@ def fit_run(
 
 
 def _fit_run(
-    cfg: Config, prep: dict[str, Any], run_name: str, run_dir: str, parent_run_id: str | None, in_tune: bool
+    cfg: Config, prep: Prepared, run_name: str, run_dir: str, parent_run_id: str | None, in_tune: bool
 ) -> dict[str, Any]:
     t, task = cfg.train, task_for(cfg)
-    uri, experiment, data_dir, manifest = prep["uri"], prep["experiment"], prep["data_dir"], prep["manifest"]
+    uri, experiment, data_dir, manifest = prep.uri, prep.experiment, prep.data_dir, prep.manifest
     fingerprint = run_fingerprint(cfg, prep)
     check_fingerprint(run_dir, fingerprint, f"train.run_name '{run_name}' ({tracking.redact(run_dir)})")
     tags = {"ray.run_name": run_name, "pipeline.data_dir": tracking.redact(data_dir)}
@@ -189,7 +195,7 @@ def _fit_run(
     )
     # The driver's logging is buffered like rank 0's: a server away at the end of a run that
     # trained well costs a spill file to replay, not the run.
-    spill = tracking.spill_dir(prep["storage"], run_name)
+    spill = tracking.spill_dir(prep.storage, run_name)
     log = tracking.RunLogger(uri, run_id, spill, who="driver")
     if not resumed:
         log.log_text(cfg.redacted_yaml(), "config.yaml")
@@ -198,12 +204,12 @@ def _fit_run(
                 log.log_artifact(local_copy(f"{data_dir}/{name}", tmp), "data")
         log.log_metrics(task.data_metrics(manifest), 0)
         log.flush()
-    best_dir = f"{prep['storage']}/{run_name}/best"
+    best_dir = f"{prep.storage}/{run_name}/best"
 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from .loop import latest_checkpoint, train_loop
+    from .loop import LoopConfig, latest_checkpoint, train_loop
 
     callbacks = []
     if in_tune:
@@ -212,18 +218,20 @@ def _fit_run(
         callbacks.append(TuneReportCallback())
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={
-            "config": cfg.to_dict(),
-            "vocab": prep["vocab"],
-            "mlflow_run_id": run_id,
-            "tracking_uri": uri,
-            "src_tokenizer": prep["src_json"],
-            "tgt_tokenizer": prep["tgt_json"],
-            "best_dir": best_dir,
-            "latest_checkpoint": latest_checkpoint(run_dir),
-            "fingerprint": fingerprint,
-            "tracking_spill_dir": spill,
-        },
+        train_loop_config=asdict(  # a plain dict to the workers
+            LoopConfig(
+                config=cfg.to_dict(),
+                vocab=prep.vocab.to_dict(),
+                mlflow_run_id=run_id,
+                tracking_uri=uri,
+                src_tokenizer=prep.src_json,
+                tgt_tokenizer=prep.tgt_json,
+                best_dir=best_dir,
+                tracking_spill_dir=spill,
+                latest_checkpoint=latest_checkpoint(run_dir),
+                fingerprint=fingerprint,
+            )
+        ),
         scaling_config=ScalingConfig(
             num_workers=t.num_workers,
             use_gpu=t.use_gpu,
@@ -232,7 +240,7 @@ def _fit_run(
         ),
         run_config=RunConfig(
             name=run_name,
-            storage_path=prep["storage"],
+            storage_path=prep.storage,
             callbacks=callbacks,
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),

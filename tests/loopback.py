@@ -1,0 +1,158 @@
+"""Test and benchmark harness (not part of the package): free ports, waiting for servers,
+stopping process groups, and a real multi-node Ray cluster on loopback."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_process_group(proc: Any) -> None:
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def wait_until(check: Any, what: str, timeout: float = 120.0, hint: str = "") -> None:
+    """Poll ``check()`` every second until it is true (exceptions count as not yet)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if check():
+                return
+        except Exception:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"timed out waiting for {what}{hint}")
+
+
+class loopback_cluster:
+    """A real multi-node Ray cluster on one machine (127.0.0.1, token auth on): a head and
+    ``nodes - 1`` worker nodes, each ``ray start --block`` in its own process group, with
+    ``cpus`` logical CPUs per node. For tests and benchmarks of multi-node behaviour.
+
+        with loopback_cluster(nodes=2, cpus=2, logs=Path("logs")) as c:
+            c.gcs          # "127.0.0.1:PORT", for RAY_ADDRESS
+            c.dashboard    # "http://127.0.0.1:PORT", for job submission
+    """
+
+    def __init__(self, nodes: int = 2, cpus: int = 2, logs: Path | None = None, timeout: float = 120):
+        self.nodes, self.cpus, self.timeout = nodes, cpus, timeout
+        self.logs = Path(logs) if logs else None
+        self.procs: list[Any] = []
+
+    def _start(self, args: list[str], name: str) -> None:
+        import subprocess
+
+        log = open(self.logs / f"{name}.log", "w") if self.logs else subprocess.DEVNULL
+        self.procs.append(
+            subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=self.env)
+        )
+
+    def __enter__(self) -> loopback_cluster:
+        import shutil
+        import subprocess
+        import tempfile
+        import urllib.error
+        import urllib.request
+
+        self.env = {
+            **os.environ,
+            "RAY_AUTH_MODE": "token",
+            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
+        }
+        self._short = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
+        if self.logs:
+            self.logs.mkdir(parents=True, exist_ok=True)
+        ray_bin = shutil.which("ray", path=self.env["PATH"]) or "ray"
+        gcs, dash = free_port(), free_port()
+        self.gcs, self.dashboard = f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}"
+        common = [
+            f"--num-cpus={self.cpus}",
+            "--block",
+            "--disable-usage-stats",
+            "--include-log-monitor=false",
+            "--node-ip-address=127.0.0.1",
+        ]
+        try:
+            self._start(
+                [
+                    ray_bin,
+                    "start",
+                    "--head",
+                    f"--port={gcs}",
+                    "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dash}",
+                    f"--dashboard-agent-listen-port={free_port()}",
+                    f"--temp-dir={self._short}/head",
+                    *common,
+                ],
+                "head",
+            )
+            self._wait(lambda: self._answers(f"{self.dashboard}/api/version", urllib), "the head node's dashboard")
+            for i in range(1, self.nodes):
+                self._start(
+                    [
+                        ray_bin,
+                        "start",
+                        f"--address={self.gcs}",
+                        f"--dashboard-agent-listen-port={free_port()}",
+                        f"--temp-dir={self._short}/node{i}",
+                        *common,
+                    ],
+                    f"node{i}",
+                )
+            count = [
+                sys.executable,
+                "-c",
+                f"import ray; ray.init(address='{self.gcs}', logging_level='ERROR');"
+                "print(sum(n['Alive'] for n in ray.nodes()))",
+            ]
+            self._wait(
+                lambda: (
+                    subprocess.run(count, capture_output=True, text=True, timeout=60, env=self.env).stdout.strip()
+                    == str(self.nodes)
+                ),
+                f"{self.nodes} alive nodes",
+            )
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    @staticmethod
+    def _answers(url: str, urllib: Any) -> bool:
+        try:  # any HTTP answer counts (with token auth on, an anonymous call gets 401)
+            urllib.request.urlopen(url, timeout=2)
+        except urllib.error.HTTPError:
+            pass
+        return True
+
+    def _wait(self, check: Any, what: str) -> None:
+        wait_until(check, f"loopback cluster: {what}", self.timeout, f" (logs in {self.logs})" if self.logs else "")
+
+    def __exit__(self, *exc: object) -> None:
+        import shutil
+
+        for p in reversed(self.procs):
+            stop_process_group(p)
+        self.procs = []
+        shutil.rmtree(self._short, ignore_errors=True)
