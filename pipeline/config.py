@@ -119,8 +119,7 @@ class TrainConfig:
     run_name: str = ""  # "" = a fresh timestamped name; the same name resumes
     storage_path: str = "ray_results"
     seed: int = 0
-    # Target tokens per worker per step: with 2 workers, 84 steps an epoch on the demo corpus and
-    # test BLEU about 87 after 8 epochs (train=demo); 3000 gave 42 steps an epoch and BLEU 38 in the same time.
+    # Target tokens per worker per step: tuned on the demo corpus (bench/README.md, "Defaults").
     batch_tokens: int = 1500
     sort_window: int = 64  # batches per length-sorted mega-batch
     lr: float = 0.003

@@ -156,7 +156,7 @@ class Captioner(Translator):
     def caption(
         self, clips: list[Any], beam_size: int = 4, length_penalty: float = 0.6, batch_size: int = 32
     ) -> list[str]:
-        out = decode_clips(self.model, clips, beam_size, length_penalty, batch_size, self.device)
+        out = decode_clip_ids(self.model, clips, beam_size, length_penalty, batch_size, self.device)
         return toklib.decode(self.tgt_tok, out)
 
     def load_clips(self, paths: list[str], backbone: str = "") -> list[Any]:
@@ -219,7 +219,7 @@ def decode_ids(
     return out
 
 
-def decode_clips(
+def decode_clip_ids(
     model: Seq2Seq,
     clips: list[Any],
     beam_size: int,

@@ -40,7 +40,6 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v")
 # Training numbers each (video, caption) pair video id * 1024 + caption index
 # (pipeline/train/batching.py: caption_pairs), so a video with more would collide with the next.
 MAX_CAPTIONS_PER_VIDEO = 1024
-MSRVTT_SPLITS = ("train", "validate", "test")
 
 
 # ---------------------------------------------------------------- decoding (PyAV)

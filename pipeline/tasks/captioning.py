@@ -72,12 +72,12 @@ class CaptioningTask(Task):
         return collate_clips([blank], [np.array([vocab.eos_id])], [-1], *vocab.specials)
 
     def eval_rows(self, model, rows, beam_size, length_penalty, device, with_loss):
-        from ..inference import decode_clips
+        from ..inference import decode_clip_ids
 
         mb = {k: np.asarray(v, dtype=object) if k != "id" else np.asarray(v) for k, v in rows.items()}
         specials = (model.pad_id, model.bos_id, model.eos_id)
         batches = caption_batches(iter([mb]), 2000, *specials) if with_loss else None
-        hyp_ids = decode_clips(model, caption_pairs(mb)[0], beam_size, length_penalty, 64, device)
+        hyp_ids = decode_clip_ids(model, caption_pairs(mb)[0], beam_size, length_penalty, 64, device)
         refs = [list(c) for c in rows["captions"]]
         return {"id": rows["id"], "src": rows["video_id"], "ref": refs, "hyp_ids": hyp_ids, "batches": batches}
 
