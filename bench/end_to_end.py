@@ -35,15 +35,7 @@ def bare_loop(cfg, prep, seconds: float) -> dict:
     torch.set_num_threads(cfg.train.cpus_per_worker)
     torch.manual_seed(cfg.train.seed)
     v = prep.vocab
-    model = build_model(
-        model_cfg=cfg.model,
-        src_vocab_size=v.src_vocab_size,
-        tgt_vocab_size=v.tgt_vocab_size,
-        joint_vocab=v.joint_vocab,
-        pad_id=v.pad_id,
-        bos_id=v.bos_id,
-        eos_id=v.eos_id,
-    )
+    model = build_model(model_cfg=cfg.model, **v.model_args())
     trainer = Trainer(model, cfg.train, torch.device("cpu"))  # the workers' trainer, without Ray
     table = pq.read_table(f"{prep.data_dir}/train", columns=["id", "src_ids", "tgt_ids", "src_len", "tgt_len"])
     rows = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}

@@ -86,17 +86,7 @@ def _located(location: str) -> Iterator[tuple[Any, str, dict[str, Any]]]:
 
 
 def load_model(fs: Any, root: str, meta: dict[str, Any]) -> Seq2Seq:
-    vocab = toklib.Vocab.from_dict(meta)
-    model = build_model(
-        model_cfg=ModelConfig(**meta["model"]),
-        src_vocab_size=vocab.src_vocab_size,
-        tgt_vocab_size=vocab.tgt_vocab_size,
-        joint_vocab=vocab.joint_vocab,
-        pad_id=vocab.pad_id,
-        bos_id=vocab.bos_id,
-        eos_id=vocab.eos_id,
-        video=vocab.video,
-    )
+    model = build_model(model_cfg=ModelConfig(**meta["model"]), **toklib.Vocab.from_dict(meta).model_args())
     state = torch.load(io.BytesIO(fs.cat_file(f"{root}/model.pt")), map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     return model

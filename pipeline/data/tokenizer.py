@@ -215,5 +215,9 @@ class Vocab:
     def from_dict(cls, d: dict[str, Any]) -> Vocab:
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
+    def model_args(self) -> dict[str, Any]:
+        """The keyword arguments of ``build_model`` that come from the data."""
+        return asdict(self)
+
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if not (k == "video" and v is None)}

@@ -45,16 +45,7 @@ class Task:
         """The encoder-decoder for this task's input (token ids here)."""
         from ..models import build_model
 
-        return build_model(
-            model_cfg=model_cfg,
-            src_vocab_size=vocab.src_vocab_size,
-            tgt_vocab_size=vocab.tgt_vocab_size,
-            joint_vocab=vocab.joint_vocab,
-            pad_id=vocab.pad_id,
-            bos_id=vocab.bos_id,
-            eos_id=vocab.eos_id,
-            video=self.model_input_of(vocab),
-        )
+        return build_model(model_cfg=model_cfg, **{**vocab.model_args(), "video": self.model_input_of(vocab)})
 
     def model_input_of(self, vocab: Vocab) -> dict[str, Any] | None:
         """What :meth:`model_input` put into the vocabulary, for ``build_model`` (None: tokens)."""
