@@ -147,6 +147,9 @@ class TrackingConfig:
     # "" = MLFLOW_EXPERIMENT_NAME, else "pipeline".
     experiment: str = ""
     log_model: bool = True
+    # MLflow system metrics (CPU, memory, disk, network; GPU with pynvml) from every node that
+    # runs a training worker, as system/<node>/...: seconds between samples; 0 = off.
+    system_metrics_s: float = 10.0
 
 
 @dataclass
@@ -540,6 +543,7 @@ RANGES: dict[str, Rule] = {
     "train.cpus_per_worker": _at_least(1),
     "train.gpus_per_worker": (_gpu_share, "in (0, 1] or a whole number (2, 3, ...)"),
     "train.max_epochs": _at_least(1),
+    "tracking.system_metrics_s": _at_least(0),  # 0 = off
     "train.max_minutes": _at_least(0),  # 0 = no budget
     "train.max_failures": (lambda v: v >= -1, ">= -1 (-1 = retry forever)"),
     "train.seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),  # numpy and torch both take it

@@ -56,17 +56,18 @@ def test_and_log(
     a few samples, the bundle, and the MLflow model."""
     t, task = cfg.train, task_for(cfg)
     out: dict[str, Any] = {}
+    scores: dict[str, float] = {}
     res: dict[str, list] = {}
     if manifest["splits"]["test"]["kept"]:
         print(f"[test] decoding the test split with beam {t.test_beam_size}", flush=True)
         res = decode_split(task, best_dir, f"{data_dir}/test", t.test_beam_size, t.length_penalty)
-        out = {f"test_{k}": v for k, v in task.scores(res["hyp"], res["tgt"], final=True).items()}
-        log.log_metrics(out, step)
+        scores = {f"test_{k}": v for k, v in task.scores(res["hyp"], res["tgt"], final=True).items()}
+        out.update(scores)
         k = min(t.log_samples, len(res["src"]))
         picks = np.linspace(0, len(res["src"]) - 1, k).astype(int).tolist() if k else []
         log.log_table(*task.sample_table(res, picks))
         task.log_samples(log, data_dir, res, picks)
-        print("[test] " + " ".join(f"{k} {v:.3f}" for k, v in out.items()), flush=True)
+        print("[test] " + " ".join(f"{k} {v:.3f}" for k, v in scores.items()), flush=True)
     with tempfile.TemporaryDirectory(prefix="pipeline-bundle-") as tmp:  # the logger keeps its own copies
         local_best = _local_bundle(best_dir, tmp)
         for name in BUNDLE_FILES:
@@ -86,6 +87,11 @@ def test_and_log(
                     f"MLflow model (its files go to best_checkpoint/; {best_dir} has them too)",
                     flush=True,
                 )
+    if scores:
+        # After the model: the scores are the logged model's metrics too, on the test dataset.
+        test_data = [d for d in tracking.split_datasets(data_dir, manifest) if d["context"] == "test"]
+        model_id = out["model_uri"].removeprefix("models:/") if out.get("model_uri") else None
+        log.log_metrics(scores, step, model_id=model_id, dataset=test_data[0] if test_data else None)
     return out
 
 

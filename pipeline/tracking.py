@@ -248,6 +248,63 @@ def data_fingerprint(data_dir: str, manifest: dict[str, Any]) -> str:
     return f"{os.path.basename(data_dir.rstrip('/'))}/test={manifest['splits']['test']['kept']}"
 
 
+def start_system_metrics(uri: str, run_id: str, node: str, interval_s: float) -> Any:
+    """MLflow's system metrics of this machine into ``run_id`` as ``system/<node>/...``, every
+    ``interval_s`` seconds, resuming after the run's last system step. Started in a thread of
+    its own (asking MLflow for that step must not hold up training when the server is away);
+    returns a handle for :func:`stop_system_metrics`."""
+    import threading
+
+    handle: dict[str, Any] = {}
+
+    def start() -> None:
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(
+                run_id, sampling_interval=interval_s, resume_logging=True, node_id=node, tracking_uri=uri
+            )
+            monitor.start()
+            handle["monitor"] = monitor
+        except Exception as e:
+            _say(f"[tracking] no system metrics from {node}: {redact(str(e))[:300]}")
+
+    handle["thread"] = threading.Thread(target=start, name=f"system-metrics-{node}", daemon=True)
+    handle["thread"].start()
+    return handle
+
+
+def stop_system_metrics(handle: Any) -> None:
+    handle["thread"].join(30)
+    if "monitor" in handle:
+        try:
+            handle["monitor"].finish()  # logs what it sampled last
+        except Exception as e:
+            _say(f"[tracking] the last system metrics were not logged: {redact(str(e))[:300]}")
+
+
+def split_datasets(data_dir: str, manifest: dict[str, Any]) -> list[dict[str, str]]:
+    """The preprocessed splits as MLflow datasets: source the split's Parquet folder, digest the
+    preprocessing hash (the output folder's name ends with it), context the split."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    name = os.path.basename(data_dir.rstrip("/"))
+    out = []
+    for split in ("train", "val", "test"):
+        if not manifest["splits"].get(split, {}).get("kept"):
+            continue
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local folder
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(f"{data_dir.rstrip('/')}/{split}")
+        ds = MetaDataset(source=source, name=f"{name}/{split}", digest=name.rsplit("-", 1)[-1][:36])
+        d = ds.to_dict()
+        out.append({k: redact(d[k]) for k in ("name", "digest", "source_type", "source")} | {"context": split})
+    return out
+
+
 def register_challenger(uri: str, model_uri: str, name: str, tags: dict[str, str]) -> str:
     """Register a logged model as a new version of ``name``, tagged, with the alias
     ``challenger``; returns the version."""
@@ -439,17 +496,28 @@ class RunLogger:
         with self._cond:
             self._queue.append({"run_id": self.run_id, **record})
 
-    def log_metrics(self, values: dict[str, float], step: int) -> None:
+    def log_metrics(
+        self, values: dict[str, float], step: int, model_id: str | None = None, dataset: dict[str, str] | None = None
+    ) -> None:
+        """Metrics at ``step``; ``model_id`` and ``dataset`` (its name and digest) link them to
+        a logged model and the dataset they were measured on (MLflow 3's model metrics)."""
         import time
 
-        self._put(
-            {
-                "kind": "metrics",
-                "step": int(step),
-                "timestamp": int(time.time() * 1000),
-                "values": {k: float(v) for k, v in values.items()},
-            }
-        )
+        record = {
+            "kind": "metrics",
+            "step": int(step),
+            "timestamp": int(time.time() * 1000),
+            "values": {k: float(v) for k, v in values.items()},
+        }
+        if model_id:
+            record["model_id"] = model_id
+        if dataset:
+            record["dataset"] = {"name": dataset["name"], "digest": dataset["digest"]}
+        self._put(record)
+
+    def log_inputs(self, datasets: list[dict[str, str]]) -> None:
+        """Dataset inputs of the run (see :func:`split_datasets`): MLflow's Datasets column."""
+        self._put({"kind": "inputs", "datasets": datasets})
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self._put({"kind": "tags", "tags": {k: str(v) for k, v in tags.items()}})
@@ -585,14 +653,22 @@ class RunLogger:
                 self._down_since = None
 
     def _send(self, chunk: list[dict[str, Any]]) -> None:
-        from mlflow.entities import Metric, RunTag
+        from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, RunTag
 
         first = chunk[0]
         c = client(self.uri)
         kind, run_id = first["kind"], first["run_id"]
         if kind == "metrics":
             metrics = [
-                Metric(k, v, r["timestamp"], r["step"])
+                Metric(
+                    k,
+                    v,
+                    r["timestamp"],
+                    r["step"],
+                    model_id=r.get("model_id"),
+                    dataset_name=r.get("dataset", {}).get("name"),
+                    dataset_digest=r.get("dataset", {}).get("digest"),
+                )
                 for r in chunk
                 for k, v in r["values"].items()
                 if self._new(k, r["step"])
@@ -603,6 +679,17 @@ class RunLogger:
             c.log_batch(run_id, tags=[RunTag(k, v) for r in chunk for k, v in r["tags"].items()])
         elif kind == "artifact":
             c.log_artifact(run_id, first["path"], first["artifact_path"])
+        elif kind == "inputs":
+            c.log_inputs(
+                run_id,
+                [
+                    DatasetInput(
+                        Dataset(d["name"], d["digest"], d["source_type"], d["source"]),
+                        [InputTag("mlflow.data.context", d["context"])],
+                    )
+                    for d in first["datasets"]
+                ],
+            )
         elif kind == "end_run":
             c.set_terminated(run_id, status=first["status"])
         elif kind == "skip_logged":

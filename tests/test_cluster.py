@@ -99,6 +99,7 @@ def test_submit_two_workers_on_two_nodes_into_mlflow_server(cluster):
         "train.run_name=on-two-nodes",
         "train.batch_tokens=800",
         "train.test_beam_size=1",
+        "tracking.system_metrics_s=2",
     ]
     env = {"MLFLOW_TRACKING_URI": cluster["mlflow"], "MLFLOW_EXPERIMENT_NAME": "cluster"}
     p = submit(cluster, overrides, env)
@@ -110,6 +111,15 @@ def test_submit_two_workers_on_two_nodes_into_mlflow_server(cluster):
     )[0]
     assert run.info.status == "FINISHED"
     assert run.data.tags["ray.num_worker_nodes"] == "2", run.data.tags.get("ray.worker_nodes")
+    # System metrics from both nodes, each under its own prefix: system/node-<id>/...
+    nodes = {k.split("/")[1] for k in run.data.metrics if k.startswith("system/")}
+    assert len(nodes) == 2 and {n[5:] for n in nodes} == {
+        n[:8] for n in run.data.tags["ray.worker_nodes"].split(",")
+    }, sorted(run.data.metrics)
+    for n in nodes:
+        assert {f"system/{n}/cpu_utilization_percentage", f"system/{n}/system_memory_usage_megabytes"} <= set(
+            run.data.metrics
+        )
     assert "val_bleu" in run.data.metrics and "test_bleu" in run.data.metrics
     assert run.data.tags.get("mlflow.source.git.commit")
     assert "best_checkpoint" in {a.path for a in c.list_artifacts(run.info.run_id)}

@@ -151,6 +151,27 @@ def test_mlflow_run_has_params_metrics_artifacts(trained):
     assert table["columns"] == ["source", "reference", "translation"] and len(table["data"]) == 5
 
 
+def test_run_lists_its_splits_as_datasets_and_the_test_scores_belong_to_the_model(trained):
+    """Lineage: the train/val/test Parquet folders are the run's dataset inputs (digest: the
+    preprocessing hash; logged once, not again on resume), and the test scores are the logged
+    model's metrics, measured on the test dataset."""
+    c = MlflowClient(trained["uri"])
+    res = trained["second"]
+    data_dir = res["data_dir"].rstrip("/")
+    name, digest = os.path.basename(data_dir), os.path.basename(data_dir).rsplit("-", 1)[-1]
+    inputs = c.get_run(res["run_id"]).inputs.dataset_inputs
+    by_context = {t.value: i.dataset for i in inputs for t in i.tags if t.key == "mlflow.data.context"}
+    assert len(inputs) == 3 and set(by_context) == {"train", "val", "test"}
+    for split, ds in by_context.items():
+        assert ds.name == f"{name}/{split}" and ds.digest == digest and ds.source_type == "local"
+        assert json.loads(ds.source)["uri"] == f"{data_dir}/{split}"
+    model = c.get_logged_model(res["model_uri"].removeprefix("models:/"))
+    scores = {m.key: m for m in model.metrics}
+    assert set(scores) >= {"test_bleu", "test_chrf"}
+    assert scores["test_bleu"].value == pytest.approx(res["test_bleu"])
+    assert scores["test_bleu"].dataset_name == f"{name}/test" and scores["test_bleu"].dataset_digest == digest
+
+
 def test_model_learned_something(trained):
     run = MlflowClient(trained["uri"]).get_run(trained["second"]["run_id"])
     assert run.data.metrics["test_bleu"] > 5.0, run.data.metrics  # a random model scores ~0

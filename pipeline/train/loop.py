@@ -176,7 +176,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             t.grad_compression,
         )
     )
-    nodes = _all_gather(ray.get_runtime_context().get_node_id())
+    node = ray.get_runtime_context().get_node_id()
+    nodes = _all_gather(node)
+    # One system-metrics sampler per node (its first worker), named by the node's id.
+    system = None
+    if cfg.tracking.system_metrics_s > 0 and ctx.get_local_rank() == 0:
+        system = tracking.start_system_metrics(uri, run_id, f"node-{node[:8]}", cfg.tracking.system_metrics_s)
     # Rank 0's MLflow calls go through a buffer sent by a background thread: an outage of the
     # tracking server neither stalls nor kills training; what is unsent at the end is spilled.
     logger = tracking.RunLogger(uri, run_id, lc.tracking_spill_dir, who="rank0") if rank == 0 else None
@@ -325,6 +330,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             # The epoch ended, or the budget ran out mid-epoch: validate and keep what was learned
             # (not again when this run took no step since the last validation).
             stop = validate_and_report() or stop
+    if system is not None:
+        tracking.stop_system_metrics(system)
     if rank == 0:
         say(
             f"[train] finished: {state.step} steps, {state.epoch} epochs, best {metric} "

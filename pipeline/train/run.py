@@ -203,6 +203,7 @@ def _fit_run(
             for name in ("manifest.json", "src_tokenizer.json", "tgt_tokenizer.json"):
                 log.log_artifact(local_copy(f"{data_dir}/{name}", tmp), "data")
         log.log_metrics(task.data_metrics(manifest), 0)
+        log.log_inputs(tracking.split_datasets(data_dir, manifest))  # the Datasets column: train, val, test
         log.flush()
     best_dir = f"{prep.storage}/{run_name}/best"
 
