@@ -81,6 +81,7 @@ BAD_VALUES = {
     "train.gpus_per_worker": 1.5,
     "train.max_epochs": 0,
     "train.max_minutes": -1.0,
+    "tracking.system_metrics_s": -1.0,
     "train.max_failures": -2,
     "train.seed": -1,
     "train.batch_tokens": 15,
