@@ -14,7 +14,7 @@ import io
 import json
 import tempfile
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,26 +32,47 @@ class BundleError(ValueError):
     """A model used for what it was not trained for (a captioner given text, ...)."""
 
 
-def bundle_meta(model_cfg: ModelConfig, vocab: toklib.Vocab, data_cfg: Any) -> dict[str, Any]:
-    """model.json: what it takes to rebuild the model and feed it as in training (text
-    cleaning; for video the frame sampling, and the ``video`` input entry of the manifest)."""
-    meta = {
-        "model": asdict(model_cfg),
-        **vocab.to_dict(),
-        "text": {"normalization": data_cfg.normalization, "lowercase": data_cfg.lowercase},
-    }
+@dataclass
+class BundleMeta:
+    """model.json: what it takes to rebuild the model and feed it as in training: the model
+    config, the vocabulary (with a captioner's input), the text cleaning and, for a captioner,
+    the frame sampling. In the file the vocabulary's keys sit at the top level."""
+
+    model: dict[str, Any]
+    vocab: toklib.Vocab
+    text: dict[str, Any] = field(default_factory=dict)  # normalization, lowercase
+    sampling: dict[str, Any] | None = None
+
+    @property
+    def is_captioner(self) -> bool:
+        return self.vocab.video is not None
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"model": self.model, **self.vocab.to_dict(), "text": self.text}
+        if self.sampling is not None:
+            out["sampling"] = self.sampling
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> BundleMeta:
+        return cls(d["model"], toklib.Vocab.from_dict(d), d.get("text", {}), d.get("sampling"))
+
+
+def bundle_meta(model_cfg: ModelConfig, vocab: toklib.Vocab, data_cfg: Any) -> BundleMeta:
+    text = {"normalization": data_cfg.normalization, "lowercase": data_cfg.lowercase}
+    sampling = None
     if vocab.video:
-        meta["sampling"] = {k: getattr(data_cfg, k) for k in ("num_frames", "fps", "frame_size", "frame_encoder")}
-    return meta
+        sampling = {k: getattr(data_cfg, k) for k in ("num_frames", "fps", "frame_size", "frame_encoder")}
+    return BundleMeta(asdict(model_cfg), vocab, text, sampling)
 
 
-def save_bundle(dest: str, model: torch.nn.Module, meta: dict[str, Any], src_json: str, tgt_json: str) -> None:
+def save_bundle(dest: str, model: torch.nn.Module, meta: BundleMeta, src_json: str, tgt_json: str) -> None:
     fs, root = fsspec.core.url_to_fs(dest)
     fs.makedirs(root, exist_ok=True)
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     files = {
-        "model.json": json.dumps(meta, indent=2).encode(),
+        "model.json": json.dumps(meta.to_json(), indent=2).encode(),
         "src_tokenizer.json": src_json.encode(),
         "tgt_tokenizer.json": tgt_json.encode(),
         "model.pt": buf.getvalue(),
@@ -63,7 +84,7 @@ def save_bundle(dest: str, model: torch.nn.Module, meta: dict[str, Any], src_jso
 
 
 @contextlib.contextmanager
-def _located(location: str) -> Iterator[tuple[Any, str, dict[str, Any]]]:
+def _located(location: str) -> Iterator[tuple[Any, str, BundleMeta]]:
     """A bundle folder (local or URI), or an MLflow model URI (runs:/, models:/) -> (fs, root,
     meta), read while the block runs; an MLflow model is downloaded into a temporary folder
     that is removed after it (loading reads every file into memory)."""
@@ -82,11 +103,11 @@ def _located(location: str) -> Iterator[tuple[Any, str, dict[str, Any]]]:
         missing = [n for n in BUNDLE_FILES if not fs.exists(f"{root}/{n}")]
         if missing:
             raise FileNotFoundError(f"{location} is not a model bundle: missing {', '.join(missing)}")
-        yield fs, root, json.loads(fs.cat_file(f"{root}/model.json"))
+        yield fs, root, BundleMeta.from_json(json.loads(fs.cat_file(f"{root}/model.json")))
 
 
-def load_model(fs: Any, root: str, meta: dict[str, Any]) -> Seq2Seq:
-    model = build_model(model_cfg=ModelConfig(**meta["model"]), **toklib.Vocab.from_dict(meta).model_args())
+def load_model(fs: Any, root: str, meta: BundleMeta) -> Seq2Seq:
+    model = build_model(model_cfg=ModelConfig(**meta.model), **meta.vocab.model_args())
     state = torch.load(io.BytesIO(fs.cat_file(f"{root}/model.pt")), map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     return model
@@ -95,7 +116,7 @@ def load_model(fs: Any, root: str, meta: dict[str, Any]) -> Seq2Seq:
 class Translator:
     """A loaded bundle: ``translate(["a sentence", ...])`` -> translations."""
 
-    def __init__(self, model: Seq2Seq, meta: dict[str, Any], src_json: str, tgt_json: str, device: str = "cpu"):
+    def __init__(self, model: Seq2Seq, meta: BundleMeta, src_json: str, tgt_json: str, device: str = "cpu"):
         self.model, self.meta = model.to(device).eval(), meta
         self.src_tok, self.tgt_tok = toklib.load_tokenizer(src_json), toklib.load_tokenizer(tgt_json)
         self.device = torch.device(device)
@@ -114,12 +135,12 @@ class Translator:
             )
 
     @staticmethod
-    def _check_kind(meta: dict[str, Any], location: str) -> None:
-        if meta.get("video"):
+    def _check_kind(meta: BundleMeta, location: str) -> None:
+        if meta.is_captioner:
             raise BundleError(f"{location} is a video captioning model: use `pipeline caption`, not translate")
 
     def clean(self, text: str) -> str:
-        t = self.meta.get("text", {})
+        t = self.meta.text
         return toklib.clean_text(text, t.get("normalization", "NFC"), bool(t.get("lowercase")))
 
     def translate(
@@ -139,8 +160,8 @@ class Captioner(Translator):
     """
 
     @staticmethod
-    def _check_kind(meta: dict[str, Any], location: str) -> None:
-        if not meta.get("video"):
+    def _check_kind(meta: BundleMeta, location: str) -> None:
+        if not meta.is_captioner:
             raise BundleError(f"{location} is a text model: use `pipeline translate`, not caption")
 
     def caption(
@@ -154,7 +175,7 @@ class Captioner(Translator):
 
         from .data.video import FrozenBackbone, decode_clip
 
-        s, kind = self.meta["sampling"], self.meta["video"]["kind"]
+        s, kind = self.meta.sampling, self.meta.vocab.video["kind"]
         net = None
         if kind == "features" and s["frame_encoder"] == "frozen":
             if not backbone:

@@ -71,11 +71,11 @@ class BundleModel(PythonModel):
     def load_context(self, context) -> None:
         import torch
 
-        from pipeline.inference import Captioner, Translator
+        from pipeline.inference import BundleMeta, Captioner, Translator
 
         bundle = context.artifacts["bundle"]
         with open(os.path.join(bundle, "model.json")) as f:
-            self.video = bool(json.load(f).get("video"))
+            self.video = BundleMeta.from_json(json.load(f)).is_captioner
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = (Captioner if self.video else Translator).load(bundle, device)
 

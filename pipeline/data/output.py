@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import fsspec
 import pyarrow as pa
@@ -36,6 +36,15 @@ from ..lock import StorageLock, describe
 from ..tracking import redact
 from . import tokenizer as toklib
 from .readers import DataError
+
+
+class Preprocessed(NamedTuple):
+    """A preprocessing run's result: the output folder (local path or URI) and its manifest
+    (counts read, kept and dropped per reason and split; tokenizers; for video the input)."""
+
+    folder: str
+    manifest: dict[str, Any]
+
 
 MANIFEST = "manifest.json"
 DEMO_MARKER = ".pipeline-demo"  # written by the demo generators in the folders they create

@@ -30,6 +30,7 @@ from ..tracking import redact  # printed lines and the manifest: paths may be UR
 from . import tokenizer as toklib
 from .output import (
     SPLITS,
+    Preprocessed,
     SplitSink,
     check_manifest,
     demo_folder,
@@ -233,7 +234,7 @@ def encode_and_write(
     return sink.counts
 
 
-def preprocess_text(cfg: DataConfig, force: bool = False) -> tuple[str, dict[str, Any]]:
+def preprocess_text(cfg: DataConfig, force: bool = False) -> Preprocessed:
     """Run (or reuse) the preprocessing of sentence pairs; returns (output folder, manifest).
     (``pipeline.tasks.preprocess`` picks this or the video one by the config.)"""
     t0 = time.time()
@@ -249,7 +250,7 @@ def preprocess_text(cfg: DataConfig, force: bool = False) -> tuple[str, dict[str
             f"[preprocess] reusing {redact(out)} ({manifest['rows_kept']} pairs kept of {manifest['rows_read']})",
             flush=True,
         )
-    return out, manifest
+    return Preprocessed(out, manifest)
 
 
 def _build(

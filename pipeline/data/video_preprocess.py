@@ -27,6 +27,7 @@ from ..tracking import redact  # printed lines and the manifest: paths may be UR
 from . import tokenizer as toklib
 from .output import (
     SPLITS,
+    Preprocessed,
     SplitSink,
     check_manifest,
     demo_folder,
@@ -247,7 +248,7 @@ class VideoSink(SplitSink):
         self.result = total
 
 
-def preprocess_video(cfg: DataConfig, force: bool = False) -> tuple[str, dict[str, Any]]:
+def preprocess_video(cfg: DataConfig, force: bool = False) -> Preprocessed:
     t0 = time.time()
     ensure_demo_video(cfg)
     corpus = list_corpus(cfg)
@@ -260,7 +261,7 @@ def preprocess_video(cfg: DataConfig, force: bool = False) -> tuple[str, dict[st
             f"[preprocess] reusing {redact(out)} ({manifest['videos']['kept']} videos, {manifest['rows_kept']} captions)",
             flush=True,
         )
-    return out, manifest
+    return Preprocessed(out, manifest)
 
 
 def _build(cfg: DataConfig, corpus: dict[str, Any], out: str, t0: float) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import VIDEO_DATA
+from ..data.output import Preprocessed
 from .base import Task
 from .captioning import CaptioningTask
 from .translation import TranslationTask
@@ -21,6 +22,6 @@ def task_for(cfg: Any) -> Task:
     return TASKS["captioning" if data.name in VIDEO_DATA else "translation"]()
 
 
-def preprocess(data_cfg: Any, force: bool = False) -> tuple[str, dict[str, Any]]:
+def preprocess(data_cfg: Any, force: bool = False) -> Preprocessed:
     """Run (or reuse) the preprocessing of ``data_cfg``'s task; returns (folder, manifest)."""
     return task_for(data_cfg).preprocess(data_cfg, force)

@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ..data.output import Preprocessed
 from ..data.tokenizer import Vocab
 
 
@@ -28,7 +29,7 @@ class Task:
     digits: ClassVar[int]  # `pipeline evaluate` rounds its scores to this many digits
 
     # -- data ------------------------------------------------------------------------------
-    def preprocess(self, data_cfg: Any, force: bool = False) -> tuple[str, dict[str, Any]]:
+    def preprocess(self, data_cfg: Any, force: bool = False) -> Preprocessed:
         """Run (or reuse) preprocessing with Ray Data; returns (output folder, manifest)."""
         raise NotImplementedError
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data.output import Preprocessed
 from ..data.tokenizer import Vocab
 from ..train.batching import Batch, collate
 from .base import Task
@@ -28,7 +29,7 @@ class CaptioningTask(Task):
     unit = "videos"
     digits = 4
 
-    def preprocess(self, data_cfg: Any, force: bool = False) -> tuple[str, dict[str, Any]]:
+    def preprocess(self, data_cfg: Any, force: bool = False) -> Preprocessed:
         from ..data.video_preprocess import preprocess_video
 
         return preprocess_video(data_cfg, force)

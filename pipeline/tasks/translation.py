@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from ..data.output import Preprocessed
 from ..data.tokenizer import Vocab
 from .base import Task
 
@@ -20,7 +21,7 @@ class TranslationTask(Task):
     unit = "sentences"
     digits = 2
 
-    def preprocess(self, data_cfg: Any, force: bool = False) -> tuple[str, dict[str, Any]]:
+    def preprocess(self, data_cfg: Any, force: bool = False) -> Preprocessed:
         from ..data.preprocess import preprocess_text
 
         return preprocess_text(data_cfg, force)
