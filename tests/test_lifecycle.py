@@ -186,10 +186,11 @@ def test_killed_worker_does_not_extend_the_budget(ray_session, tmp_path):
         f"restart {resumed_at - killed_at:.1f} s, {ckpt_at - first_step_at:.1f} s before the checkpoint"
     )
     # A restart that started the clock again would train the whole budget after the kill, on
-    # top of the time before the checkpoint; the second attempt's share here also holds its data
-    # pipeline's start (not budget time: seconds, more on a loaded machine).
+    # top of the time before the checkpoint (25 s or more). ``resumed_at`` is the restarted
+    # attempt's first batch (its data pipeline's start is not budget time); the slack is the
+    # last validation and checkpoint, which end the run after the budget's last step.
     before = ckpt_at - first_step_at
-    assert trained < 45 + 0.5 * before + 12, (
+    assert trained < 45 + 15, (
         f"{trained:.1f} s of training for a 45 s budget ({before:.1f} s before the checkpoint): the restart extended it"
     )
     assert _state(tmp_path, name)["elapsed_s"] >= 45

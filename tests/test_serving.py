@@ -274,16 +274,22 @@ def test_weak_challenger_leaves_champion_strong_one_moves_it(logged):
 def test_sweep_registration_tags_and_gates(logged):
     """The sweep's side (tune._register): tags from the sweep, the data fingerprint from
     the preprocessed folder and the test count, then the gate."""
+    from pipeline.train.run import Prepared
     from pipeline.tune import _register
 
     uri = logged["uri"]
     cfg = load_config(["data=demo_text", "tune.register_as=gate-sweep"])
-    prep = {
-        "uri": uri,
-        "experiment": "serving",
-        "data_dir": "/data/demo_text-0123abcd",
-        "manifest": {"splits": {"test": {"kept": 100}}},
-    }
+    # What _register reads of a prepared run (no storage, tokenizers or vocabulary needed).
+    prep = Prepared(
+        uri=uri,
+        experiment="serving",
+        storage="",
+        data_dir="/data/demo_text-0123abcd",
+        manifest={"splits": {"test": {"kept": 100}}},
+        src_json="",
+        tgt_json="",
+        vocab=Vocab(0, 0, False),
+    )
     first = _register(
         cfg, prep, "sweep-a", "sweep-a-t1", "val_bleu", {"model_uri": logged["model_uri"], "test_bleu": 31.2}
     )

@@ -195,9 +195,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             {"ray.worker_nodes": ",".join(sorted(set(nodes))), "ray.num_worker_nodes": str(len(set(nodes)))}
         )
         if ckpt:
-            logger.set_tags(
-                {"pipeline.resumed_at": f"{time.time():.3f}", "pipeline.resumed_from_step": str(state.step)}
-            )
+            logger.set_tags({"pipeline.resumed_from_step": str(state.step)})
         logger.flush()
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
@@ -275,6 +273,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             if t_start is None:
                 t_start = time.time() - state.elapsed_s
                 win["start"] = time.time()
+                if rank == 0 and ckpt:  # when training (the budget's clock) went on
+                    logger.set_tags({"pipeline.resumed_at": f"{time.time():.3f}"})
             else:
                 win["wait"] += time.time() - t_wait
             real = [b for b in micro if b is not None]
