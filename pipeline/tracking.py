@@ -274,13 +274,22 @@ def start_system_metrics(uri: str, run_id: str, node: str, interval_s: float) ->
     return handle
 
 
-def stop_system_metrics(handle: Any) -> None:
-    handle["thread"].join(30)
-    if "monitor" in handle:
-        try:
-            handle["monitor"].finish()  # logs what it sampled last
-        except Exception as e:
-            _say(f"[tracking] the last system metrics were not logged: {redact(str(e))[:300]}")
+def stop_system_metrics(handle: Any, wait_s: float = 10.0) -> None:
+    """Stop sampling and log the last samples, waiting ``wait_s`` at most: with the server
+    away, MLflow's client would retry for minutes, and the end of training does not wait."""
+    import threading
+
+    def finish() -> None:
+        handle["thread"].join()
+        if "monitor" in handle:
+            try:
+                handle["monitor"].finish()
+            except Exception as e:
+                _say(f"[tracking] the last system metrics were not logged: {redact(str(e))[:300]}")
+
+    done = threading.Thread(target=finish, name="system-metrics-finish", daemon=True)
+    done.start()
+    done.join(wait_s)
 
 
 def split_datasets(data_dir: str, manifest: dict[str, Any]) -> list[dict[str, str]]:
