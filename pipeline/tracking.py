@@ -255,12 +255,16 @@ def start_system_metrics(uri: str, run_id: str, node: str, interval_s: float) ->
     returns a handle for :func:`stop_system_metrics`."""
     import threading
 
+    # Imported here, not in the thread: a module imported from two threads at once can be seen
+    # half-initialised (mlflow's protobuf registry then fails in the training thread).
+    import mlflow.tracking
+    import mlflow.utils.autologging_utils  # what the monitor's constructor imports
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
     handle: dict[str, Any] = {}
 
     def start() -> None:
         try:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
             monitor = SystemMetricsMonitor(
                 run_id, sampling_interval=interval_s, resume_logging=True, node_id=node, tracking_uri=uri
             )
