@@ -258,7 +258,7 @@ def start_system_metrics(uri: str, run_id: str, node: str, interval_s: float) ->
     # Imported here, not in the thread: a module imported from two threads at once can be seen
     # half-initialised (mlflow's protobuf registry then fails in the training thread).
     import mlflow.tracking
-    import mlflow.utils.autologging_utils  # what the monitor's constructor imports
+    import mlflow.utils.autologging_utils  # noqa: F401 - what the monitor's constructor imports
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     handle: dict[str, Any] = {}
