@@ -178,9 +178,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     )
     node = ray.get_runtime_context().get_node_id()
     nodes = _all_gather(node)
-    # One system-metrics sampler per node (its first worker), named by the node's id.
+    # One system-metrics sampler per node (its first rank), named by the node's id. Not Ray's
+    # local rank: that goes by node IP, which the nodes of a loopback cluster share.
     system = None
-    if cfg.tracking.system_metrics_s > 0 and ctx.get_local_rank() == 0:
+    if cfg.tracking.system_metrics_s > 0 and nodes.index(node) == rank:
         system = tracking.start_system_metrics(uri, run_id, f"node-{node[:8]}", cfg.tracking.system_metrics_s)
     # Rank 0's MLflow calls go through a buffer sent by a background thread: an outage of the
     # tracking server neither stalls nor kills training; what is unsent at the end is spilled.
