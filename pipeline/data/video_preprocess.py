@@ -177,6 +177,22 @@ def _clips_dataset(cfg: DataConfig, corpus: dict[str, Any], meta: dict[str, Any]
     return ds
 
 
+def _empty_counts() -> dict[str, Any]:
+    """What a VideoSink write returns, before any row: counts per (split, reason), cache hits,
+    error messages (the first few), the ids seen and one kept row's shape."""
+    return {
+        "videos": Counter(),
+        "captions": Counter(),
+        "hits": 0,
+        "rows": 0,
+        "errors": [],
+        "cache_errors": [],
+        "n_cache_errors": 0,
+        "seen": [],
+        "first": None,
+    }
+
+
 class VideoSink(SplitSink):
     """The video rows' writer: each block's kept videos to ``{out}/{split}/`` (as the text sink
     does), returning what the manifest needs: videos and captions per (split, reason), cache
@@ -185,17 +201,7 @@ class VideoSink(SplitSink):
     def write(self, blocks: Any, ctx: Any) -> dict[str, Any]:
         from ray.data.block import BlockAccessor
 
-        res: dict[str, Any] = {
-            "videos": Counter(),
-            "captions": Counter(),
-            "hits": 0,
-            "rows": 0,
-            "errors": [],
-            "cache_errors": [],
-            "n_cache_errors": 0,
-            "seen": [],
-            "first": None,
-        }
+        res = _empty_counts()
         for block in blocks:
             table = BlockAccessor.for_block(block).to_arrow()
             if not table.num_rows:
@@ -222,24 +228,10 @@ class VideoSink(SplitSink):
         return res
 
     def on_write_complete(self, write_result: Any) -> None:
-        total: dict[str, Any] = {
-            "videos": Counter(),
-            "captions": Counter(),
-            "hits": 0,
-            "rows": 0,
-            "errors": [],
-            "cache_errors": [],
-            "n_cache_errors": 0,
-            "seen": [],
-            "first": None,
-        }
+        total = _empty_counts()
         for r in write_result.write_returns:
-            for k in ("videos", "captions"):
-                total[k] += r[k]
-            for k in ("hits", "rows", "n_cache_errors"):
-                total[k] += r[k]
-            for k in ("errors", "cache_errors", "seen"):
-                total[k] += r[k]
+            for k in ("videos", "captions", "hits", "rows", "n_cache_errors", "errors", "cache_errors", "seen"):
+                total[k] += r[k]  # Counters add, numbers sum, lists concatenate
             total["first"] = total["first"] or r["first"]
         total["errors"], total["cache_errors"] = (
             total["errors"][:MAX_ERRORS_KEPT],
