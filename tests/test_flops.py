@@ -70,11 +70,10 @@ def test_an_unknown_or_partial_device_name_has_no_peak():
 
 def test_the_step_precision_names_the_peak_it_is_measured_against():
     assert step_precision(torch.bfloat16) == "bf16" and step_precision(torch.float16) == "fp16"
-    before = torch.backends.cuda.matmul.allow_tf32
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        assert step_precision(None) == "fp32"
-        torch.backends.cuda.matmul.allow_tf32 = True
-        assert step_precision(None) == "tf32"
+        for matmul, cudnn, expected in ((False, False, "fp32"), (True, False, "tf32"), (False, True, "tf32")):
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+            assert step_precision(None) == expected, (matmul, cudnn)
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

@@ -16,9 +16,8 @@ from torch import nn
 # Dense (no sparsity) tensor-core peaks in TFLOP/s, (bf16/fp16, tf32), from the vendors' data
 # sheets, keyed by the exact name ``torch.cuda.get_device_name()`` reports. Exact names, not
 # substrings: "H100" alone covers the SXM part (989) and the PCIe card (756), and "L4" is a
-# prefix of "L40S"; a name not listed has no MFU rather than a wrong one. fp32 autocast runs
-# matmuls in tf32 only when ``torch.backends.cuda.matmul.allow_tf32`` is on, else on the
-# plain fp32 units: ``peak_tflops`` takes the dtype the step runs in.
+# prefix of "L40S"; a name not listed has no MFU rather than a wrong one. ``peak_tflops``
+# takes the precision the step runs in (``step_precision``).
 PEAK_TFLOPS: dict[str, tuple[float, float]] = {
     "NVIDIA H200": (989.0, 494.0),
     "NVIDIA H100 80GB HBM3": (989.0, 494.0),  # SXM5
@@ -64,12 +63,14 @@ def peak_tflops(device_name: str, precision: str = "bf16") -> float | None:
 
 def step_precision(amp_dtype: object) -> str:
     """The precision name ``peak_tflops`` takes for a step autocast to ``amp_dtype`` (a torch
-    dtype, or None for fp32), reading PyTorch's tf32 switch for fp32 matmuls."""
+    dtype, or None for fp32). An fp32 step counts as tf32 when either of PyTorch's tf32
+    switches is on: cuDNN's (on by default) runs the LSTMs, most of the work, in tf32, and
+    measuring against the higher peak never overstates the MFU."""
     if amp_dtype is torch.bfloat16:
         return "bf16"
     if amp_dtype is torch.float16:
         return "fp16"
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32 else "fp32"
 
 
 def _lstm_macs(lstm: nn.LSTM) -> int:
