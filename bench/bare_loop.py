@@ -16,11 +16,8 @@ import math
 import random
 import time
 
-import pyarrow.parquet as pq
-import sacrebleu
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer
 from torch import nn
 
 PAD, BOS, EOS = 0, 2, 3
@@ -55,6 +52,40 @@ class BareSeq2Seq(nn.Module):
         return self.out(self.drop(torch.tanh(self.combine(torch.cat([ctx, out], -1))))), state
 
 
+def bare_step(
+    model: BareSeq2Seq,
+    opt: torch.optim.Optimizer,
+    src: torch.Tensor,
+    lens: torch.Tensor,
+    tgt_in: torch.Tensor,
+    tgt_out: torch.Tensor,
+    label_smoothing: float = 0.0,
+    amp_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> torch.Tensor:
+    """One optimizer step of the bare loop: full logits, the mean loss, clipping at 1.0; under
+    autocast when ``amp_dtype`` is set (``scaler``: an enabled GradScaler for fp16). Returns
+    the loss, unread. ``lens`` stays on the CPU (``pack_padded_sequence`` wants it there)."""
+    with torch.autocast(src.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        enc, state, mask = model.encode(src, lens)
+        logits, _ = model.decode(tgt_in, enc, state, mask)
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), tgt_out.reshape(-1), ignore_index=PAD, label_smoothing=label_smoothing
+        )
+    opt.zero_grad()
+    if scaler is None:
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(opt)
+        scaler.update()
+    return loss.detach()
+
+
 def pad(seqs, prefix=(), suffix=()):
     rows = [list(prefix) + list(s) + list(suffix) for s in seqs]
     n = max(len(r) for r in rows)
@@ -72,6 +103,11 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
+    # Only the training script reads data: the model and its step import with torch alone.
+    import pyarrow.parquet as pq
+    import sacrebleu
+    from tokenizers import Tokenizer
+
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -91,13 +127,7 @@ def main() -> None:
             lens = torch.tensor([max(1, len(train["src_ids"][j])) for j in b])
             tgt_in = pad([train["tgt_ids"][j] for j in b], prefix=[BOS])
             tgt_out = pad([train["tgt_ids"][j] for j in b], suffix=[EOS])
-            enc, state, mask = model.encode(src, lens)
-            logits, _ = model.decode(tgt_in, enc, state, mask)
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt_out.reshape(-1), ignore_index=PAD)
-            opt.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+            loss = bare_step(model, opt, src, lens, tgt_in, tgt_out)
             steps += 1
             tokens += int((tgt_out != PAD).sum())
             if time.time() - t0 >= args.minutes * 60:

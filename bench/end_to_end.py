@@ -30,13 +30,16 @@ from pipeline.train.run import fit_run, prepare
 from pipeline.train.trainer import Trainer
 
 
-def bare_loop(cfg, prep, seconds: float) -> dict:
-    """Our Trainer, no Ray: Parquet -> the same token-budget batches -> Trainer.step."""
-    torch.set_num_threads(cfg.train.cpus_per_worker)
+def bare_loop(cfg, prep, seconds: float, device: torch.device | None = None) -> dict:
+    """Our Trainer, no Ray: Parquet -> the same token-budget batches -> Trainer.step, on
+    ``device`` (default the CPU, with the workers' thread count)."""
+    device = device or torch.device("cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.train.cpus_per_worker)
     torch.manual_seed(cfg.train.seed)
     v = prep.vocab
-    model = build_model(model_cfg=cfg.model, **v.model_args())
-    trainer = Trainer(model, cfg.train, torch.device("cpu"))  # the workers' trainer, without Ray
+    model = build_model(model_cfg=cfg.model, **v.model_args()).to(device)
+    trainer = Trainer(model, cfg.train, device)  # the workers' trainer, without Ray
     table = pq.read_table(f"{prep.data_dir}/train", columns=["id", "src_ids", "tgt_ids", "src_len", "tgt_len"])
     rows = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
     mega = max(256, cfg.train.sort_window * cfg.train.batch_tokens // 24)
@@ -49,6 +52,8 @@ def bare_loop(cfg, prep, seconds: float) -> dict:
             tokens, steps = tokens + b.real_tokens, steps + 1
             if time.perf_counter() - t0 >= seconds:
                 break
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the steps queued on the GPU count until they are done
     elapsed = time.perf_counter() - t0
     return {"tokens_per_s": tokens / elapsed, "steps": steps, "seconds": round(elapsed, 1)}
 

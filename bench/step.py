@@ -18,10 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bare_loop import BareSeq2Seq, pad
+from bare_loop import BareSeq2Seq, bare_step, pad
 
 from pipeline.config import ModelConfig
 from pipeline.models import build_model
@@ -89,15 +88,7 @@ def main() -> None:
 
     def run_bare() -> None:
         for s, lens, t_in, t_out in bare_batches:
-            enc, state, mask = bare.encode(s, lens)
-            logits, _ = bare.decode(t_in, enc, state, mask)
-            loss = F.cross_entropy(
-                logits.reshape(-1, logits.size(-1)), t_out.reshape(-1), ignore_index=0, label_smoothing=0.1
-            )
-            opt_bare.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(bare.parameters(), 1.0)
-            opt_bare.step()
+            bare_step(bare, opt_bare, s, lens, t_in, t_out, label_smoothing=0.1)
 
     times = {"ours": [], "bare": []}
     run_ours(), run_bare()  # warm-up

@@ -130,7 +130,9 @@ class TrainConfig:
     grad_compression: Literal["none", "fp16", "bf16"] = "none"  # DDP allreduce in half precision (bf16: NCCL only)
     ddp_bucket_mb: int = 25  # DDP gradient bucket size: fewer, larger allreduces vs earlier overlap
     label_smoothing: float = 0.1
-    amp: bool = True  # only on GPU: fp16 autocast + GradScaler
+    # Autocast precision: auto = bf16 on GPUs that have it (no GradScaler), else fp16 (with a
+    # GradScaler); fp32 on CPU. bf16 also runs on CPU; fp16 needs a GPU.
+    amp_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     eval_every: int = 0  # steps between validations; 0 = once per epoch
     eval_beam_size: int = 1
     test_beam_size: int = 4
@@ -235,6 +237,7 @@ def _field_types(obj: Any) -> dict[str, Any]:
 # Keys that were renamed: the old name is refused with a message giving the new one.
 RENAMED = {
     "train.num_samples": "train.log_samples (tune.num_samples is the number of sweep trials)",
+    "train.amp": "train.amp_dtype (auto|bf16|fp16|fp32; train.amp=false is train.amp_dtype=fp32)",
 }
 
 
@@ -641,6 +644,17 @@ def validate(cfg: Config) -> None:
     need(
         t.grad_compression != "bf16" or t.use_gpu,
         "train.grad_compression=bf16 needs GPUs (NCCL; PyTorch's gloo backend has no bf16 hook): use fp16 on CPU",
+    )
+    need(
+        t.amp_dtype != "fp16" or t.use_gpu,
+        "train.amp_dtype=fp16 needs GPUs (train.use_gpu=true; PyTorch's CPU LSTM has no fp16 kernel): use bf16 or fp32 on CPU",
+    )
+    # NCCL cannot run two ranks of one group on one GPU; a fractional share is for separate
+    # single-worker runs (sweep trials) packed onto a GPU.
+    need(
+        not t.use_gpu or t.num_workers == 1 or t.gpus_per_worker >= 1,
+        f"train.gpus_per_worker={t.gpus_per_worker:g} with train.num_workers={t.num_workers} would place two ranks"
+        " of one NCCL group on one GPU, which NCCL refuses: use train.gpus_per_worker=1 (or more), or train.num_workers=1",
     )
     need(
         d.min_tokens <= d.max_tokens,

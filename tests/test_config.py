@@ -356,3 +356,32 @@ def test_renamed_key_is_refused_naming_the_new_one():
     with pytest.raises(ConfigError, match="renamed to train.log_samples"):
         Config.from_dict({"train": {"num_samples": 3}})
     assert load_config(["train.log_samples=3", "tune.num_samples=4"]).train.log_samples == 3
+
+
+def test_train_amp_is_refused_naming_train_amp_dtype():
+    for bad in (["train.amp=false"], ["tune.search=grid", "tune.space.train.amp=[true, false]"]):
+        with pytest.raises(ConfigError, match=r"'train.amp' was renamed to train.amp_dtype \(auto\|bf16\|fp16\|fp32"):
+            load_config(bad)
+    assert load_config([]).train.amp_dtype == "auto"
+    assert load_config(["train=gpu"]).train.amp_dtype == "auto"
+    with pytest.raises(ConfigError, match="train.amp_dtype='fp8' is not a valid choice; choose one of: auto, bf16"):
+        load_config(["train.amp_dtype=fp8"])
+    with pytest.raises(ConfigError, match=r"train.amp_dtype=fp16 needs GPUs \(train.use_gpu=true"):
+        load_config(["train.amp_dtype=fp16"])
+    assert load_config(["train.amp_dtype=fp16", "train.use_gpu=true"]).train.amp_dtype == "fp16"
+    assert load_config(["train.amp_dtype=bf16"]).train.amp_dtype == "bf16"
+
+
+def test_two_ranks_are_never_placed_on_one_gpu():
+    with pytest.raises(
+        ConfigError, match=r"train.gpus_per_worker=0.5 with train.num_workers=2 would place two ranks of one NCCL group"
+    ):
+        load_config(["train.use_gpu=true", "train.num_workers=2", "train.gpus_per_worker=0.5"])
+    # One worker per run may share a GPU (sweep trials); whole GPUs per rank are fine; CPU runs ignore the key.
+    for ok in (
+        ["train.use_gpu=true", "train.num_workers=1", "train.gpus_per_worker=0.5"],
+        ["train.use_gpu=true", "train.num_workers=4", "train.gpus_per_worker=1"],
+        ["train.use_gpu=true", "train.num_workers=2", "train.gpus_per_worker=2"],
+        ["train.num_workers=2", "train.gpus_per_worker=0.5"],
+    ):
+        load_config(ok)

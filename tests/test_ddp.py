@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from loopback import free_port
 
 from pipeline.config import ConfigError, load_config
-from pipeline.train.loop import configure_ddp
+from pipeline.train.loop import _all_reduce, configure_ddp, control_group
 from pipeline.train.trainer import micro_sync
 
 
@@ -75,3 +75,23 @@ def test_bf16_compression_is_refused_on_cpu():
     with pytest.raises(ConfigError, match="grad_compression=bf16 needs GPUs"):
         load_config(["train.grad_compression=bf16"])
     assert load_config(["train.grad_compression=bf16", "train.use_gpu=true"]).train.grad_compression == "bf16"
+
+
+def _control_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    default = control_group()  # None: the default group is gloo already
+    side = dist.new_group(backend="gloo")  # what control_group makes under NCCL
+    sums = [_all_reduce([1.0, float(rank), 0.5 * (rank + 1)], g) for g in (default, side)]
+    torch.save({"default_is_none": default is None, "sums": torch.tensor(sums)}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+    os._exit(0)  # as in _worker
+
+
+@pytest.mark.slow
+def test_the_loop_sums_its_host_numbers_on_cpu_over_gloo(tmp_path):
+    mp.start_processes(_control_worker, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert got["default_is_none"]
+        assert got["sums"].tolist() == [[2.0, 1.0, 1.5], [2.0, 1.0, 1.5]]

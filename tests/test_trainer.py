@@ -24,7 +24,7 @@ from test_golden import (
 from pipeline.config import TrainConfig
 from pipeline.data.tokenizer import Vocab
 from pipeline.tasks import TranslationTask
-from pipeline.train.trainer import Trainer, TrainState
+from pipeline.train.trainer import Trainer, TrainState, load_scaler_state, resolve_amp_dtype
 
 CPU = torch.device("cpu")
 GOLDEN_TRAIN = TrainConfig(
@@ -123,3 +123,80 @@ def test_evaluate_gives_loss_and_outputs_without_ray():
     assert 0 < out["loss"] / out["tokens"] < 5
     assert len(out["hyp_ids"]) == 2 and out["ref"] == ["x", "y"]
     assert tr.raw.training  # back in training mode
+
+
+def test_the_step_leaves_its_loss_on_the_device_unread():
+    """The step returns the loss as a float64 tensor for the caller to add up and read once
+    per log window, never a Python float (a read each micro-batch stalls a GPU)."""
+    b = text_batch()
+    loss = trainer().step([b])
+    assert isinstance(loss, torch.Tensor) and loss.dtype == torch.float64 and loss.dim() == 0
+    assert loss.device == CPU and not loss.requires_grad
+    assert float(loss) / b.real_tokens == pytest.approx(train_steps(text_model(), b, 1)[0], rel=1e-6)
+
+
+def test_amp_dtype_resolves_per_device_and_only_fp16_gets_a_grad_scaler():
+    assert resolve_amp_dtype("auto", CPU) is None and resolve_amp_dtype("fp32", CPU) is None
+    assert resolve_amp_dtype("bf16", CPU) is torch.bfloat16
+    with pytest.raises(ValueError, match="train.amp_dtype=fp16 needs a GPU"):
+        resolve_amp_dtype("fp16", CPU)
+    b = text_batch()
+    bf16 = Trainer(text_model(), dataclasses.replace(GOLDEN_TRAIN, amp_dtype="bf16"), CPU)
+    assert bf16.amp_dtype is torch.bfloat16 and not bf16.scaler.is_enabled()
+    fp32, ours = float(trainer().step([b])), float(bf16.step([b]))
+    assert ours != fp32 and ours == pytest.approx(fp32, rel=0.05)  # bf16 autocast ran, and trains the same
+
+
+def _backed_off_scaler() -> torch.amp.GradScaler:
+    """A real, enabled GradScaler after one overflowing step: scale halved from 2**16."""
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([p], lr=0.1)
+    s = torch.amp.GradScaler("cpu", enabled=True)
+    s.scale((p * float("inf")).sum()).backward()
+    s.step(opt)
+    s.update()
+    return s
+
+
+def test_a_grad_scaler_state_loads_across_devices_and_precisions(tmp_path):
+    saved = _backed_off_scaler().state_dict()
+    assert saved["scale"] == 2.0**15
+    # Plain numbers, no tensors: nothing in it is tied to the device it was saved on, so a
+    # GPU's state loads on CPU and the other way round.
+    assert all(isinstance(v, int | float) for v in saved.values())
+    fresh = torch.amp.GradScaler("cpu", enabled=True)
+    load_scaler_state(fresh, saved)
+    assert fresh.state_dict()["scale"] == 2.0**15
+    # A bf16/fp32/CPU run saved a disabled scaler ({}); resumed in fp16 it starts fresh, where
+    # torch's own load refuses it.
+    with pytest.raises(RuntimeError, match="state dict is empty"):
+        torch.amp.GradScaler("cpu", enabled=True).load_state_dict({})
+    fresh = torch.amp.GradScaler("cpu", enabled=True)
+    load_scaler_state(fresh, {})
+    load_scaler_state(fresh, None)  # a checkpoint from before scalers were saved
+    assert fresh.state_dict()["scale"] == 2.0**16
+    # An fp16 run's checkpoint (enabled scaler) resumes in a run without one.
+    tr = trainer()
+    tr.step([text_batch()])
+    tr.scaler = _backed_off_scaler()
+    tr.save(str(tmp_path))
+    stored = torch.load(tmp_path / "optim.pt", map_location="cpu", weights_only=True)["scaler"]
+    assert stored == saved
+    again = trainer()
+    again.load(str(tmp_path))
+    assert again.state.step == 1 and not again.scaler.is_enabled()
+
+
+def test_the_host_found_real_token_positions_select_exactly_what_the_mask_does():
+    b = text_batch()
+    assert b.real_index is not None and b.real_index.numel() == b.real_tokens
+    results = []
+    for index in (None, b.real_index):
+        model = text_model()
+        torch.manual_seed(3)  # the same dropout masks
+        loss, n = model(b.src, b.src_lens, b.tgt_in, b.tgt_out, LABEL_SMOOTHING, None, index)
+        loss.backward()
+        results.append((loss.detach(), int(n), [p.grad.clone() for p in model.parameters()]))
+    (l1, n1, g1), (l2, n2, g2) = results
+    assert torch.equal(l1, l2) and n1 == n2 == b.real_tokens
+    assert all(torch.equal(x, y) for x, y in zip(g1, g2))

@@ -294,17 +294,25 @@ class Seq2Seq(nn.Module):
         tgt_out: torch.Tensor,
         label_smoothing: float = 0.0,
         src_index: torch.Tensor | None = None,
+        real_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed cross-entropy over real target tokens, and their count.
 
         The loss is the forward pass so that DDP's wrapper sees it. Logits are computed
         only at non-pad positions: with length-bucketed batches that skips the padding,
-        and the (N, V) projection is the largest tensor of the step.
+        and the (N, V) projection is the largest tensor of the step. ``real_index`` (N,)
+        gives those positions in the flattened (B, T) targets; without it they are found
+        with a boolean mask, whose size the host must wait for on a GPU.
         """
         feats = self.features(src, src_lens, tgt_in, src_index)
         real = tgt_out != self.pad_id
-        logits = self.decoder.generator(feats[real])
-        loss = F.cross_entropy(logits.float(), tgt_out[real], reduction="sum", label_smoothing=label_smoothing)
+        if real_index is None:
+            feats, targets = feats[real], tgt_out[real]
+        else:  # the same rows in the same order
+            feats = feats.flatten(0, 1).index_select(0, real_index)
+            targets = tgt_out.flatten().index_select(0, real_index)
+        logits = self.decoder.generator(feats)
+        loss = F.cross_entropy(logits.float(), targets, reduction="sum", label_smoothing=label_smoothing)
         return loss, real.sum()
 
     @torch.no_grad()

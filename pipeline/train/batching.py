@@ -25,10 +25,14 @@ class Batch:
     real_tokens: int  # non-pad target tokens
     padded_tokens: int  # B * T
     src_index: torch.Tensor | None = None  # (B,) row of src per target when targets share a source
+    # (N,) flat positions in (B, T) of the real target tokens, found on the host: selecting
+    # them with a boolean mask on the GPU would make the host wait for it every micro-batch.
+    real_index: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> Batch:
         non_blocking = device.type == "cuda"
         index = self.src_index.to(device, non_blocking=non_blocking) if self.src_index is not None else None
+        real = self.real_index.to(device, non_blocking=non_blocking) if self.real_index is not None else None
         return Batch(
             self.src.to(device, non_blocking=non_blocking),
             self.src_lens,
@@ -38,6 +42,7 @@ class Batch:
             self.real_tokens,
             self.padded_tokens,
             index,
+            real,
         )
 
 
@@ -85,7 +90,7 @@ def collate(
         tgt_out[r, : len(t)] = t
         tgt_out[r, len(t)] = eos_id
     real = int(sum(len(t) + 1 for t in tgt_ids))
-    tensors = [torch.from_numpy(x) for x in (src, lens, tgt_in, tgt_out)]
+    tensors = [torch.from_numpy(x) for x in (src, lens, tgt_in, tgt_out, np.flatnonzero(tgt_out != pad_id))]
     if pin:
         tensors = [t.pin_memory() for t in tensors]
     return Batch(
@@ -96,6 +101,7 @@ def collate(
         torch.as_tensor(np.asarray(ids, dtype=np.int64)),
         real,
         b * t_len,
+        real_index=tensors[4],
     )
 
 

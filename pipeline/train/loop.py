@@ -34,7 +34,7 @@ from ..config import Config
 from ..data import tokenizer as toklib
 from ..data.tokenizer import Vocab
 from ..inference import bundle_meta, save_bundle
-from ..models.flops import peak_tflops
+from ..models.flops import peak_tflops, step_precision
 from ..tasks import Task, task_for
 from .batching import Batch
 from .trainer import COMPLETE, Trainer, batch_flops
@@ -60,11 +60,23 @@ def say(message: str) -> None:
     print(message, file=sys.__stdout__, flush=True)
 
 
-def _all_reduce(values: list[float], device: torch.device) -> list[float]:
+def control_group() -> Any:
+    """The process group for the loop's host-side numbers (token counts, "out of data",
+    "over budget", the logged sums): gloo, on CPU tensors. Under NCCL a scalar allreduce
+    would go through the GPU and its ``tolist`` wait for every kernel queued before it,
+    each step; on gloo the host never waits for the device. None: the default group (gloo
+    already, or no process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_backend() == "gloo":
+        return None
+    return dist.new_group(backend="gloo")  # a collective: every rank calls it, once
+
+
+def _all_reduce(values: list[float], group: Any = None) -> list[float]:
+    """Sums over ranks of host numbers, on CPU (see :func:`control_group`)."""
     if not (dist.is_available() and dist.is_initialized()):
         return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, group=group)
     return t.tolist()
 
 
@@ -176,6 +188,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             t.grad_compression,
         )
     )
+    control = control_group()
     node = ray.get_runtime_context().get_node_id()
     nodes = _all_gather(node)
     # One system-metrics sampler per node (its first rank), named by the node's id. Not Ray's
@@ -245,11 +258,16 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     mega_rows = max(256, t.sort_window * t.batch_tokens // 24)
     specials = vocab.specials
     blank = task.blank_batch(vocab).to(device)  # a zero-weight step's input
-    win = {"loss": 0.0, "tokens": 0.0, "padded": 0.0, "wait": 0.0, "flops": 0.0, "start": time.time()}
-    # MFU on GPU: model FLOP/s over the device's dense fp16/bf16 peak (pipeline.models.flops).
-    peak = peak_tflops(torch.cuda.get_device_name(device)) if on_gpu else None
+    # A log window: the loss adds up on the device (a tensor after the first step) and the
+    # steps' batches are kept for their FLOP count, both read once per LOG_EVERY steps, so
+    # that no step waits for the GPU or spends host time counting.
+    win: dict[str, Any] = {"loss": 0.0, "tokens": 0.0, "padded": 0.0, "wait": 0.0, "steps": [], "start": time.time()}
+    # MFU on GPU: model FLOP/s over the device's dense peak at the step's precision
+    # (pipeline.models.flops).
+    precision = step_precision(trainer.amp_dtype)
+    peak = peak_tflops(torch.cuda.get_device_name(device), precision) if on_gpu else None
     if on_gpu and peak is None and rank == 0:
-        say(f"[train] no peak TFLOP/s known for {torch.cuda.get_device_name(device)}: mfu is not logged")
+        say(f"[train] no {precision} peak TFLOP/s known for {torch.cuda.get_device_name(device)}: mfu is not logged")
     trainer.model.train()
     if t.early_stopping and state.evals_since_best >= t.early_stopping:
         stop = "early_stopping"  # a rerun with the same patience stays stopped; a larger one goes on
@@ -287,7 +305,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                     float(sum(b.real_tokens for b in real)),
                     float(sum(b.padded_tokens for b in real)),
                 ],
-                device,
+                control,
             )
             if over_all:
                 stop = "max_minutes"
@@ -298,15 +316,19 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             win["loss"] += trainer.step(micro, tokens, blank)
             win["tokens"] += tokens
             win["padded"] += padded
-            win["flops"] += sum(batch_flops(raw, b, vocab.pad_id) for b in real)
+            win["steps"].append(real)
             seen += [b.ids.numpy() for b in real]
             if trace:  # an audit of exactly-once: every step's example ids, per rank and process
                 with open(os.path.join(trace, f"rank{rank}-{os.getpid()}.jsonl"), "a") as f:
                     ids = [int(i) for b in real for i in b.ids]
                     f.write(json.dumps({"epoch": state.epoch, "step": state.step, "ids": ids}) + "\n")
             if state.step % LOG_EVERY == 0:
-                loss_total, flops_total = _all_reduce([win["loss"], win["flops"]], device)
+                loss_local = float(win["loss"])  # the one wait for the device: the window's steps are done
                 elapsed = time.time() - win["start"]
+                flops = 0.0
+                for step_batches in win["steps"]:
+                    flops += sum(batch_flops(raw, b, vocab.pad_id) for b in step_batches)
+                loss_total, flops_total = _all_reduce([loss_local, flops], control)
                 tflops = flops_total / max(elapsed, 1e-9) / 1e12
                 log(
                     {
@@ -319,7 +341,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                         **({"mfu": tflops / (peak * world)} if peak else {}),
                     }
                 )
-                win = {"loss": 0.0, "tokens": 0.0, "padded": 0.0, "wait": 0.0, "flops": 0.0, "start": time.time()}
+                win = {"loss": 0.0, "tokens": 0.0, "padded": 0.0, "wait": 0.0, "steps": [], "start": time.time()}
             if t.eval_every and state.step % t.eval_every == 0:
                 stop = validate_and_report()
                 if stop:

@@ -100,7 +100,7 @@ RESULT_KEYS = (
     "clip_norm",
     "accumulate",
     "label_smoothing",
-    "amp",
+    "amp_dtype",
     "grad_compression",
 )
 FINGERPRINT_FILE = "run_fingerprint.json"

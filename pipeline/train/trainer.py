@@ -42,17 +42,22 @@ def train_step(
     label_smoothing: float,
     scaler: torch.amp.GradScaler,
     amp_dtype: torch.dtype | None,
-) -> float:
-    """Forward and backward of one (micro-)batch. Returns this rank's summed loss.
+) -> torch.Tensor:
+    """Forward and backward of one (micro-)batch. Returns this rank's summed loss times
+    ``weight``, a float64 scalar left on the device: reading it (``float``) would make the
+    host wait for the GPU every micro-batch, so callers add it up there and read it when
+    they log.
 
     DDP averages gradients over ranks, so scaling the summed loss by
     world_size / global_tokens yields the gradient of the mean over all real tokens.
     """
     device_type = batch.src.device.type
     with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        loss_sum, _ = model(batch.src, batch.src_lens, batch.tgt_in, batch.tgt_out, label_smoothing, batch.src_index)
+        loss_sum, _ = model(
+            batch.src, batch.src_lens, batch.tgt_in, batch.tgt_out, label_smoothing, batch.src_index, batch.real_index
+        )
     scaler.scale(loss_sum * (weight * world_size / max(global_tokens, 1.0))).backward()
-    return float(loss_sum.detach()) * weight
+    return loss_sum.detach().double() * weight
 
 
 def batch_flops(model: Any, b: Batch, pad_id: int) -> float:
@@ -60,6 +65,37 @@ def batch_flops(model: Any, b: Batch, pad_id: int) -> float:
     src = b.src_lens.numpy()
     tgt = (b.tgt_out != pad_id).sum(1).cpu().numpy()
     return train_step_flops(model, src, tgt, src[b.src_index.cpu().numpy()] if b.src_index is not None else None)
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def resolve_amp_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """``train.amp_dtype`` on ``device``: the autocast dtype, None for fp32. ``auto`` is bf16 on
+    a GPU that has it (its range needs no GradScaler), fp16 on an older GPU, fp32 on CPU."""
+    if name == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    dtype = AMP_DTYPES[name]
+    if dtype is torch.float16 and device.type != "cuda":
+        raise ValueError("train.amp_dtype=fp16 needs a GPU (PyTorch's CPU LSTM has no fp16 kernel): use bf16 or fp32")
+    if (
+        dtype is torch.bfloat16
+        and device.type == "cuda"
+        and not torch.cuda.is_bf16_supported(including_emulation=False)
+    ):
+        raise ValueError(f"train.amp_dtype=bf16: {torch.cuda.get_device_name(device)} has no bf16; use fp16 or auto")
+    return dtype
+
+
+def load_scaler_state(scaler: torch.amp.GradScaler, state: dict[str, Any] | None) -> None:
+    """Restore a GradScaler saved on any device, enabled or not. Its state is plain numbers,
+    so CPU and GPU checkpoints are the same; what differs is whether it was on: a checkpoint
+    of a bf16, fp32 or CPU run holds an empty state (or, before scalers were saved, none),
+    which an fp16 run's scaler refuses, so it keeps its fresh state instead."""
+    if state:
+        scaler.load_state_dict(state)
 
 
 def micro_sync(model: torch.nn.Module, last: bool) -> Any:
@@ -103,10 +139,11 @@ class Trainer:
         self.raw = self.model = model
         self.device, self.world_size = device, world_size
         on_gpu = device.type == "cuda"
-        self.amp_dtype = torch.float16 if (on_gpu and t.amp) else None
+        self.amp_dtype = resolve_amp_dtype(t.amp_dtype, device)
         self.opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=on_gpu)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, t.warmup_steps))
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype is not None)
+        # fp16's narrow range needs loss scaling; bf16 has fp32's exponent and needs none.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype is torch.float16)
         self.state = TrainState()
 
     def wrap(self, wrapper: Any) -> None:
@@ -117,19 +154,24 @@ class Trainer:
     def lr(self) -> float:
         return self.sched.get_last_lr()[0]
 
-    def step(self, micro: list[Batch | None], global_tokens: float | None = None, blank: Batch | None = None) -> float:
+    def step(
+        self, micro: list[Batch | None], global_tokens: float | None = None, blank: Batch | None = None
+    ) -> torch.Tensor:
         """One optimizer step over micro-batches (gradient accumulation). ``None`` is a
         zero-weight micro-batch (``blank`` is run with weight 0, so a rank whose data ran out
         still joins the allreduce). The loss is normalised by ``global_tokens`` (default:
-        this process's real tokens). Returns this process's summed loss."""
+        this process's real tokens). Returns this process's summed loss as a float64 scalar
+        on the device (see :func:`train_step`); nothing in the step waits for the GPU, except
+        an fp16 GradScaler's check for inf gradients."""
         if global_tokens is None:
             global_tokens = float(sum(b.real_tokens for b in micro if b is not None))
-        t, loss = self.cfg, 0.0
+        t = self.cfg
+        loss = torch.zeros((), dtype=torch.float64, device=self.device)
         self.opt.zero_grad(set_to_none=True)
         for i, b in enumerate(micro):
             batch = b.to(self.device) if b is not None else blank
             with micro_sync(self.model, last=i == len(micro) - 1):
-                loss += train_step(
+                loss = loss + train_step(
                     self.model,
                     batch,
                     1.0 if b is not None else 0.0,
@@ -190,7 +232,7 @@ class Trainer:
         self.raw.load_state_dict(theirs)
         self.opt.load_state_dict(d["optimizer"])
         self.sched.load_state_dict(d["scheduler"])
-        self.scaler.load_state_dict(d["scaler"])
+        load_scaler_state(self.scaler, d.get("scaler"))
         self.state = TrainState.from_dict(d["state"])
 
     def save(self, folder: str | None = None, seen: np.ndarray | None = None) -> str:
