@@ -287,3 +287,40 @@ def test_sweep_name_refuses_a_changed_search_space(sweep):
     with pytest.raises(ConfigError, match=r"tune.name 'grid'.*\n  tune.space: .*96.* != .*32"):
         run_sweep(cfg)
     assert len(children_of(uri, sweep["res"]["parent_run_id"])) == 4
+
+
+def test_review_notebook_on_a_video_sweep(ray_session, tmp_path):
+    """A one-trial captioning sweep on a tiny demo video corpus: the review notebook shows
+    the best trial's test CIDEr and its test captions, not translations."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = load_config(
+        [
+            "data=demo_video",
+            f"data.root={tmp_path}/demo",
+            "data.demo_size=48",
+            "data.frame_size=32",
+            f"data.output_dir={tmp_path}/data",
+            f"data.feature_cache={tmp_path}/cache",
+            f"train.storage_path={tmp_path}/ray",
+            "train.num_workers=1",
+            "train.max_epochs=1",
+            "train.warmup_steps=5",
+            "train.test_beam_size=1",
+            f"tracking.tracking_uri={uri}",
+            "tracking.experiment=video-sweeps",
+            "tune.name=video",
+            "tune.search=grid",
+            "tune.space.model.hidden_size=[16]",
+            "tune.scheduler=none",
+            "tune.max_concurrent_trials=1",
+        ]
+    )
+    res = run_sweep(cfg)
+    nb = notebooks.execute(
+        "review_sweep.ipynb", {"TRACKING_URI": uri, "EXPERIMENT": "video-sweeps", "SWEEP": "video"}, tmp_path
+    )
+    assert not notebooks.errors(nb), notebooks.errors(nb)
+    text = notebooks.text(nb)
+    assert f"test_cider {res['test_cider']:.3f}" in text
+    assert "caption" in text and "references" in text and "translation" not in text
+    assert "a video captioning model" in text and "champion:" in text
