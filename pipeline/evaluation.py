@@ -87,6 +87,12 @@ def test_and_log(
                     f"MLflow model (its files go to best_checkpoint/; {best_dir} has them too)",
                     flush=True,
                 )
+        if res and not task.is_captioning():
+            from .review import log_review
+
+            log_review(
+                log, local_best, {"source": res["src"], "reference": res["tgt"], "translation": res["hyp"]}, task.metric
+            )
     if scores:
         # After the model: the scores are the logged model's metrics too, on the test dataset.
         test_data = [d for d in tracking.split_datasets(data_dir, manifest) if d["context"] == "test"]

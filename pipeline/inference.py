@@ -150,6 +150,27 @@ class Translator:
         out = decode_ids(self.model, ids, beam_size, length_penalty, batch_size, self.device)
         return toklib.decode(self.tgt_tok, out)
 
+    def attention(self, sentences: list[str], max_len_ratio: float = 2.0) -> list[dict[str, Any]]:
+        """Greedy translations of a few sentences with their attention: per sentence the
+        ``source`` and ``output`` tokens (subword pieces; the output ends with ``</s>`` when
+        EOS was emitted), ``weights`` (len(output), len(source)) and the ``translation``."""
+        out = []
+        for ids in toklib.encode(self.src_tok, [self.clean(s) for s in sentences]):
+            ids = ids or [self.model.eos_id]  # an empty source still needs one token to encode
+            src = torch.as_tensor([ids], dtype=torch.long, device=self.device)
+            max_len = int(len(ids) * max_len_ratio) + 10
+            (hyp,), (weights,) = self.model.greedy_attention(src, torch.as_tensor([len(ids)]), max_len)
+            output = [self.tgt_tok.id_to_token(i) for i in hyp] + (["</s>"] if weights.size(0) > len(hyp) else [])
+            out.append(
+                {
+                    "source": [self.src_tok.id_to_token(i) for i in ids],
+                    "output": output,
+                    "weights": weights.numpy(),
+                    "translation": toklib.decode(self.tgt_tok, [hyp])[0],
+                }
+            )
+        return out
+
 
 class Captioner(Translator):
     """A loaded video bundle: ``caption_files(["clip.mp4", ...])`` or ``caption(clips)``.

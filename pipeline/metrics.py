@@ -31,6 +31,15 @@ def bleu(hyps: list[str], refs: list[str]) -> float:
     return float(_BLEU.corpus_score(hyps, [refs]).score) if hyps else 0.0
 
 
+def sentence_bleus(hyps: list[str], refs: list[str]) -> list[float]:
+    """BLEU of each sentence alone; effective order, else a short sentence without a 4-gram
+    match scores 0 whatever it got right."""
+    return [float(_SENTENCE_BLEU.sentence_score(h, [r]).score) for h, r in zip(hyps, refs)]
+
+
+_SENTENCE_BLEU = sacrebleu.BLEU(force=True, effective_order=True)
+
+
 def chrf(hyps: list[str], refs: list[str]) -> float:
     return float(_CHRF.corpus_score(hyps, [refs]).score) if hyps else 0.0
 

@@ -25,7 +25,12 @@ def load_sweep(uri: str, experiment: str, sweep: str) -> dict[str, Any]:
     )
     if not found or found[0].data.tags.get("pipeline.kind") != "sweep":
         raise FileNotFoundError(f"no sweep named '{sweep}' in experiment '{experiment}'")
-    parent = found[0]
+    return sweep_of(uri, found[0])
+
+
+def sweep_of(uri: str, parent: Any) -> dict[str, Any]:
+    """A sweep's record from its MLflow parent run: trials ranked, curves, the search space."""
+    c = tracking.client(uri)
     metric = parent.data.params.get("tune.metric", "val_bleu")
     mode = parent.data.params.get("tune.mode", "max")
     rows = summarize(uri, parent.info.run_id, metric, mode)
@@ -48,8 +53,8 @@ def load_sweep(uri: str, experiment: str, sweep: str) -> dict[str, Any]:
 def heatmap(sweep: dict[str, Any], x: str = "model.hidden_size", y: str = "model.num_layers"):
     """Best metric per (x, y) cell; the best trial of a cell when others share it."""
     rows, metric = sweep["rows"], sweep["metric"]
-    xs = sorted({r["params"].get(x) for r in rows}, key=str)
-    ys = sorted({r["params"].get(y) for r in rows}, key=str)
+    xs = sorted({r["params"].get(x) for r in rows}, key=_axis_order)
+    ys = sorted({r["params"].get(y) for r in rows}, key=_axis_order)
     grid = [[float("nan")] * len(xs) for _ in ys]
     for r in rows:
         i, j = ys.index(r["params"].get(y)), xs.index(r["params"].get(x))
@@ -116,24 +121,79 @@ def markdown(sweep: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_report(uri: str, experiment: str, sweep_name: str, out_dir: str) -> list[Path]:
-    sweep = load_sweep(uri, experiment, sweep_name)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
+def _axis_order(value: Any) -> tuple[int, Any]:
+    """Numbers in numeric order (96 before 128), then anything else as text."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, value)
+    return (1, str(value))
+
+
+def figures(sweep: dict[str, Any]) -> dict[str, Any]:
+    """The report's figures by file name: the heatmap over hidden size x depth (else the first
+    two searched keys) and the learning curves. The caller closes them."""
     keys = list(sweep["space"])
     x, y = (
         ("model.hidden_size", "model.num_layers")
         if {"model.hidden_size", "model.num_layers"} <= set(keys)
         else ((keys + keys)[:2] if keys else ("model.hidden_size", "model.num_layers"))
     )
-    for name, fig in (("heatmap.png", heatmap(sweep, x, y)), ("learning_curves.png", learning_curves(sweep))):
+    return {"heatmap.png": heatmap(sweep, x, y), "learning_curves.png": learning_curves(sweep)}
+
+
+def write_report(uri: str, experiment: str, sweep_name: str, out_dir: str) -> list[Path]:
+    sweep = load_sweep(uri, experiment, sweep_name)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, fig in figures(sweep).items():
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
         paths.append(out / name)
     (out / "summary.md").write_text(markdown(sweep))
     paths.append(out / "summary.md")
     return paths
+
+
+def run_link(uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI when the store is a tracking server, else the run id."""
+    if uri.startswith(("http://", "https://")):
+        return f"{tracking.redact(uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return run_id
+
+
+def trial_links(uri: str, sweep: dict[str, Any]) -> list[dict[str, str]]:
+    """Each trial (best first) and the parent with its link (:func:`run_link`)."""
+    exp = sweep["parent"].info.experiment_id
+    parent = sweep["parent"]
+    return [
+        {"run": parent.data.tags.get(tracking.RUN_NAME_TAG, ""), "link": run_link(uri, exp, parent.info.run_id)}
+    ] + [{"run": r["run_name"], "link": run_link(uri, exp, r["run_id"])} for r in sweep["rows"]]
+
+
+def is_video(sweep: dict[str, Any]) -> bool:
+    from .config import VIDEO_DATA
+
+    return sweep["parent"].data.params.get("data.name") in VIDEO_DATA
+
+
+def best_trial(uri: str, sweep: dict[str, Any]) -> dict[str, Any]:
+    """The tested best trial: its run id and name, test metrics and the test samples it logged
+    (translations, or captions of a video sweep) as columns."""
+    import tempfile
+
+    c = tracking.client(uri)
+    run_id = sweep["parent"].data.tags.get("best_trial_run_id") or sweep["rows"][0]["run_id"]
+    run = c.get_run(run_id)
+    samples_file = "samples/test_captions.json" if is_video(sweep) else "samples/test_translations.json"
+    with tempfile.TemporaryDirectory(prefix="pipeline-report-") as tmp:
+        with open(c.download_artifacts(run_id, samples_file, tmp)) as f:
+            table = json.load(f)
+    return {
+        "run_id": run_id,
+        "run_name": run.data.tags.get(tracking.RUN_NAME_TAG, run.info.run_name),
+        "test_metrics": {k: v for k, v in sorted(run.data.metrics.items()) if k.startswith("test_")},
+        "samples": {k: [row[i] for row in table["data"]] for i, k in enumerate(table["columns"])},
+    }
 
 
 def contact_sheet(items: list[dict[str, Any]], path: str, max_frames: int = 6) -> str:

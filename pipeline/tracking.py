@@ -19,6 +19,12 @@ from .config import TrackingConfig
 from .redaction import redact
 
 RUN_NAME_TAG = "pipeline.run_name"
+# MLflow 3's UI opens an experiment by this tag: "custom_model_development" (runs, charts) rather
+# than the GenAI overview (traces) it guesses for an untagged one (server/js, mlflow.experimentKind).
+EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+# What mlflow.start_run tags a run with (its context providers): the runs table's User, Source
+# and Version columns read them.
+CONTEXT_TAGS = ("mlflow.user", "mlflow.source.name", "mlflow.source.type", "mlflow.source.git.commit")
 
 
 class TrackingError(RuntimeError):
@@ -75,19 +81,52 @@ def git_commit() -> str | None:
         return None
 
 
+def context_tags() -> dict[str, str]:
+    """The context tags ``mlflow.start_run`` would give a run started here (MLflow's own
+    context providers), the commit from :func:`git_commit`; what is unknown is left out.
+    A sweep computes them once on its driver: a trial runs in a Ray worker, whose source
+    would be Ray's worker script."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    found = resolve_tags()
+    commit = git_commit()
+    if commit:
+        found["mlflow.source.git.commit"] = commit
+    return {k: redact(str(found[k])) for k in CONTEXT_TAGS if found.get(k)}
+
+
+def open_experiment(uri: str, experiment: str) -> str:
+    """The experiment's id, created if needed; tagged as a model-training experiment (one of
+    ours made before the tag existed gets it; a kind someone chose is kept)."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return c.create_experiment(
+            experiment,
+            artifact_location=_artifact_root(uri, experiment),
+            tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND},
+        )
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+    return exp.experiment_id
+
+
 def open_run(
-    uri: str, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str]
+    uri: str,
+    experiment: str,
+    run_name: str,
+    params: dict[str, Any],
+    tags: dict[str, str],
+    context: dict[str, str] | None = None,
 ) -> tuple[str, bool]:
     """Create the run for ``run_name``, or reopen the one that already has that name.
 
+    A new run gets ``context`` (default: :func:`context_tags` of this process) under ``tags``.
     Returns (run_id, resumed). Params already logged keep their first value (MLflow
     params are immutable); a changed value is reported, not silently dropped.
     """
     c = client(uri)
-    exp = c.get_experiment_by_name(experiment)
-    exp_id = (
-        exp.experiment_id if exp else c.create_experiment(experiment, artifact_location=_artifact_root(uri, experiment))
-    )
+    exp_id = open_experiment(uri, experiment)
     found = c.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
     if found:
         run = found[0]
@@ -99,7 +138,8 @@ def open_run(
         params = {k: v for k, v in params.items() if k not in old}
         run_id, resumed = run.info.run_id, True
     else:
-        run_id = c.create_run(exp_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, **tags}).info.run_id
+        context = context_tags() if context is None else context
+        run_id = c.create_run(exp_id, run_name=run_name, tags={**context, RUN_NAME_TAG: run_name, **tags}).info.run_id
         resumed = False
     log_params(uri, run_id, params)
     return run_id, resumed
@@ -553,8 +593,18 @@ class RunLogger:
     def log_text(self, text: str, artifact_file: str) -> None:
         dest = self._stage_file(Path(artifact_file).name)
         dest.write_text(text)
+        self._put_file(dest, artifact_file)
+
+    def log_figure(self, figure: Any, artifact_file: str, dpi: int = 110) -> None:
+        """A matplotlib figure as a PNG artifact (as ``MlflowClient.log_figure`` stores it),
+        rendered now: the caller may close the figure right after."""
+        dest = self._stage_file(Path(artifact_file).name)
+        figure.savefig(dest, dpi=dpi)
+        self._put_file(dest, artifact_file)
+
+    def _put_file(self, staged: Path, artifact_file: str) -> None:
         folder = str(Path(artifact_file).parent)
-        self._put({"kind": "artifact", "path": str(dest), "artifact_path": None if folder == "." else folder})
+        self._put({"kind": "artifact", "path": str(staged), "artifact_path": None if folder == "." else folder})
 
     def log_table(self, data: dict[str, list], artifact_file: str) -> None:
         """A table in MLflow's table layout (``columns``/``data``); replaces an older one."""

@@ -58,7 +58,19 @@ def _run_trial(params: dict[str, Any], base: dict[str, Any], prep: Prepared, swe
     import ray.tune
 
     trial_id = ray.tune.get_context().get_trial_id()
-    fit_run(trial_config(base, params), prep, f"{sweep}-{trial_id}", parent_run_id, in_tune=True)
+    fit_run(
+        trial_config(base, params), prep, f"{sweep}-{trial_id}", parent_run_id, in_tune=True, tags=searched_tags(params)
+    )
+
+
+SEARCHED_TAG, PARAM_TAG = "tune.searched", "tune.param."
+
+
+def searched_tags(params: dict[str, Any]) -> dict[str, str]:
+    """A trial's searched keys as tags: ``tune.searched`` lists them, ``tune.param.<key>`` holds
+    each value. MLflow's UI lets one pick columns and chart axes but has no way to be told
+    which come first; these name the few of the ~100 params that the sweep varied."""
+    return {SEARCHED_TAG: ",".join(params), **{PARAM_TAG + k: str(v) for k, v in params.items()}}
 
 
 def concurrent_trials(cfg: Config) -> int:
@@ -126,8 +138,14 @@ def _run_sweep(cfg: Config, prep: Prepared, sweep: str) -> dict[str, Any]:
         "tune.mode": tc.mode,
         **cfg.flat(),
     }
-    parent_id, resumed = tracking.open_run(uri, experiment, sweep, params, {"pipeline.kind": "sweep"})
+    parent_id, resumed = tracking.open_run(
+        uri, experiment, sweep, params, {"pipeline.kind": "sweep", SEARCHED_TAG: ",".join(tc.space)}, prep.context
+    )
     print(f"[tune] sweep '{sweep}' ({'resumed' if resumed else 'new'}): MLflow parent run {parent_id}", flush=True)
+    if not resumed:  # the runs table's Dataset column: every trial trains on these
+        inputs = tracking.RunLogger(uri, parent_id, tracking.spill_dir(storage, sweep))
+        inputs.log_inputs(tracking.split_datasets(prep.data_dir, prep.manifest))
+        close_logger(inputs)
 
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, base=cfg.to_dict(), prep=prep, sweep=sweep, parent_run_id=parent_id),
@@ -203,9 +221,28 @@ def _run_sweep(cfg: Config, prep: Prepared, sweep: str) -> dict[str, Any]:
     )
     log.log_metrics({f"best_{metric}": best["best"], **{k: v for k, v in tested.items() if k.startswith("test_")}}, 0)
     log.set_tags({"best_trial_run_id": best["run_id"], "best_trial": best["run_name"]})
+    _log_figures(uri, parent_id, log)
     log.end_run("FINISHED" if not failed else "FAILED")
     out["unsent_records"] += close_logger(log)
     return out
+
+
+def _log_figures(uri: str, parent_id: str, log: tracking.RunLogger) -> None:
+    """The report's figures onto the parent run (``report/``), as `pipeline report` draws them."""
+    import matplotlib.pyplot as plt
+
+    from .report import figures, sweep_of
+
+    try:
+        sweep = sweep_of(uri, tracking.client(uri).get_run(parent_id))
+    except Exception as e:
+        if not tracking.is_outage(e):
+            raise
+        print(f"[tracking] MLflow is away: no report figures on the sweep's run ({tracking.redact(str(e))[:200]})")
+        return
+    for name, fig in figures(sweep).items():
+        log.log_figure(fig, f"report/{name}")
+        plt.close(fig)
 
 
 def champion_metric(metric: str, mode: str, tested: dict[str, Any], default: str) -> tuple[str, str]:

@@ -102,3 +102,16 @@ def test_training_reduces_loss():
         opt.step()
         first = first if first is not None else float(loss.detach() / n)
     assert float(loss.detach() / n) < first * 0.75
+
+
+@pytest.mark.parametrize("input_feeding", [False, True])
+def test_greedy_attention_is_greedy_with_its_weights(input_feeding):
+    """The same ids as greedy; one row per output token (and EOS when emitted) over the real
+    source positions only, each a distribution."""
+    m = make("general", input_feeding)
+    src, lens, _ = batch(seed=3)
+    ids, weights = m.greedy_attention(src, lens, 9)
+    assert ids == m.greedy(src, lens, 9)
+    for i, w, n in zip(ids, weights, lens.tolist()):
+        assert w.shape[1] == n and w.shape[0] in (len(i), len(i) + 1)
+        assert torch.allclose(w.sum(-1), torch.ones(w.shape[0]), atol=1e-5)

@@ -11,8 +11,10 @@ import mlflow.pyfunc
 import pytest
 from mlflow.tracking import MlflowClient
 
+import notebooks
 from pipeline.config import ConfigError, load_config
 from pipeline.inference import Translator
+from pipeline.tracking import git_commit
 from pipeline.train.run import run_training
 
 pytestmark = pytest.mark.slow
@@ -170,6 +172,36 @@ def test_run_lists_its_splits_as_datasets_and_the_test_scores_belong_to_the_mode
     assert set(scores) >= {"test_bleu", "test_chrf"}
     assert scores["test_bleu"].value == pytest.approx(res["test_bleu"])
     assert scores["test_bleu"].dataset_name == f"{name}/test" and scores["test_bleu"].dataset_digest == digest
+
+
+def test_review_run_notebook_and_the_run_in_the_mlflow_ui(trained):
+    """The run as MLflow 3's UI shows it (experiment kind, context tags, the logged model, the
+    review figures as images), and notebooks/review_run.ipynb executed against it shows the
+    same figures."""
+    uri, res, tmp = trained["uri"], trained["second"], trained["tmp"]
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name("e2e-test")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    tags = c.get_run(res["run_id"]).data.tags
+    assert tags["mlflow.user"] and tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.source.name"]
+    assert tags["mlflow.source.git.commit"] == git_commit() and len(git_commit()) == 40
+    assert {m.source_run_id for m in c.search_logged_models([exp.experiment_id])} == {res["run_id"]}
+    logged = {a.path for a in c.list_artifacts(res["run_id"], "review")}
+    figures = {f"review/{name}" for name in ("learning_curves.png", "bleu_by_length.png", "attention.png")}
+    assert figures | {"review/worst_best.json"} <= logged, logged
+    for f in figures:
+        assert open(c.download_artifacts(res["run_id"], f, str(tmp)), "rb").read(4) == b"\x89PNG"
+    table = json.load(open(c.download_artifacts(res["run_id"], "test/outputs.json", str(tmp))))
+    manifest = json.load(open(f"{res['data_dir']}/manifest.json"))
+    assert table["columns"] == ["source", "reference", "translation"]
+    assert len(table["data"]) == manifest["splits"]["test"]["kept"]
+
+    nb = notebooks.execute("review_run.ipynb", {"TRACKING_URI": uri, "EXPERIMENT": "e2e-test", "RUN": "e2e"}, tmp)
+    assert not notebooks.errors(nb), notebooks.errors(nb)
+    assert notebooks.images(nb) >= 3  # learning curves, BLEU by length, attention maps
+    text = notebooks.text(nb)
+    assert "worst test sentences" in text and "best test sentences" in text and "sentence_bleu" in text
+    assert all(f in text for f in figures)  # what the run holds for the MLflow UI
 
 
 def test_model_learned_something(trained):

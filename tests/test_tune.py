@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+import notebooks
 from pipeline.config import ConfigError, load_config
+from pipeline.tracking import git_commit
 from pipeline.tune import run_sweep
 
 pytestmark = pytest.mark.slow
@@ -144,23 +146,57 @@ def test_report_writes_pngs(sweep):
 
 
 def test_review_notebook_executes(sweep):
-    import nbformat
-    from nbclient import NotebookClient
-
-    nb = nbformat.read(REPO / "notebooks" / "review_sweep.ipynb", as_version=4)
-    params = next(c for c in nb.cells if c.cell_type == "code" and c.source.startswith("# Parameters"))
-    params.source = (
-        f"TRACKING_URI = {sweep['uri']!r}\nEXPERIMENT = 'sweeps'\nSWEEP = 'grid'\n"
-        "EXAMPLES = ['the small dog sees the red house .', 'a woman runs quickly .']"
+    nb = notebooks.execute(
+        "review_sweep.ipynb",
+        {
+            "TRACKING_URI": sweep["uri"],
+            "EXPERIMENT": "sweeps",
+            "SWEEP": "grid",
+            "EXAMPLES": ["the small dog sees the red house .", "a woman runs quickly ."],
+        },
+        sweep["tmp"],
     )
-    NotebookClient(
-        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(sweep["tmp"])}}
-    ).execute()
-    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
-    assert not [o for o in outputs if o.get("output_type") == "error"]
-    assert sum(1 for o in outputs if "image/png" in o.get("data", {})) >= 2
-    text = "".join(o.get("text", "") for o in outputs)
+    assert not notebooks.errors(nb), notebooks.errors(nb)
+    assert notebooks.images(nb) >= 2
+    text = notebooks.text(nb)
     assert "champion: demo-champion" in text and "->" in text
+    res = sweep["res"]
+    assert f"test_bleu {res['test_bleu']:.3f}" in text  # the best trial's test metrics
+    assert "translation" in text and "reference" in text  # its sample table
+    for t in res["trials"]:  # a sqlite store: the runs are named by id
+        assert t["run_id"] in text
+
+
+def test_sweep_in_the_mlflow_ui(sweep):
+    """What MLflow 3's UI reads: the experiment's kind, the runs' context tags (User, Source,
+    Version columns), datasets and the best trial's logged model, the report figures on the
+    parent, and the searched keys as tags of each child."""
+    uri, res = sweep["uri"], sweep["res"]
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name("sweeps")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    parent = c.get_run(res["parent_run_id"])
+    kids = children_of(uri, res["parent_run_id"])
+    for run in [parent, *kids]:
+        tags = run.data.tags
+        assert tags["mlflow.user"] and tags["mlflow.source.type"] == "LOCAL", tags
+        # The sweep's driver (this pytest process), not the Ray worker a trial ran in.
+        assert tags["mlflow.source.name"] == parent.data.tags["mlflow.source.name"]
+        assert "default_worker" not in tags["mlflow.source.name"]
+        assert tags["mlflow.source.git.commit"] == git_commit() and len(git_commit()) == 40
+        assert {i.dataset.name.rsplit("/", 1)[1] for i in run.inputs.dataset_inputs} == {"train", "val", "test"}
+    assert parent.data.tags["tune.searched"] == "model.hidden_size,model.num_layers"
+    for k in kids:
+        t = k.data.tags
+        assert t["tune.searched"] == "model.hidden_size,model.num_layers"
+        assert t["tune.param.model.hidden_size"] == k.data.params["model.hidden_size"]
+        assert t["tune.param.model.num_layers"] == k.data.params["model.num_layers"]
+    models = c.search_logged_models([exp.experiment_id])
+    assert [m.source_run_id for m in models] == [res["best"]["run_id"]]
+    figs = {a.path for a in c.list_artifacts(res["parent_run_id"], "report")}
+    assert figs == {"report/heatmap.png", "report/learning_curves.png"}
+    for f in figs:
+        assert open(c.download_artifacts(res["parent_run_id"], f, str(sweep["tmp"])), "rb").read(4) == b"\x89PNG"
 
 
 def test_invalid_search_space_is_named():
@@ -251,3 +287,40 @@ def test_sweep_name_refuses_a_changed_search_space(sweep):
     with pytest.raises(ConfigError, match=r"tune.name 'grid'.*\n  tune.space: .*96.* != .*32"):
         run_sweep(cfg)
     assert len(children_of(uri, sweep["res"]["parent_run_id"])) == 4
+
+
+def test_review_notebook_on_a_video_sweep(ray_session, tmp_path):
+    """A one-trial captioning sweep on a tiny demo video corpus: the review notebook shows
+    the best trial's test CIDEr and its test captions, not translations."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = load_config(
+        [
+            "data=demo_video",
+            f"data.root={tmp_path}/demo",
+            "data.demo_size=48",
+            "data.frame_size=32",
+            f"data.output_dir={tmp_path}/data",
+            f"data.feature_cache={tmp_path}/cache",
+            f"train.storage_path={tmp_path}/ray",
+            "train.num_workers=1",
+            "train.max_epochs=1",
+            "train.warmup_steps=5",
+            "train.test_beam_size=1",
+            f"tracking.tracking_uri={uri}",
+            "tracking.experiment=video-sweeps",
+            "tune.name=video",
+            "tune.search=grid",
+            "tune.space.model.hidden_size=[16]",
+            "tune.scheduler=none",
+            "tune.max_concurrent_trials=1",
+        ]
+    )
+    res = run_sweep(cfg)
+    nb = notebooks.execute(
+        "review_sweep.ipynb", {"TRACKING_URI": uri, "EXPERIMENT": "video-sweeps", "SWEEP": "video"}, tmp_path
+    )
+    assert not notebooks.errors(nb), notebooks.errors(nb)
+    text = notebooks.text(nb)
+    assert f"test_cider {res['test_cider']:.3f}" in text
+    assert "caption" in text and "references" in text and "translation" not in text
+    assert "a video captioning model" in text and "champion:" in text

@@ -44,14 +44,16 @@ class Attention(nn.Module):
 
     def forward(
         self, query: torch.Tensor, keys: torch.Tensor, enc_out: torch.Tensor, src_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """query (B, T, H), keys/enc_out (B, S, H), src_mask (B, S) True at real tokens -> context (B, T, H)."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """query (B, T, H), keys/enc_out (B, S, H), src_mask (B, S) True at real tokens ->
+        context (B, T, H) and the attention weights (B, T, S)."""
         if self.attention == "mlp":
             scores = self.v(torch.tanh(self.query(query).unsqueeze(2) + keys.unsqueeze(1))).squeeze(-1)
         else:
             scores = torch.bmm(query, keys.transpose(1, 2))
         scores = scores.masked_fill(~src_mask.unsqueeze(1), float("-inf"))
-        return torch.bmm(torch.softmax(scores, dim=-1), enc_out)
+        weights = torch.softmax(scores, dim=-1)
+        return torch.bmm(weights, enc_out), weights
 
 
 class FrameInput(nn.Module):
@@ -177,10 +179,10 @@ class Decoder(nn.Module):
 
     def _attend(
         self, h: torch.Tensor, keys: torch.Tensor, enc_out: torch.Tensor, src_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """Decoder states (B, T, H) -> attentional vectors (B, T, H)."""
-        ctx = self.attention(h, keys, enc_out, src_mask)
-        return torch.tanh(self.combine(torch.cat([ctx, h], dim=-1)))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoder states (B, T, H) -> attentional vectors (B, T, H), attention weights (B, T, S)."""
+        ctx, weights = self.attention(h, keys, enc_out, src_mask)
+        return torch.tanh(self.combine(torch.cat([ctx, h], dim=-1))), weights
 
     def features(self, attn_h: torch.Tensor) -> torch.Tensor:
         """Attentional vectors (..., H) -> generator inputs (..., E or H)."""
@@ -195,12 +197,12 @@ class Decoder(nn.Module):
         x = self.dropout(self.embedding(tgt_in))
         if not self.input_feeding:
             out, _ = self.lstm(x, state)
-            return self.features(self._attend(out, keys, enc_out, src_mask))
+            return self.features(self._attend(out, keys, enc_out, src_mask)[0])
         prev = x.new_zeros(x.size(0), 1, self.hidden_size)
         steps = []
         for t in range(x.size(1)):
             out, state = self.lstm(torch.cat([x[:, t : t + 1], prev], dim=-1), state)
-            prev = self._attend(out, keys, enc_out, src_mask)
+            prev = self._attend(out, keys, enc_out, src_mask)[0]
             steps.append(prev)
         return self.features(torch.cat(steps, dim=1))
 
@@ -212,17 +214,18 @@ class Decoder(nn.Module):
         src_mask: torch.Tensor,
         state: LSTMState,
         prev: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, LSTMState, torch.Tensor]:
-        """One decoding step: tokens (B,) -> log-probs (B, V), new state, attentional vector (B, 1, H)."""
+    ) -> tuple[torch.Tensor, LSTMState, torch.Tensor, torch.Tensor]:
+        """One decoding step: tokens (B,) -> log-probs (B, V), new state, attentional vector
+        (B, 1, H), attention weights over the source (B, 1, S)."""
         x = self.dropout(self.embedding(tokens).unsqueeze(1))
         if self.input_feeding:
             if prev is None:
                 prev = x.new_zeros(x.size(0), 1, self.hidden_size)
             x = torch.cat([x, prev], dim=-1)
         out, state = self.lstm(x, state)
-        attn_h = self._attend(out, keys, enc_out, src_mask)
+        attn_h, weights = self._attend(out, keys, enc_out, src_mask)
         logits = self.generator(self.features(attn_h)).squeeze(1)
-        return torch.log_softmax(logits.float(), dim=-1), state, attn_h
+        return torch.log_softmax(logits.float(), dim=-1), state, attn_h, weights
 
 
 class Seq2Seq(nn.Module):
@@ -318,20 +321,39 @@ class Seq2Seq(nn.Module):
     @torch.no_grad()
     def greedy(self, src: torch.Tensor, src_lens: torch.Tensor, max_len: int) -> list[list[int]]:
         """Batched greedy decoding -> token ids per sentence (or clip), without BOS/EOS."""
+        return self._greedy(src, src_lens, max_len, False)[0]
+
+    @torch.no_grad()
+    def greedy_attention(
+        self, src: torch.Tensor, src_lens: torch.Tensor, max_len: int
+    ) -> tuple[list[list[int]], list[torch.Tensor]]:
+        """Greedy decoding that keeps the attention: token ids per source (as :meth:`greedy`)
+        and, per source, the weights (T_i, S_i) of each output token (and EOS, when emitted)
+        over that source's real positions."""
+        ids, weights = self._greedy(src, src_lens, max_len, True)
+        lens = src_lens.tolist()
+        return ids, [w[: min(len(i) + 1, w.size(0)), : lens[r]] for r, (i, w) in enumerate(zip(ids, weights))]
+
+    def _greedy(
+        self, src: torch.Tensor, src_lens: torch.Tensor, max_len: int, keep_weights: bool
+    ) -> tuple[list[list[int]], torch.Tensor | None]:
         enc_out, src_mask, state = self.encode(src, src_lens)
         keys = self.decoder.attention.keys(enc_out)
         b = src.size(0)
         tokens = torch.full((b,), self.bos_id, dtype=torch.long, device=src.device)
         done = torch.zeros(b, dtype=torch.bool, device=src.device)
-        out, prev = [], None
+        out, prev, kept = [], None, []
         for _ in range(max_len):
-            logp, state, prev = self.decoder.step(tokens, keys, enc_out, src_mask, state, prev)
+            logp, state, prev, weights = self.decoder.step(tokens, keys, enc_out, src_mask, state, prev)
+            if keep_weights:
+                kept.append(weights.float().cpu())
             tokens = logp.argmax(-1)
             out.append(tokens.masked_fill(done, self.pad_id))
             done |= tokens == self.eos_id
             if bool(done.all()):
                 break
-        return [self._strip(row) for row in torch.stack(out, 1).tolist()]
+        ids = [self._strip(row) for row in torch.stack(out, 1).tolist()]
+        return ids, torch.cat(kept, dim=1) if keep_weights else None
 
     def _strip(self, ids: list[int]) -> list[int]:
         if self.eos_id in ids:
@@ -366,7 +388,7 @@ class Seq2Seq(nn.Module):
             return ((5.0 + length) / 6.0) ** length_penalty
 
         for t in range(max_len):
-            logp, state, prev = self.decoder.step(tokens, keys, enc_out, src_mask, state, prev)
+            logp, state, prev, _ = self.decoder.step(tokens, keys, enc_out, src_mask, state, prev)
             vocab = logp.size(-1)
             cand = (scores.view(-1, 1) + logp).view(b, k * vocab)
             top_scores, top_ids = cand.topk(min(2 * k, k * vocab), dim=-1)

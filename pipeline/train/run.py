@@ -70,6 +70,9 @@ class Prepared:
     src_json: str
     tgt_json: str
     vocab: Vocab
+    # MLflow's context tags of the process that started the run or sweep (tracking.context_tags);
+    # None: those of the process that opens the run.
+    context: dict[str, str] | None = None
 
 
 def prepare(cfg: Config) -> Prepared:
@@ -85,7 +88,7 @@ def prepare(cfg: Config) -> Prepared:
     data_dir, manifest = task.preprocess(cfg.data)
     src_json, tgt_json = read_tokenizers(data_dir)
     vocab = Vocab.of(manifest, **task.model_input(manifest))
-    return Prepared(uri, experiment, storage, data_dir, manifest, src_json, tgt_json, vocab)
+    return Prepared(uri, experiment, storage, data_dir, manifest, src_json, tgt_json, vocab, tracking.context_tags())
 
 
 # Training keys that change what a run learns. The others (budgets, workers and resources,
@@ -158,36 +161,45 @@ def run_training(cfg: Config) -> dict[str, Any]:
 
 
 def fit_run(
-    cfg: Config, prep: Prepared, run_name: str, parent_run_id: str | None = None, in_tune: bool = False
+    cfg: Config,
+    prep: Prepared,
+    run_name: str,
+    parent_run_id: str | None = None,
+    in_tune: bool = False,
+    tags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """One MLflow run + one TorchTrainer fit. A sweep's trial passes its parent run and
-    ``in_tune`` (metrics go to Tune too; the test split is left to the sweep's champion)."""
+    """One MLflow run + one TorchTrainer fit. A sweep's trial passes its parent run, ``in_tune``
+    (metrics go to Tune too; the test split is left to the sweep's champion) and the tags of
+    its searched keys (``tags``, set on a new run)."""
     t = cfg.train
     t.run_name = run_name
     run_dir = f"{prep.storage}/{run_name}"
     # A sweep holds its own lock; Tune may restart a trial while the old one winds down.
     lock = None if in_tune else hold_named(run_dir, "train.run_name", run_name, "pipeline train")
     try:
-        return _fit_run(cfg, prep, run_name, run_dir, parent_run_id, in_tune)
+        return _fit_run(cfg, prep, run_name, run_dir, parent_run_id, in_tune, tags or {})
     finally:
         if lock is not None:
             lock.release()
 
 
 def _fit_run(
-    cfg: Config, prep: Prepared, run_name: str, run_dir: str, parent_run_id: str | None, in_tune: bool
+    cfg: Config,
+    prep: Prepared,
+    run_name: str,
+    run_dir: str,
+    parent_run_id: str | None,
+    in_tune: bool,
+    extra_tags: dict[str, str],
 ) -> dict[str, Any]:
     t, task = cfg.train, task_for(cfg)
     uri, experiment, data_dir, manifest = prep.uri, prep.experiment, prep.data_dir, prep.manifest
     fingerprint = run_fingerprint(cfg, prep)
     check_fingerprint(run_dir, fingerprint, f"train.run_name '{run_name}' ({tracking.redact(run_dir)})")
-    tags = {"ray.run_name": run_name, "pipeline.data_dir": tracking.redact(data_dir)}
+    tags = {"ray.run_name": run_name, "pipeline.data_dir": tracking.redact(data_dir), **extra_tags}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    commit = tracking.git_commit()
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
-    run_id, resumed = tracking.open_run(uri, experiment, run_name, cfg.redacted_flat(), tags)
+    run_id, resumed = tracking.open_run(uri, experiment, run_name, cfg.redacted_flat(), tags, prep.context)
     print(
         f"[train] MLflow run {run_id} ({'resumed' if resumed else 'new'}) in experiment '{experiment}' at "
         f"{tracking.redact(uri)}",
