@@ -61,6 +61,10 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("overrides", nargs="*", help="config overrides: key=value")
         if name == "preprocess":
             c.add_argument("--force", action="store_true", help="redo it even if a matching output exists")
+        if name in ("demo", "train", "preprocess", "tune"):
+            c.add_argument(
+                "--verbose", action="store_true", help="show Ray's own output live (by default: in the run's log file)"
+            )
     c = cmd("translate", "translate lines from stdin to stdout")
     c.add_argument(
         "--model",
@@ -216,6 +220,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         ):
             print(f"{path}\t{text}")
         return 0
+    from . import console
+
+    console.set_verbose(getattr(args, "verbose", False))
     overrides = list(args.overrides)
     if args.command == "demo":
         overrides = DEMO_OVERRIDES + overrides
@@ -232,8 +239,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .tasks import preprocess
         from .tracking import redact
 
-        init_ray()
-        out, manifest = preprocess(cfg.data, force=args.force)
+        with console.capture(console.log_file(cfg.data.output_dir)):
+            init_ray()
+            out, manifest = preprocess(cfg.data, force=args.force)
         print(
             json.dumps(
                 {"output": redact(out), **{k: manifest[k] for k in ("rows_read", "rows_kept", "dropped", "splits")}},

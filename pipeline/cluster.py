@@ -22,7 +22,7 @@ from typing import Any
 
 import fsspec
 
-from . import tracking
+from . import console, tracking
 
 
 def _token_auth_env() -> None:
@@ -261,6 +261,7 @@ def init_ray(min_cpus: int = 1) -> None:
         cores = os.cpu_count() or 1
         _start_local_ray(max(cores, min(min_cpus, cores) + 2))
     ray.data.DataContext.get_current().enable_progress_bars = False
+    console.attach_ray()  # worker output through our router: our lines shown, Ray's to the run's log
 
 
 @contextlib.contextmanager

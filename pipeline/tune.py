@@ -18,7 +18,7 @@ from typing import Any
 
 import ray
 
-from . import tracking
+from . import console, tracking
 from .config import Config, ConfigError, set_key, validate
 from .evaluation import test_and_log
 from .lock import hold_named
@@ -92,13 +92,14 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
             "tune.space is empty: give values, e.g. tune.space.model.hidden_size=[256,512], "
             "or pick a prepared sweep, e.g. tune=hidden_depth"
         )
-    prep = prepare(cfg)
     sweep = tc.name or f"sweep-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    lock = hold_named(f"{prep.storage}/{sweep}", "tune.name", sweep, "pipeline tune")
-    try:
-        return _run_sweep(cfg, prep, sweep)
-    finally:
-        lock.release()
+    with console.capture(console.log_file(f"{cfg.train.storage_path}/{sweep}"), sweep=True):
+        prep = prepare(cfg)
+        lock = hold_named(f"{prep.storage}/{sweep}", "tune.name", sweep, "pipeline tune")
+        try:
+            return _run_sweep(cfg, prep, sweep)
+        finally:
+            lock.release()
 
 
 def sweep_fingerprint(cfg: Config, prep: Prepared) -> dict[str, str]:
@@ -188,7 +189,8 @@ def _run_sweep(cfg: Config, prep: Prepared, sweep: str) -> dict[str, Any]:
             ),
             run_config=tune.RunConfig(name=sweep, storage_path=storage, verbose=1),
         )
-    grid = tuner.fit()
+    with console.hidden():  # Tune's status tables
+        grid = tuner.fit()
     failed = {f"{sweep}-{r.metrics.get('trial_id', '')}": str(r.error) for r in grid if r.error}
     rows = summarize(uri, parent_id, metric, tc.mode, failed)
     if not rows:

@@ -263,6 +263,16 @@ def test_second_run_with_the_same_name_refuses_naming_the_first(ray_session, tmp
         print(f"\n[lifecycle] second run refused in {time.time() - t0:.1f} s")
         out, _ = first.communicate(timeout=600)
         assert first.returncode == 0, out[-3000:]
+        # The default console: our lines, a progress line for the epoch, the one validation and the
+        # summary; no Ray internals (a worker's line would start with Ray's "(pid=...)" prefix).
+        lines = out.splitlines()
+        assert not [x for x in lines if x.startswith("(") or "TrainingReport(" in x or "Execution plan" in x], out
+        assert len([x for x in lines if x.startswith("[train] step ") and " val_loss " in x]) == 1, out
+        assert "[train] epoch 1 done step " in out and "== done ==" in out and len(lines) < 40, out
+        log = tmp_path / "ray" / "twice" / "logs" / "console.log"
+        assert f"[console] Ray's output is in {log}" in out
+        assert "TrainingReport(" in log.read_text() and "Execution plan" in log.read_text()
+        print(f"[lifecycle] pipeline train printed {len(lines)} lines")
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)

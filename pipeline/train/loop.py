@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .. import tracking
+from .. import console, tracking
 from ..config import Config
 from ..data import tokenizer as toklib
 from ..data.tokenizer import Vocab
@@ -271,6 +271,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     trainer.model.train()
     if t.early_stopping and state.evals_since_best >= t.early_stopping:
         stop = "early_stopping"  # a rerun with the same patience stays stopped; a larger one goes on
+    epoch_steps, last_epoch_steps = 0, None  # the progress bar's count and its total (the last epoch's)
+    progress = {"loss": 0.0, "tokens_per_s": 0.0}  # figures of the last LOG_EVERY window
     while state.epoch < t.max_epochs and not stop:
         rng = np.random.default_rng(t.seed * 100_003 + state.epoch * 101 + rank)
         batches = task.batches(
@@ -318,6 +320,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             win["padded"] += padded
             win["steps"].append(real)
             seen += [b.ids.numpy() for b in real]
+            epoch_steps += 1
             if trace:  # an audit of exactly-once: every step's example ids, per rank and process
                 with open(os.path.join(trace, f"rank{rank}-{os.getpid()}.jsonl"), "a") as f:
                     ids = [int(i) for b in real for i in b.ids]
@@ -330,11 +333,21 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                     flops += sum(batch_flops(raw, b, vocab.pad_id) for b in step_batches)
                 loss_total, flops_total = _all_reduce([loss_local, flops], control)
                 tflops = flops_total / max(elapsed, 1e-9) / 1e12
+                progress = {
+                    "loss": loss_total / max(win["tokens"], 1.0),
+                    "tokens_per_s": win["tokens"] / max(elapsed, 1e-9),
+                }
+                if rank == 0:
+                    say(
+                        console.progress_line(
+                            t.run_name, state.epoch + 1, epoch_steps, last_epoch_steps, **progress, done=False
+                        )
+                    )
                 log(
                     {
-                        "train_loss": loss_total / max(win["tokens"], 1.0),
+                        "train_loss": progress["loss"],
                         "lr": trainer.lr,
-                        "train_tokens_per_s": win["tokens"] / max(elapsed, 1e-9),
+                        "train_tokens_per_s": progress["tokens_per_s"],
                         "padding_fraction": 1.0 - win["tokens"] / max(win["padded"], 1.0),
                         "data_wait_fraction": win["wait"] / max(elapsed, 1e-9),
                         "train_tflops": tflops,
@@ -347,6 +360,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 if stop:
                     break
         if epoch_done:
+            if rank == 0:
+                say(
+                    console.progress_line(
+                        t.run_name, state.epoch + 1, epoch_steps, last_epoch_steps, **progress, done=True
+                    )
+                )
+            last_epoch_steps, epoch_steps = epoch_steps, 0
             state.epoch += 1
             skip, seen = np.empty(0, np.int64), []
         if state.validated_step != state.step:

@@ -18,7 +18,7 @@ from typing import Any
 import fsspec
 import ray
 
-from .. import tracking
+from .. import console, tracking
 from ..cluster import check_fits, check_multi_node, init_ray, storage_uri
 from ..config import Config, ConfigError
 from ..data.output import read_tokenizers
@@ -155,9 +155,11 @@ def check_fingerprint(folder: str, fingerprint: dict[str, str], what: str) -> No
 
 
 def run_training(cfg: Config) -> dict[str, Any]:
-    prep = prepare(cfg)
     run_name = cfg.train.run_name or f"{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return fit_run(cfg, prep, run_name)
+    # From before Ray starts: its start-up lines go to the run's log too.
+    with console.capture(console.log_file(f"{cfg.train.storage_path}/{run_name}")):
+        prep = prepare(cfg)
+        return fit_run(cfg, prep, run_name)
 
 
 def fit_run(
