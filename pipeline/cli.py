@@ -177,6 +177,10 @@ def _raised_by_us(e: OSError) -> bool:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    from .cluster import prepare_job
+
+    if not hasattr(args, "overrides"):  # the commands with a config check after composing it
+        prepare_job()
     if args.command == "download":
         from .data.download import download_multi30k
 
@@ -233,6 +237,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         overrides = DEMO_OVERRIDES + overrides
     cfg, composition = compose(overrides)
+    prepare_job(cfg)  # in a submitted job: durable paths, the credentials the submitter named
     if args.command == "config":
         print(f"# options: {composition.summary()}\n{cfg.redacted_yaml()}", end="")
         return 0
