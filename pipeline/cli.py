@@ -237,7 +237,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         overrides = DEMO_OVERRIDES + overrides
     cfg, composition = compose(overrides)
-    prepare_job(cfg)  # in a submitted job: durable paths, the credentials the submitter named
+    # In a submitted job: durable paths (report's --out among them), the credentials named.
+    outputs = {"report --out": args.out or f"reports/{args.sweep}"} if args.command == "report" else {}
+    outputs = prepare_job(cfg, outputs)
     if args.command == "config":
         print(f"# options: {composition.summary()}\n{cfg.redacted_yaml()}", end="")
         return 0
@@ -277,7 +279,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .tracking import resolve
 
         uri, experiment = resolve(cfg.tracking)
-        for path in write_report(uri, experiment, args.sweep, args.out or f"reports/{args.sweep}"):
+        for path in write_report(uri, experiment, args.sweep, outputs["report --out"]):
             print(path)
         return 0
     if args.command == "tune":

@@ -263,7 +263,7 @@ def _sqlite_in(folder: Path, cfg: Any) -> tuple[str, str] | None:
     return key, str(db.relative_to(folder))
 
 
-def prepare_job(cfg: Any = None) -> None:
+def prepare_job(cfg: Any = None, paths: dict[str, str] | None = None) -> dict[str, str]:
     """What a submitted job checks and fixes before any work, in one error naming every problem:
 
     - the MLflow credentials the submitter named (``PIPELINE_CREDENTIALS_BY_NAME``) must be in
@@ -272,9 +272,11 @@ def prepare_job(cfg: Any = None) -> None:
       writes and keeps goes under ``PIPELINE_DURABLE_ROOT``, each move printed; without it the
       job is refused, naming the keys. Nothing it keeps is left where Ray deletes it.
 
-    Outside a job it does nothing."""
+    ``paths``: outputs a command names outside the config (``{"report --out": "reports/S"}``),
+    returned as they are to be used. Outside a job nothing changes."""
     from .config import CONF_DIR, ConfigError
 
+    paths = dict(paths or {})
     problems = []
     named = [n for n in os.environ.get(CREDENTIALS_BY_NAME, "").split(",") if n]
     missing = [n for n in named if not os.environ.get(n)]
@@ -291,9 +293,8 @@ def prepare_job(cfg: Any = None) -> None:
             f"job: working folder {where} (Ray deletes it after the job); config options from {CONF_DIR}",
             file=sys.stderr,
         )
-        relative = {
-            k: v for k, v in _kept_paths(cfg).items() if "://" not in v and not Path(v).expanduser().is_absolute()
-        }
+        kept = {**_kept_paths(cfg), **paths}
+        relative = {k: v for k, v in kept.items() if "://" not in v and not Path(v).expanduser().is_absolute()}
         sqlite = _sqlite_in(where, cfg)
         root = os.environ.get(DURABLE_ROOT, "")
         if root and "://" not in root and not Path(root).is_absolute():
@@ -311,9 +312,12 @@ def prepare_job(cfg: Any = None) -> None:
                 )
             else:
                 for key, value in relative.items():
-                    group, name = key.split(".")
                     moved = f"{root.rstrip('/')}/{os.path.normpath(value)}"
-                    setattr(getattr(cfg, group), name, moved)
+                    if key in paths:
+                        paths[key] = moved
+                    else:
+                        group, name = key.split(".")
+                        setattr(getattr(cfg, group), name, moved)
                     print(f"job: {key}={value} -> {tracking.redact(moved)} ({DURABLE_ROOT})", file=sys.stderr)
                 if sqlite and "://" in root:
                     problems.append(
@@ -325,6 +329,7 @@ def prepare_job(cfg: Any = None) -> None:
                     print(f"job: {sqlite[0]} -> {cfg.tracking.tracking_uri} ({DURABLE_ROOT})", file=sys.stderr)
     if problems:
         raise ConfigError("this job cannot run as submitted: " + "; and ".join(problems))
+    return paths
 
 
 def check_fits(train: Any) -> None:

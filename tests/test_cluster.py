@@ -142,7 +142,7 @@ def test_node_local_mlflow_store_fails_early(cluster):
     t0 = time.time()
     p = submit(
         cluster,
-        ["data=demo_text", f"data.root={tmp}/demo", f"train.storage_path={tmp}/ray"],
+        ["data=demo_text", f"data.root={tmp}/demo", f"data.output_dir={tmp}/data", f"train.storage_path={tmp}/ray"],
         {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/local.db"},
     )
     assert p.returncode == 1

@@ -52,7 +52,7 @@ def test_job_spec_refuses_a_conf_dir_it_would_not_upload(monkeypatch, tmp_path):
 def test_relative_kept_paths_go_under_the_durable_root(job_dir, monkeypatch, tmp_path, capsys):
     monkeypatch.setenv(cluster.DURABLE_ROOT, str(tmp_path / "durable"))
     cfg = load_config(["data=demo_text", "train.storage_path=/abs/ray", "data.root=./demo"])
-    prepare_job(cfg)
+    assert prepare_job(cfg, {"report --out": "reports/s1"}) == {"report --out": f"{tmp_path}/durable/reports/s1"}
     assert cfg.train.storage_path == "/abs/ray"  # absolute: left alone
     assert cfg.data.root == f"{tmp_path}/durable/demo"
     assert cfg.data.output_dir == f"{tmp_path}/durable/artifacts/data"
