@@ -22,8 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from .config import ConfigError, compose
+from .config import compose
 
 EXAMPLES = """overrides: group=option (data=multi30k) or group.key=value (model.hidden_size=512);
 `pipeline config` lists every key. Examples:
@@ -134,40 +135,56 @@ def main(argv: list[str] | None = None) -> int:
         cause = _user_error(e)
         if cause is None:
             raise
-        from .tracking import redact
+        from .redaction import redact
 
         print(f"error: {redact(str(cause))}", file=sys.stderr)  # messages quote config values
         return 2
 
 
-def _user_error(e: BaseException) -> BaseException | None:
-    from .cluster import ClusterError
-    from .data.readers import DataError
-    from .inference import BundleError
-    from .lock import LockError
-    from .tracking import TrackingError
+OUR_ERRORS = {
+    "pipeline.config": "ConfigError",
+    "pipeline.data.readers": "DataError",
+    "pipeline.tracking": "TrackingError",
+    "pipeline.cluster": "ClusterError",
+    "pipeline.inference": "BundleError",
+    "pipeline.lock": "LockError",
+}
 
-    known = (
-        ConfigError,
-        DataError,
-        TrackingError,
-        ClusterError,
-        BundleError,
-        LockError,
-        FileNotFoundError,
-        PermissionError,
-        ConnectionError,
-    )
+
+def _user_error(e: BaseException) -> BaseException | None:
+    """The error to print as one line, or None to keep the traceback. One line only for what
+    our code raised with its context (the key, the path, the step): our error classes, and
+    OSErrors that our code raised with a message of its own. An OSError from the system or a
+    library (``os.getcwd()`` inside fsspec in a deleted folder: "[Errno 2] No such file or
+    directory", naming nothing) keeps its traceback, which says where it came from."""
+    # Only modules already imported: an error class of one that is not cannot have been
+    # raised, and importing torch (pipeline.inference) in a deleted folder aborts the process.
+    ours = tuple(getattr(sys.modules[m], name) for m, name in OUR_ERRORS.items() if m in sys.modules)
     seen = set()
     while e is not None and id(e) not in seen:  # Ray wraps worker errors; find ours inside
         seen.add(id(e))
-        if isinstance(e, known):
+        if isinstance(e, ours) or (isinstance(e, OSError) and _raised_by_us(e)):
             return e
         e = getattr(e, "cause", None) or e.__cause__
     return None
 
 
+def _raised_by_us(e: OSError) -> bool:
+    """``raise FileNotFoundError("no sweep named ...")`` in pipeline/: no errno (the OS sets
+    one on its own errors) and the innermost frame is ours."""
+    tb = e.__traceback__
+    if e.errno is not None or tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(Path(__file__).resolve().parent)
+
+
 def _dispatch(args: argparse.Namespace) -> int:
+    from .cluster import prepare_job
+
+    if not hasattr(args, "overrides"):  # the commands with a config check after composing it
+        prepare_job()
     if args.command == "download":
         from .data.download import download_multi30k
 
@@ -227,6 +244,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         overrides = DEMO_OVERRIDES + overrides
     cfg, composition = compose(overrides)
+    # In a submitted job: durable paths (report's --out among them), the credentials named.
+    outputs = {"report --out": args.out or f"reports/{args.sweep}"} if args.command == "report" else {}
+    outputs = prepare_job(cfg, outputs)
     if args.command == "config":
         print(f"# options: {composition.summary()}\n{cfg.redacted_yaml()}", end="")
         return 0
@@ -267,7 +287,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .tracking import resolve
 
         uri, experiment = resolve(cfg.tracking)
-        for path in write_report(uri, experiment, args.sweep, args.out or f"reports/{args.sweep}"):
+        for path in write_report(uri, experiment, args.sweep, outputs["report --out"]):
             print(path)
         return 0
     if args.command == "tune":

@@ -1,10 +1,17 @@
 """Ray clusters: job submission through the Ray Jobs SDK, and the checks a multi-node
 cluster needs before training (storage every node can see, a shared MLflow store).
 
-``pipeline submit -- train data=... `` sends the project as the job's ``working_dir``
-with the MLflow variables and the git commit as environment variables; Ray's token
-authentication stays on (the token comes from ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``
-or ``~/.ray/auth_token``, never from the command line).
+``pipeline submit -- train data=... `` sends the project (code and ``conf/``) as the job's
+``working_dir`` with the MLflow variables, ``PIPELINE_DURABLE_ROOT`` and the git commit as
+environment variables, and MLflow credentials by name only; Ray's token authentication stays
+on (the token comes from ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``,
+never from the command line). In the job, :func:`prepare_job` puts the relative paths it keeps
+under ``PIPELINE_DURABLE_ROOT`` (Ray deletes the job's working folder) and checks that the
+cluster has the credentials the submitter named.
+
+``RAY_ADDRESS`` names the cluster as Ray's own tools do: ``pipeline submit``/``jobs`` take its
+dashboard URL (``http://HEAD:8265``, as ``ray job submit``), the commands that run Ray join
+it at its GCS address (``HEAD:6379``, as ``ray.init``; Ray sets that one inside a job).
 """
 
 from __future__ import annotations
@@ -79,7 +86,11 @@ def _client(address: str | None):
     try:
         return JobSubmissionClient(address)
     except Exception as e:
-        raise ClusterError(f"cannot reach the Ray cluster at {tracking.redact(address)}: {e}") from e
+        raise ClusterError(
+            f"cannot reach the Ray dashboard at {tracking.redact(address)}: {e}. pipeline submit and "
+            "pipeline jobs talk to the dashboard's Jobs API (http://HEAD:8265, the dashboard URL `ray start "
+            "--head` prints), not to the GCS address HEAD:6379 that pipeline train joins"
+        ) from e
 
 
 # Ray shows a job's entrypoint and its runtime_env, env_vars included, to anyone who can see
@@ -92,11 +103,28 @@ SECRET_HINT = (
 )
 
 
+DURABLE_ROOT = "PIPELINE_DURABLE_ROOT"
+# MLflow's credential variables: a job gets their names, never their values (see job_spec).
+CREDENTIALS = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+CREDENTIALS_BY_NAME = "PIPELINE_CREDENTIALS_BY_NAME"
+FORWARDED = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", DURABLE_ROOT)
+
+
 def job_spec(command: list[str]) -> tuple[str, dict[str, Any]]:
     """The entrypoint and runtime_env that run ``pipeline <command>`` as a job. Refused
     (ClusterError) when an argument or a forwarded variable holds a secret (``tracking.redact``
-    would change it): the real value has no way to the job that Ray would not show."""
-    env = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME") if os.environ.get(k)}
+    would change it): the real value has no way to the job that Ray would not show. MLflow
+    credentials set here travel by name only (``PIPELINE_CREDENTIALS_BY_NAME``): the cluster's
+    nodes hold the values, and the job checks they are there (:func:`prepare_job`)."""
+    from .config import CONF_DIR
+
+    conf = CONF_DIR.resolve()
+    if not conf.is_relative_to(PROJECT_ROOT):
+        raise ClusterError(
+            f"PIPELINE_CONF_DIR={conf} is outside the project folder that pipeline submit uploads "
+            f"({PROJECT_ROOT}): the job could not read it. Move it into the project or unset PIPELINE_CONF_DIR"
+        )
+    env = {k: os.environ[k] for k in FORWARDED if os.environ.get(k)}
     for arg in command:
         if tracking.redact(arg) != arg:
             raise ClusterError(
@@ -109,6 +137,12 @@ def job_spec(command: list[str]) -> tuple[str, dict[str, Any]]:
                 f"pipeline submit: {key}={tracking.redact(value)} holds a secret, and would be shown "
                 f"with the job. {SECRET_HINT}"
             )
+    # The uploaded conf/, relative to the job's working folder, over any the image sets
+    # (the Dockerfile's PIPELINE_CONF_DIR=/app/conf): the job runs the code and options sent.
+    env["PIPELINE_CONF_DIR"] = str(conf.relative_to(PROJECT_ROOT))
+    names = [k for k in CREDENTIALS if os.environ.get(k)]
+    if names:
+        env[CREDENTIALS_BY_NAME] = ",".join(names)
     commit = tracking.git_commit()
     if commit:
         env["PIPELINE_GIT_COMMIT"] = commit
@@ -132,6 +166,14 @@ def submit(command: list[str], address: str | None = None, wait: bool = True) ->
         metadata={"pipeline.command": command[0]},
     )
     print(f"submitted job {job_id} to {tracking.redact(_address(address))}: {entrypoint}", flush=True)
+    sent = ", ".join(k for k in runtime_env["env_vars"] if k != CREDENTIALS_BY_NAME)
+    print(f"job environment: {sent}", flush=True)
+    if CREDENTIALS_BY_NAME in runtime_env["env_vars"]:
+        print(
+            f"credentials by name only: {runtime_env['env_vars'][CREDENTIALS_BY_NAME]} (the cluster's "
+            "nodes must have them; their values are not sent)",
+            flush=True,
+        )
     if not wait:
         print(f"follow it: pipeline jobs logs {job_id}   status: pipeline jobs status {job_id}")
         return 0
@@ -166,6 +208,128 @@ def jobs(action: str, job_id: str, address: str | None = None) -> int:
         print(f"{job_id}: stop {'requested' if client.stop_job(job_id) else 'not needed (already ended)'}")
         return 0
     raise ClusterError(f"unknown jobs action '{action}' (status, logs, stop)")
+
+
+def job_working_dir() -> Path | None:
+    """The temporary folder this process runs in when it is a Ray job's driver with an uploaded
+    ``working_dir``: Ray unpacks it under ``<temp>/session_*/runtime_resources/working_dir_files/``
+    (``ray._private.runtime_env.working_dir``) and deletes it once the job is over. None elsewhere,
+    a ``local://`` working dir included (the node's own folder, which Ray leaves alone)."""
+    try:
+        cwd = Path.cwd()
+    except FileNotFoundError as e:
+        raise ClusterError(
+            "the folder this process runs in was deleted under it: a Ray job's working folder goes when "
+            "Ray counts the job as over on that node (seen with two nodes sharing one Ray temp dir, "
+            "which separate machines never do), and nothing relative to it can be read or written"
+        ) from e
+    parts = cwd.parts
+    inside = any(parts[i : i + 2] == ("runtime_resources", "working_dir_files") for i in range(len(parts)))
+    return cwd if inside else None
+
+
+def _kept_paths(cfg: Any) -> dict[str, str]:
+    """The keys naming places a run writes and keeps (checkpoints, the bundle, preprocessed data,
+    caches, the MLflow store), with their values. Inputs are not here: read from the uploaded
+    project, which each node of a job unpacks at the same path, they may stay relative."""
+    from .config import VIDEO_DATA
+
+    d, t = cfg.data, cfg.train
+    keys = {"train.storage_path": t.storage_path, "data.output_dir": d.output_dir}
+    if d.name in ("demo_text", "demo_video"):
+        keys["data.root"] = d.root  # the demo corpus is generated there
+    if d.name in VIDEO_DATA and d.feature_cache:
+        keys["data.feature_cache"] = d.feature_cache
+    if t.trace_examples:
+        keys["train.trace_examples"] = t.trace_examples
+    return keys
+
+
+def _sqlite_in(folder: Path, cfg: Any) -> tuple[str, str] | None:
+    """(the key or variable that set it, its path relative to ``folder``) when the MLflow store
+    is a SQLite file given by a relative path, i.e. inside ``folder``."""
+    uri, _ = tracking.resolve(cfg.tracking)  # relative SQLite paths come back absolute, in the cwd
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri[len("sqlite:///") :])
+    if not db.is_relative_to(folder):
+        return None
+    if cfg.tracking.tracking_uri:
+        key = "tracking.tracking_uri"
+    elif os.environ.get("MLFLOW_TRACKING_URI"):
+        key = "MLFLOW_TRACKING_URI"
+    else:
+        key = "tracking.tracking_uri (default sqlite:///mlflow.db)"
+    return key, str(db.relative_to(folder))
+
+
+def prepare_job(cfg: Any = None, paths: dict[str, str] | None = None) -> dict[str, str]:
+    """What a submitted job checks and fixes before any work, in one error naming every problem:
+
+    - the MLflow credentials the submitter named (``PIPELINE_CREDENTIALS_BY_NAME``) must be in
+      this process's environment, i.e. on the cluster's nodes;
+    - in Ray's temporary working folder (:func:`job_working_dir`), every relative path the job
+      writes and keeps goes under ``PIPELINE_DURABLE_ROOT``, each move printed; without it the
+      job is refused, naming the keys. Nothing it keeps is left where Ray deletes it.
+
+    ``paths``: outputs a command names outside the config (``{"report --out": "reports/S"}``),
+    returned as they are to be used. Outside a job nothing changes."""
+    from .config import CONF_DIR, ConfigError
+
+    paths = dict(paths or {})
+    problems = []
+    named = [n for n in os.environ.get(CREDENTIALS_BY_NAME, "").split(",") if n]
+    missing = [n for n in named if not os.environ.get(n)]
+    if missing:
+        problems.append(
+            f"{', '.join(missing)} set where this job was submitted, but not on this cluster: pipeline submit "
+            "sends MLflow credentials by name only (Ray shows a job's environment on its dashboard). Give the "
+            "cluster's nodes their values: in the environment `ray start` runs in on every node, or on "
+            "KubeRay from a Secret (k8s/README.md)"
+        )
+    where = job_working_dir() if cfg is not None else None
+    if where is not None:
+        print(
+            f"job: working folder {where} (Ray deletes it after the job); config options from {CONF_DIR}",
+            file=sys.stderr,
+        )
+        kept = {**_kept_paths(cfg), **paths}
+        relative = {k: v for k, v in kept.items() if "://" not in v and not Path(v).expanduser().is_absolute()}
+        sqlite = _sqlite_in(where, cfg)
+        root = os.environ.get(DURABLE_ROOT, "")
+        if root and "://" not in root and not Path(root).is_absolute():
+            problems.append(f"{DURABLE_ROOT}={root} must be an absolute path or a URI (s3://bucket/path)")
+        elif relative or sqlite:
+            if not root:
+                listed = [f"{k}={tracking.redact(v)}" for k, v in relative.items()]
+                listed += [f"{sqlite[0]}=sqlite:///{sqlite[1]}"] if sqlite else []
+                problems.append(
+                    f"relative paths in a job land in Ray's temporary working folder, deleted after the job: "
+                    f"{', '.join(listed)}. Give each an absolute path on storage every node sees "
+                    f"(train.storage_path=/mnt/shared/ray_results, a tracking server for MLflow), or set "
+                    f"{DURABLE_ROOT} (on the cluster's nodes, or where you run pipeline submit, which "
+                    "forwards it) to put relative paths under it"
+                )
+            else:
+                for key, value in relative.items():
+                    moved = f"{root.rstrip('/')}/{os.path.normpath(value)}"
+                    if key in paths:
+                        paths[key] = moved
+                    else:
+                        group, name = key.split(".")
+                        setattr(getattr(cfg, group), name, moved)
+                    print(f"job: {key}={value} -> {tracking.redact(moved)} ({DURABLE_ROOT})", file=sys.stderr)
+                if sqlite and "://" in root:
+                    problems.append(
+                        f"{sqlite[0]}: a SQLite MLflow store needs a local file, and {DURABLE_ROOT} is "
+                        f"{tracking.redact(root)}: use a tracking server (MLFLOW_TRACKING_URI=http://...)"
+                    )
+                elif sqlite:
+                    cfg.tracking.tracking_uri = f"sqlite:///{root.rstrip('/')}/{sqlite[1]}"
+                    print(f"job: {sqlite[0]} -> {cfg.tracking.tracking_uri} ({DURABLE_ROOT})", file=sys.stderr)
+    if problems:
+        raise ConfigError("this job cannot run as submitted: " + "; and ".join(problems))
+    return paths
 
 
 def check_fits(train: Any) -> None:
@@ -249,6 +413,12 @@ def init_ray(min_cpus: int = 1) -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
+    if address and address.startswith(("http://", "https://")):
+        raise ClusterError(
+            f"RAY_ADDRESS={tracking.redact(address)} is a dashboard (Jobs API) address, which pipeline submit "
+            "and pipeline jobs use. Commands that run Ray join a cluster at its GCS address (RAY_ADDRESS=HEAD:6379, "
+            "or auto on one of its nodes); or run this command as a job: pipeline submit -- COMMAND ..."
+        )
     if address:
         with _loopback_node(_loopback_only(address)):
             ray.init(address=address, log_to_driver=True)

@@ -54,8 +54,11 @@ class loopback_cluster:
             c.dashboard    # "http://127.0.0.1:PORT", for job submission
     """
 
-    def __init__(self, nodes: int = 2, cpus: int = 2, logs: Path | None = None, timeout: float = 120):
-        self.nodes, self.cpus, self.timeout = nodes, cpus, timeout
+    def __init__(
+        self, nodes: int = 2, cpus: int = 2, logs: Path | None = None, timeout: float = 120, env: dict | None = None
+    ):
+        """``env``: extra variables for every node (a real cluster's nodes have their own)."""
+        self.nodes, self.cpus, self.timeout, self.extra_env = nodes, cpus, timeout, env or {}
         self.logs = Path(logs) if logs else None
         self.procs: list[Any] = []
 
@@ -78,6 +81,7 @@ class loopback_cluster:
             **os.environ,
             "RAY_AUTH_MODE": "token",
             "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
+            **self.extra_env,
         }
         self._short = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
         if self.logs:

@@ -58,6 +58,41 @@ def test_errors_are_one_clear_line(args, message):
     assert message in p.stderr and "Traceback" not in p.stderr
 
 
+def test_only_our_own_errors_become_one_line(tmp_path):
+    import fsspec
+
+    from pipeline import cli
+    from pipeline.tracking import replay
+
+    with pytest.raises(FileNotFoundError, match="no spill file") as ours:  # raised in pipeline/ with its context
+        replay(str(tmp_path / "nothing-here"), None)
+    assert cli._user_error(ours.value) is ours.value
+    with pytest.raises(FileNotFoundError) as system:  # the OS's own, raised through a library
+        (tmp_path / "missing" / "x").read_text()
+    assert system.value.errno is not None and cli._user_error(system.value) is None
+    with pytest.raises(FileNotFoundError) as library:  # no errno, but not ours: fsspec's own message
+        fsspec.filesystem("memory").info("/missing")
+    assert library.value.errno is None and cli._user_error(library.value) is None
+    wrapped = RuntimeError("a Ray task failed")
+    wrapped.__cause__ = ours.value  # Ray wraps worker errors: ours is still found inside
+    assert cli._user_error(wrapped) is ours.value
+
+
+@pytest.mark.slow
+def test_a_library_error_in_a_deleted_folder_keeps_its_origin(tmp_path):
+    # What a job saw when Ray deleted its working folder under it: a relative path, a cwd
+    # that is gone, and an OSError from deep inside a library that names nothing.
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    script = f"cd {gone} && rmdir {gone} && exec {sys.executable} -m pipeline.cli download multi30k rel/m30k"
+    env = {**__import__("os").environ, "PYTHONPATH": str(REPO)}
+    p = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert "Traceback" in p.stderr and "FileNotFoundError" in p.stderr
+    assert "pipeline/data/download.py" in p.stderr and "pathlib" in p.stderr  # where it came from
+    assert "\nerror: " not in "\n" + p.stderr
+
+
 @pytest.mark.slow
 def test_download_from_a_server_and_offline_error(tmp_path):
     src = tmp_path / "srv"

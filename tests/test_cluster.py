@@ -1,8 +1,11 @@
 """A real 2-node Ray cluster on loopback (token auth on), a real `mlflow server` on
 127.0.0.1, and `pipeline submit --wait` of a 2-worker training job whose workers land on
-different nodes. Every process started here is stopped by its process group."""
+different nodes; and what a job carries (its own conf/, durable paths, credentials by name).
+Every process started here is stopped by its process group."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -55,8 +58,14 @@ def cluster(tmp_path_factory):
         ],
         tmp / "mlflow.log",
     )
+    # What an image may bake in: another conf/ (the Dockerfile's PIPELINE_CONF_DIR), and the
+    # cluster's own MLflow credentials (the Ray pods' Secret on KubeRay).
+    baked = tmp / "baked-conf"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "conf", baked)
+    (baked / "model" / "small.yaml").write_text("hidden_size: 66\n")
+    node_env = {"PIPELINE_CONF_DIR": str(baked), **CLUSTER_CREDS}
     try:
-        with loopback_cluster(nodes=2, cpus=2, logs=tmp) as ray_cluster:
+        with loopback_cluster(nodes=2, cpus=2, logs=tmp, env=node_env) as ray_cluster:
             wait_for(
                 lambda: urllib.request.urlopen(f"http://127.0.0.1:{mlflow_port}/health", timeout=2).status == 200,
                 "the MLflow server",
@@ -66,7 +75,10 @@ def cluster(tmp_path_factory):
         stop(mlflow)
 
 
-def submit(cluster, overrides, env):
+CLUSTER_CREDS = {"MLFLOW_TRACKING_USERNAME": "cluster-user-fake", "MLFLOW_TRACKING_PASSWORD": "cluster-pw-fake-9"}
+
+
+def submit(cluster, overrides, env, command="train"):
     args = [
         sys.executable,
         "-m",
@@ -76,7 +88,7 @@ def submit(cluster, overrides, env):
         cluster["address"],
         "--wait",
         "--",
-        "train",
+        command,
         *overrides,
     ]
     # The plain environment: `pipeline submit` itself must find the token and use it.
@@ -130,7 +142,7 @@ def test_node_local_mlflow_store_fails_early(cluster):
     t0 = time.time()
     p = submit(
         cluster,
-        ["data=demo_text", f"data.root={tmp}/demo", f"train.storage_path={tmp}/ray"],
+        ["data=demo_text", f"data.root={tmp}/demo", f"data.output_dir={tmp}/data", f"train.storage_path={tmp}/ray"],
         {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/local.db"},
     )
     assert p.returncode == 1
@@ -152,3 +164,41 @@ def test_node_local_mlflow_store_fails_early(cluster):
         timeout=60,
     )
     assert "FAILED" in status.stdout
+
+
+def job_id_of(p):
+    return p.stdout.split("submitted job ")[1].split()[0]
+
+
+def test_a_job_keeps_nothing_in_its_temporary_folder_and_carries_credentials_by_name(cluster):
+    tmp = cluster["tmp"]
+    durable = tmp / "durable"
+    mine = {"MLFLOW_TRACKING_USERNAME": "submitter-user-fake", "MLFLOW_TRACKING_PASSWORD": "submitter-pw-fake-7"}
+    values = [*mine.values(), *CLUSTER_CREDS.values()]
+    # Default (relative) paths: moved under PIPELINE_DURABLE_ROOT, forwarded by submit.
+    p = submit(cluster, ["model=small"], {**mine, "PIPELINE_DURABLE_ROOT": str(durable)}, command="config")
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-4000:]
+    assert "runtime_resources/working_dir_files/_ray_pkg_" in out  # it did run in Ray's temporary folder
+    assert f"storage_path: {durable}/ray_results" in out and f"output_dir: {durable}/artifacts/data" in out
+    assert f"tracking_uri: sqlite:///{durable}/mlflow.db" in out
+    assert "hidden_size: 128" in out and "hidden_size: 66" not in out  # the uploaded conf/, not the node's
+    assert "credentials by name only: MLFLOW_TRACKING_USERNAME,MLFLOW_TRACKING_PASSWORD" in out
+    # What Ray shows anyone who can see the cluster (dashboard, `ray job list`), as its SDK reads it.
+    show = (
+        "import json, sys; from ray.job_submission import JobSubmissionClient as C; "
+        "i = C(sys.argv[1]).get_job_info(sys.argv[2]); print(json.dumps([i.runtime_env, i.entrypoint, i.metadata]))"
+    )
+    shown = subprocess.run(
+        [sys.executable, "-c", show, cluster["address"], job_id_of(p)], capture_output=True, text=True, env=ENV
+    ).stdout
+    assert json.loads(shown)[0]["env_vars"]["PIPELINE_DURABLE_ROOT"] == str(durable), shown
+    assert "PIPELINE_CREDENTIALS_BY_NAME" in shown and not [v for v in values if v in shown]
+    assert not [v for v in values if v in out]
+    # The same job without a durable root, and a credential the cluster lacks: refused, naming both.
+    p = submit(cluster, [], {"MLFLOW_TRACKING_TOKEN": "submitter-token-fake-5"}, command="config")
+    out = p.stdout + p.stderr
+    assert p.returncode == 1, out[-4000:]
+    assert "MLFLOW_TRACKING_TOKEN set where this job was submitted, but not on this cluster" in out
+    assert "train.storage_path=ray_results" in out and "PIPELINE_DURABLE_ROOT" in out
+    assert "submitter-token-fake-5" not in out and "Traceback" not in out

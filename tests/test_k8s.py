@@ -442,3 +442,177 @@ def test_kubectl_kustomize_renders():
     kinds = {d["kind"] for d in yaml.load_all(out.stdout, Loader=Loader) if d}
     assert kinds >= {"Namespace", "PersistentVolumeClaim", "Deployment", "StatefulSet", "Service", "RayCluster"}
     assert "Secret" not in kinds and "RayJob" not in kinds
+
+
+# ---------------------------------------------------------------------------- production hardening
+
+
+@pytest.mark.parametrize("file", JOBS)
+def test_rayjob_has_a_deadline_beyond_its_training_budget(file):
+    from pipeline import config
+
+    (job,) = DOCS[file]
+    deadline = job["spec"].get("activeDeadlineSeconds")
+    assert isinstance(deadline, int) and deadline > 0, f"{file}: no activeDeadlineSeconds"
+    cfg = config.load_config(shlex.split(job["spec"]["entrypoint"])[2:])
+    # A deadline shorter than the budget kills every run before it is tested and logged.
+    assert cfg.train.max_minutes > 0 and deadline >= cfg.train.max_minutes * 60 + 3600, file
+
+
+@pytest.mark.parametrize("file", JOBS)
+def test_rayjob_names_its_run_so_that_creating_it_again_resumes(file):
+    from pipeline import config
+
+    (job,) = DOCS[file]
+    cfg = config.load_config(shlex.split(job["spec"]["entrypoint"])[2:])
+    name = cfg.tune.name if JOBS[file] == "tune" else cfg.train.run_name
+    assert name, f"{file}: an empty name is a fresh timestamped run each time"
+
+
+def test_ray_clusters_use_the_v2_autoscaler():
+    for where, spec in ray_specs():
+        assert spec["enableInTreeAutoscaling"] is True and spec["autoscalerOptions"]["version"] == "v2", where
+        for g, t in ray_groups(spec):
+            # KubeRay refuses the env var next to `version`, and any restartPolicy but Never.
+            env = [e["name"] for c in t["spec"]["containers"] for e in c.get("env", [])]
+            assert "RAY_enable_autoscaler_v2" not in env, f"{where} {g}"
+            assert t["spec"].get("restartPolicy", "Never") == "Never", f"{where} {g}"
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    assert not selector.get("matchExpressions"), "the evaluator below reads matchLabels only"
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def _ingress_allowed(src: dict, src_ns: dict, dst: dict, port: int) -> bool:
+    """NetworkPolicy semantics for one connection: with no policy selecting the destination pod
+    everything is allowed; otherwise only what some rule of a selecting policy allows (a peer
+    with a podSelector alone means this namespace; ports absent = all)."""
+    policies = [p for p in of_kind("NetworkPolicy") if _selects(p["spec"]["podSelector"], dst)]
+    policies = [p for p in policies if "Ingress" in p["spec"]["policyTypes"]]
+    if not policies:
+        return True
+    for p in policies:
+        for rule in p["spec"].get("ingress", []):
+            ports = [r["port"] for r in rule.get("ports", [])]
+            if ports and port not in ports:
+                continue
+            for peer in rule.get("from", []):
+                ns_ok = (
+                    _selects(peer["namespaceSelector"], src_ns)
+                    if "namespaceSelector" in peer
+                    else src_ns.get("kubernetes.io/metadata.name") == NS
+                )
+                if ns_ok and _selects(peer.get("podSelector", {}), src):
+                    return True
+    return False
+
+
+def _labels_of(where_prefix: str) -> dict:
+    return next(t["metadata"]["labels"] for w, t in pod_templates() if w.startswith(where_prefix))
+
+
+def test_network_policies_let_only_the_namespace_ray_pods_reach_mlflow_and_ray():
+    ours = {"kubernetes.io/metadata.name": NS}
+    other_ns = {"kubernetes.io/metadata.name": "default"}
+    operator = {"kubernetes.io/metadata.name": "kuberay-system"}
+    mlflow, postgres = _labels_of("Deployment/mlflow"), _labels_of("StatefulSet/postgres")
+    submitter = _labels_of("RayJob/lstm-train submitter")
+    stranger = {"app": "anything"}
+    ray_pods = [t["metadata"]["labels"] for w, t in ray_pod_templates() if "submitter" not in w]
+    assert len(ray_pods) == 9
+    for ray in ray_pods:
+        assert _ingress_allowed(ray, ours, mlflow, 5000)
+        assert not _ingress_allowed(ray, other_ns, mlflow, 5000)  # a Ray pod of someone else
+        assert not _ingress_allowed(ray, ours, postgres, 5432)
+        for other in ray_pods:
+            assert _ingress_allowed(ray, ours, other, 6379) and _ingress_allowed(ray, ours, other, 23456)
+        assert _ingress_allowed(submitter, ours, ray, 8265) and not _ingress_allowed(submitter, ours, ray, 6379)
+        assert _ingress_allowed({}, operator, ray, 8265) and not _ingress_allowed({}, operator, ray, 6379)
+        assert not _ingress_allowed(stranger, ours, ray, 8265) and not _ingress_allowed(ray, other_ns, ray, 6379)
+    for who, ns in [(stranger, ours), (submitter, ours), (mlflow, ours), ({}, operator), (stranger, other_ns)]:
+        assert not _ingress_allowed(who, ns, mlflow, 5000), who
+    assert _ingress_allowed(mlflow, ours, postgres, 5432) and not _ingress_allowed(stranger, ours, postgres, 5432)
+    assert not _ingress_allowed(stranger, ours, {"app": "new-pod"}, 80)  # default deny
+
+
+def test_every_pod_runs_unprivileged_with_the_runtime_default_seccomp():
+    for where, t in pod_templates():
+        pod = t["spec"].get("securityContext", {})
+        assert pod.get("runAsNonRoot") is True and isinstance(pod.get("runAsUser"), int), where
+        assert pod.get("seccompProfile") == {"type": "RuntimeDefault"}, where
+        assert not t["spec"].get("hostPID") and not t["spec"].get("hostIPC"), where
+    autoscalers = [(f"{w} autoscaler", spec["autoscalerOptions"]) for w, spec in ray_specs()]
+    for where, c in containers() + autoscalers:
+        sc = c.get("securityContext", {})
+        assert sc.get("allowPrivilegeEscalation") is False and "ALL" in sc.get("capabilities", {}).get("drop", []), (
+            where
+        )
+        assert not sc.get("privileged") and not sc.get("capabilities", {}).get("add"), where
+        assert sc.get("runAsUser", 1) != 0, where
+
+
+def test_mlflow_requires_authentication_with_credentials_from_secrets():
+    import configparser
+
+    c = mlflow_server()
+    assert flag(c["command"], "--app-name") == "basic-auth"
+    env = {e["name"]: e for e in c["env"]}
+    for key in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert env[key]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-auth", key
+    # The settings file comes from the same Secret, mounted where MLFLOW_AUTH_CONFIG_PATH says.
+    (mount,) = [
+        m for m in c["volumeMounts"] if env["MLFLOW_AUTH_CONFIG_PATH"]["value"].startswith(m["mountPath"] + "/")
+    ]
+    (volume,) = [
+        v for v in the("Deployment", "mlflow")["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]
+    ]
+    assert volume["secret"]["secretName"] == "mlflow-auth"
+    ini = configparser.ConfigParser()
+    ini.read_string(the("Secret", "mlflow-auth")["stringData"]["basic_auth.ini"])
+    # A user nobody granted more may read, never move `champion` (SetRegisteredModelAlias needs EDIT).
+    assert ini["mlflow"]["default_permission"] in ("READ", "NO_PERMISSIONS")
+    assert ini["mlflow"]["database_uri"].startswith("postgresql"), "a SQLite file in the pod dies with it"
+    assert not ini["mlflow"].get("admin_password"), "the admin password belongs in its own Secret key"
+    # Every Ray container logs as the pipeline user, from a Secret.
+    for where, spec in ray_specs():
+        for g, t in ray_groups(spec):
+            renv = {e["name"]: e for e in t["spec"]["containers"][0]["env"]}
+            for key, secret_key in (("MLFLOW_TRACKING_USERNAME", "username"), ("MLFLOW_TRACKING_PASSWORD", "password")):
+                assert renv[key]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-client", "key": secret_key}, (
+                    f"{where} {g}"
+                )
+            assert renv["PIPELINE_DURABLE_ROOT"]["value"] == SHARED, f"{where} {g}"
+
+
+PINNED = re.compile(r"[^:@\s]+(@sha256:[0-9a-f]{64}|:v?\d+\.\d+(\.\d+)?([-.][\w.]+)?)")
+
+
+def test_images_are_pinned():
+    images = [(w, c["image"]) for w, c in containers()]
+    images += [
+        (w, spec["autoscalerOptions"]["image"]) for w, spec in ray_specs() if "image" in spec["autoscalerOptions"]
+    ]
+    for dockerfile in (ROOT / "Dockerfile", K8S / "mlflow.Dockerfile"):
+        images += [
+            (dockerfile.name, ln.split()[-1]) for ln in dockerfile.read_text().splitlines() if ln.startswith("FROM ")
+        ]
+    assert len(images) >= 14
+    assert [(w, i) for w, i in images if not PINNED.fullmatch(i) or i.endswith(":latest")] == []
+    # The MLflow server's image is ours, built from mlflow.Dockerfile: its tag is the base's MLflow.
+    (base,) = [i for w, i in images if w == "mlflow.Dockerfile"]
+    assert mlflow_server()["image"].rsplit(":", 1)[1] == base.rsplit(":v", 1)[1]
+
+
+def test_nothing_is_installed_at_pod_start():
+    for where, c in containers():
+        argv = " ".join(map(str, c.get("command", []) + c.get("args", [])))
+        assert not re.search(r"\b(pip3?|uv|conda|apt(-get)?)\s+(pip\s+)?install\b", argv), where
+    for d in of_kind("RayJob"):
+        assert "runtimeEnvYAML" not in d["spec"], f"{name_of(d)}: a runtime_env installs at job start"
+    # What the MLflow pod needs is baked into its image, pinned.
+    text = (K8S / "mlflow.Dockerfile").read_text()
+    for pkg in ("psycopg2-binary", "boto3", "Flask-WTF"):
+        assert re.search(rf"\b{pkg}==\d", text), f"mlflow.Dockerfile: {pkg} not installed at a pinned version"
+    users = [ln.split()[1] for ln in text.splitlines() if ln.startswith("USER ")]
+    assert users and users[-1] not in ("root", "0")
