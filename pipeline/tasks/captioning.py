@@ -163,7 +163,15 @@ def collate_clips(
     if pin:
         src_t, text.tgt_in, text.tgt_out = src_t.pin_memory(), text.tgt_in.pin_memory(), text.tgt_out.pin_memory()
     return Batch(
-        src_t, torch.from_numpy(lens), text.tgt_in, text.tgt_out, text.ids, text.real_tokens, text.padded_tokens, index
+        src_t,
+        torch.from_numpy(lens),
+        text.tgt_in,
+        text.tgt_out,
+        text.ids,
+        text.real_tokens,
+        text.padded_tokens,
+        index,
+        real_index=text.real_index,  # the real targets' positions, found on the host (no device sync)
     )
 
 
