@@ -21,7 +21,10 @@ def decode_split(task: Task, bundle: str, split_dir: str, beam_size: int, length
     """Decode a preprocessed split with a bundle on an actor pool: ``src``, ``tgt`` (the
     reference, or the list of references) and ``hyp`` lists, in id order."""
     n = max(1, min(4, int(ray.available_resources().get("CPU", 1))))
-    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    use_gpu = gpus > 0
+    if use_gpu:
+        n = min(n, gpus)  # each actor holds a whole GPU: no more actors than GPUs, none left waiting
     ds = (
         ray.data.read_parquet(split_dir)
         .select_columns(list(task.test_columns))
