@@ -95,14 +95,25 @@ class loopback_cluster:
         self.nodes, self.cpus, self.timeout, self.extra_env = nodes, cpus, timeout, env or {}
         self.logs = Path(logs) if logs else None
         self.procs: list[Any] = []
+        self.args: list[list[str]] = []
 
-    def _start(self, args: list[str], name: str) -> None:
+    def _start(self, args: list[str], name: str, at: int | None = None) -> None:
         import subprocess
 
-        log = open(self.logs / f"{name}.log", "w") if self.logs else subprocess.DEVNULL
-        self.procs.append(
-            subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=self.env)
-        )
+        log = open(self.logs / f"{name}.log", "a") if self.logs else subprocess.DEVNULL
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=self.env)
+        if at is None:
+            self.procs.append(proc)
+            self.args.append(args)
+        else:
+            self.procs[at] = proc
+
+    def _restart_exited(self) -> None:
+        """A worker node whose ``ray start`` gave up (it times out at startup when the GCS is
+        slow to answer on a busy machine) is started again while the cluster comes up."""
+        for i in range(1, len(self.procs)):
+            if self.procs[i].poll() is not None:
+                self._start(self.args[i], f"node{i}", at=i)
 
     def __enter__(self) -> loopback_cluster:
         import shutil
@@ -139,6 +150,7 @@ class loopback_cluster:
                     f"--port={gcs}",
                     "--dashboard-host=127.0.0.1",
                     f"--dashboard-port={dash}",
+                    f"--ray-client-server-port={free_port()}",  # 10001 may be another cluster's on a shared machine
                     f"--dashboard-agent-listen-port={free_port()}",
                     f"--temp-dir={self._short}/head",
                     *common,
@@ -157,7 +169,8 @@ class loopback_cluster:
             ]
             self._wait(
                 lambda: (
-                    subprocess.run(count, capture_output=True, text=True, timeout=60, env=self.env).stdout.strip()
+                    self._restart_exited() is None
+                    and subprocess.run(count, capture_output=True, text=True, timeout=60, env=self.env).stdout.strip()
                     == str(self.nodes)
                 ),
                 f"{self.nodes} alive nodes",

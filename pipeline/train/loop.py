@@ -251,13 +251,17 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     looked_at = time.time()  # rank 0's clock decides when every rank looks for a drain notice
 
     def preempted(notice: Any) -> None:
-        """A node of this group is being drained: checkpoint now (no validation, it would eat
-        into the deadline), then take no more steps, so none is lost when the node goes; Ray
-        Train restarts the group from this checkpoint at the deadline, on the nodes left."""
+        """A node of this group is being drained: checkpoint now (without validating again, it
+        would eat into the deadline), then take no more steps, so none is lost when the node
+        goes; Ray Train restarts the group from this checkpoint at the deadline, on the nodes
+        left."""
         state.elapsed_s = time.time() - t_start if t_start is not None else state.elapsed_s
-        checkpoint_and_report(
-            {**last_val, "step": state.step, f"best_{metric}": state.best, "preemption_checkpoint": 1.0}
-        )
+        if last_val:
+            checkpoint_and_report(
+                {**last_val, "step": state.step, f"best_{metric}": state.best, "preemption_checkpoint": 1.0}
+            )
+        else:  # a sweep's scheduler needs the metric in every report: the first one validates
+            validate_and_report()
         if rank == 0:
             logger.set_tags({"pipeline.preempted_at_step": str(state.step)})
             say(
