@@ -81,15 +81,20 @@ def audit(trace: Path) -> dict:
     by_pid: dict[int, list[dict]] = defaultdict(list)
     for path in trace.glob("*.jsonl"):
         by_pid[int(path.stem.split("-")[1])] += [json.loads(line) for line in path.read_text().splitlines()]
-    attempts: dict[int, list[dict]] = defaultdict(list)  # first step -> records of the ranks that started there
-    for recs in by_pid.values():
-        attempts[min(r["step"] for r in recs)] += recs
-    order = sorted(attempts, key=lambda s: min(r["t"] for r in attempts[s]))
+    # The ranks of one attempt start at the same step within seconds; two attempts may start
+    # at the same step (one killed before its next checkpoint), minutes apart.
+    groups: list[tuple[int, float, list[dict]]] = []  # (first step, first time, records)
+    for recs in sorted(by_pid.values(), key=lambda rs: min(r["t"] for r in rs)):
+        first, t0 = min(r["step"] for r in recs), min(r["t"] for r in recs)
+        if groups and groups[-1][0] == first and t0 - groups[-1][1] < 30:
+            groups[-1][2].extend(recs)
+        else:
+            groups.append((first, t0, list(recs)))
+    order = [g[0] for g in groups]
     counted: dict[int, Counter] = defaultdict(Counter)
     redone = []
-    for k, first in enumerate(order):
+    for k, (_, _, recs) in enumerate(groups):
         upto = order[k + 1] - 1 if k + 1 < len(order) else float("inf")
-        recs = attempts[first]
         redone.append(len({r["step"] for r in recs if r["step"] > upto}))
         for r in recs:
             if r["step"] <= upto:
