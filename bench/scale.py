@@ -22,11 +22,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the loopback harness
-from loopback import free_port, loopback_cluster, stop_process_group, wait_until
+from loopback import loopback_cluster, mlflow_server, stop_process_group
 
 from pipeline.config import load_config
 
@@ -100,30 +99,8 @@ def main() -> None:
         ).parameters()
     )
     results = []
-    # A multi-node run needs a tracking server every node reaches (pipeline refuses a
-    # node-local SQLite store on a multi-node cluster): a real `mlflow server` on 127.0.0.1.
-    port = free_port()
-    mlflow = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{tmp}/mlflow.db",
-            "--workers",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
+    mlflow, uri = mlflow_server(Path(tmp))
     try:
-        health = f"{uri}/health"  # http on 127.0.0.1
-        wait_until(lambda: urllib.request.urlopen(health, timeout=2).status == 200, "the MLflow server")  # noqa: S310
         with loopback_cluster(nodes=2, cpus=2, logs=Path(tmp) / "logs") as cluster:
             for workers in (1, 2):
                 results.append(run(workers, args.minutes, tmp, args.overrides, cluster.gcs, uri))

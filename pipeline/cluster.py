@@ -345,12 +345,16 @@ def check_fits(train: Any) -> None:
     wanted = [("CPU", "cpus_per_worker", train.cpus_per_worker)]
     if train.use_gpu:
         wanted.append(("GPU", "gpus_per_worker", train.gpus_per_worker))
+    # An elastic run starts once its minimum fits and grows when nodes come.
+    workers_key, workers = (
+        ("train.min_workers", train.min_workers) if train.min_workers else ("train.num_workers", train.num_workers)
+    )
     for kind, key, per_worker in wanted:
-        need, have = train.num_workers * per_worker, res.get(kind, 0)
+        need, have = workers * per_worker, res.get(kind, 0)
         if need > have:
             raise ConfigError(
-                f"this cluster has {have:g} {kind}s; train.num_workers={train.num_workers} x "
-                f"train.{key}={per_worker:g} needs {need:g}: lower train.num_workers or "
+                f"this cluster has {have:g} {kind}s; {workers_key}={workers} x "
+                f"train.{key}={per_worker:g} needs {need:g}: lower {workers_key} or "
                 f"train.{key}, or use a bigger cluster"
             )
 

@@ -108,7 +108,13 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    num_workers: int = 2
+    num_workers: int = 2  # the most workers; also the world size the global batch is defined for
+    # Elastic training: the fewest workers the run goes on with (it starts once these fit,
+    # shrinks when a node goes, grows back up to num_workers); 0 = num_workers (fixed size).
+    min_workers: int = 0
+    resize_interval_s: float = 60.0  # elastic: seconds between Ray Train's looks for room to grow
+    max_preemption_failures: int = -1  # node drains (spot reclaims) to resume from; -1 = always
+    preemption_check_s: float = 1.0  # seconds between the workers' looks for a drain notice
     use_gpu: bool = False
     cpus_per_worker: int = 1
     gpus_per_worker: float = 1.0  # < 1 lets small models share a GPU (e.g. sweep trials)
@@ -119,7 +125,8 @@ class TrainConfig:
     run_name: str = ""  # "" = a fresh timestamped name; the same name resumes
     storage_path: str = "ray_results"
     seed: int = 0
-    # Target tokens per worker per step: tuned on the demo corpus (bench/README.md, "Defaults").
+    # Target tokens per worker per micro-batch at num_workers workers (an elastic run at fewer
+    # takes more micro-batches, so the global batch stays the same): tuned on the demo corpus (bench/README.md, "Defaults").
     batch_tokens: int = 1500
     sort_window: int = 64  # batches per length-sorted mega-batch
     lr: float = 0.003
@@ -549,6 +556,10 @@ RANGES: dict[str, Rule] = {
     "tracking.system_metrics_s": _at_least(0),  # 0 = off
     "train.max_minutes": _at_least(0),  # 0 = no budget
     "train.max_failures": (lambda v: v >= -1, ">= -1 (-1 = retry forever)"),
+    "train.min_workers": _at_least(0),  # 0 = num_workers
+    "train.resize_interval_s": _at_least(0),
+    "train.max_preemption_failures": (lambda v: v >= -1, ">= -1 (-1 = retry forever)"),
+    "train.preemption_check_s": _above(0),
     "train.seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),  # numpy and torch both take it
     "train.batch_tokens": _at_least(16),
     "train.sort_window": _at_least(1),
@@ -641,6 +652,10 @@ def validate(cfg: Config) -> None:
             f"need data.num_frames >= 1, data.frame_size >= 8, data.fps >= 0; got {d.num_frames}, {d.frame_size}, {d.fps}",
         )
     check_ranges(cfg)
+    need(
+        t.min_workers <= t.num_workers,
+        f"need train.min_workers <= train.num_workers (the most workers), got {t.min_workers} > {t.num_workers}",
+    )
     need(
         t.grad_compression != "bf16" or t.use_gpu,
         "train.grad_compression=bf16 needs GPUs (NCCL; PyTorch's gloo backend has no bf16 hook): use fp16 on CPU",

@@ -17,13 +17,17 @@ from .inference import BUNDLE_FILES
 from .tasks import Task, task_for
 
 
-def decode_split(task: Task, bundle: str, split_dir: str, beam_size: int, length_penalty: float) -> dict[str, list]:
+def decode_split(
+    task: Task, bundle: str, split_dir: str, beam_size: int, length_penalty: float, use_gpu: bool = False
+) -> dict[str, list]:
     """Decode a preprocessed split with a bundle on an actor pool: ``src``, ``tgt`` (the
-    reference, or the list of references) and ``hyp`` lists, in id order."""
+    reference, or the list of references) and ``hyp`` lists, in id order. On GPUs when the
+    cluster has some now, or with ``use_gpu`` (a run that trained on GPUs) even when it has
+    none yet: an autoscaling GPU group that scaled to zero grows for the request."""
     n = max(1, min(4, int(ray.available_resources().get("CPU", 1))))
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    use_gpu = gpus > 0
-    if use_gpu:
+    use_gpu = use_gpu or gpus > 0
+    if gpus:
         n = min(n, gpus)  # each actor holds a whole GPU: no more actors than GPUs, none left waiting
     ds = (
         ray.data.read_parquet(split_dir)
@@ -63,7 +67,7 @@ def test_and_log(
     res: dict[str, list] = {}
     if manifest["splits"]["test"]["kept"]:
         print(f"[test] decoding the test split with beam {t.test_beam_size}", flush=True)
-        res = decode_split(task, best_dir, f"{data_dir}/test", t.test_beam_size, t.length_penalty)
+        res = decode_split(task, best_dir, f"{data_dir}/test", t.test_beam_size, t.length_penalty, t.use_gpu)
         scores = {f"test_{k}": v for k, v in task.scores(res["hyp"], res["tgt"], final=True).items()}
         out.update(scores)
         k = min(t.log_samples, len(res["src"]))

@@ -73,16 +73,51 @@ def searched_tags(params: dict[str, Any]) -> dict[str, str]:
     return {SEARCHED_TAG: ",".join(params), **{PARAM_TAG + k: str(v) for k, v in params.items()}}
 
 
-def concurrent_trials(cfg: Config) -> int:
-    """Trials that fit at once: each needs its workers' CPUs (and GPUs); one CPU stays
-    free for Ray Data's read tasks, or trials would starve each other's input."""
+def concurrent_trials(cfg: Config, now: dict[str, float] | None = None, most: dict[str, float] | None = None) -> int:
+    """Trials at once: ``tune.max_concurrent_trials`` when set; otherwise as many trials at
+    their most workers (``train.num_workers``) as the cluster holds at its largest: the
+    autoscaler's maximum where known (``most``), else what is up ``now``. One CPU stays free
+    for Ray Data's read tasks, or trials would starve each other's input. Trials are elastic
+    (``train.min_workers``): one that does not fit yet starts smaller or waits for the nodes
+    it asks for, so a cluster that grows during the sweep is used, and a GPU group scaled to
+    zero does not make the sweep one trial at a time."""
     if cfg.tune.max_concurrent_trials:
         return cfg.tune.max_concurrent_trials
-    t, res = cfg.train, ray.cluster_resources()
+    now = ray.cluster_resources() if now is None else now
+    most = autoscaler_max_resources() if most is None else most
+    res = {k: max(now.get(k, 0.0), most.get(k, 0.0)) for k in set(now) | set(most)}
+    t = cfg.train
     n = int((res.get("CPU", 1) - 1) // (t.num_workers * t.cpus_per_worker + TRIAL_DRIVER_CPU))
-    if t.use_gpu:
-        n = min(n, int(res.get("GPU", 0) // (t.num_workers * t.gpus_per_worker)))
+    if t.use_gpu and res.get("GPU", 0) > 0:  # no GPU known at all: the CPUs decide, trials wait for GPUs
+        n = min(n, int(res["GPU"] // (t.num_workers * t.gpus_per_worker)))
     return max(1, n)
+
+
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"  # the Ray cluster launcher's copy on the head node
+
+
+def autoscaler_max_resources(path: str = BOOTSTRAP_CONFIG) -> dict[str, float]:
+    """What the cluster can grow to, from the autoscaler's config on this node: the head's
+    resources plus each worker node type's resources x its ``max_workers``; {} when there is
+    no such file (KubeRay, a fixed cluster) or a node type leaves its resources to detection."""
+    import os
+
+    import yaml
+
+    path = os.path.expanduser(path)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        conf = yaml.safe_load(f) or {}
+    types, head = conf.get("available_node_types") or {}, conf.get("head_node_type")
+    out: dict[str, float] = {}
+    for name, spec in types.items():
+        if not spec.get("resources"):
+            return {}
+        count = 1 if name == head else int(spec.get("max_workers", 0))
+        for k, v in spec["resources"].items():
+            out[k] = out.get(k, 0.0) + float(v) * count
+    return out
 
 
 def run_sweep(cfg: Config) -> dict[str, Any]:

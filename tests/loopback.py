@@ -44,6 +44,41 @@ def wait_until(check: Any, what: str, timeout: float = 120.0, hint: str = "") ->
     raise TimeoutError(f"timed out waiting for {what}{hint}")
 
 
+def mlflow_server(folder: Path, log: Path | None = None, timeout: float = 300) -> tuple[Any, str]:
+    """A real `mlflow server` on 127.0.0.1 (SQLite store in ``folder``), up and healthy:
+    (its process, to stop with ``stop_process_group``; its URI). A multi-node run needs a
+    tracking server every node reaches: pipeline refuses a node-local store there."""
+    import subprocess
+    import urllib.request
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{folder}/mlflow.db",
+            "--workers",
+            "1",
+        ],
+        stdout=open(log, "w") if log else subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        health = f"{uri}/health"  # http on 127.0.0.1
+        wait_until(lambda: urllib.request.urlopen(health, timeout=2).status == 200, "the MLflow server", timeout)
+    except BaseException:
+        stop_process_group(proc)
+        raise
+    return proc, uri
+
+
 class loopback_cluster:
     """A real multi-node Ray cluster on one machine (127.0.0.1, token auth on): a head and
     ``nodes - 1`` worker nodes, each ``ray start --block`` in its own process group, with
@@ -61,14 +96,25 @@ class loopback_cluster:
         self.nodes, self.cpus, self.timeout, self.extra_env = nodes, cpus, timeout, env or {}
         self.logs = Path(logs) if logs else None
         self.procs: list[Any] = []
+        self.args: list[list[str]] = []
 
-    def _start(self, args: list[str], name: str) -> None:
+    def _start(self, args: list[str], name: str, at: int | None = None) -> None:
         import subprocess
 
-        log = open(self.logs / f"{name}.log", "w") if self.logs else subprocess.DEVNULL
-        self.procs.append(
-            subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=self.env)
-        )
+        log = open(self.logs / f"{name}.log", "a") if self.logs else subprocess.DEVNULL
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=self.env)
+        if at is None:
+            self.procs.append(proc)
+            self.args.append(args)
+        else:
+            self.procs[at] = proc
+
+    def _restart_exited(self) -> None:
+        """A worker node whose ``ray start`` gave up (it times out at startup when the GCS is
+        slow to answer on a busy machine) is started again while the cluster comes up."""
+        for i in range(1, len(self.procs)):
+            if self.procs[i].poll() is not None:
+                self._start(self.args[i], f"node{i}", at=i)
 
     def __enter__(self) -> loopback_cluster:
         import shutil
@@ -80,8 +126,8 @@ class loopback_cluster:
         self.env = {
             **os.environ,
             "RAY_AUTH_MODE": "token",
-            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
             **self.extra_env,
+            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
         }
         self._short = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
         if self.logs:
@@ -89,7 +135,7 @@ class loopback_cluster:
         ray_bin = shutil.which("ray", path=self.env["PATH"]) or "ray"
         gcs, dash = free_port(), free_port()
         self.gcs, self.dashboard = f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}"
-        common = [
+        self.common = common = [
             f"--num-cpus={self.cpus}",
             "--block",
             "--disable-usage-stats",
@@ -105,6 +151,7 @@ class loopback_cluster:
                     f"--port={gcs}",
                     "--dashboard-host=127.0.0.1",
                     f"--dashboard-port={dash}",
+                    f"--ray-client-server-port={free_port()}",  # 10001 may be another cluster's on a shared machine
                     f"--dashboard-agent-listen-port={free_port()}",
                     f"--temp-dir={self._short}/head",
                     *common,
@@ -112,18 +159,9 @@ class loopback_cluster:
                 "head",
             )
             self._wait(lambda: self._answers(f"{self.dashboard}/api/version", urllib), "the head node's dashboard")
-            for i in range(1, self.nodes):
-                self._start(
-                    [
-                        ray_bin,
-                        "start",
-                        f"--address={self.gcs}",
-                        f"--dashboard-agent-listen-port={free_port()}",
-                        f"--temp-dir={self._short}/node{i}",
-                        *common,
-                    ],
-                    f"node{i}",
-                )
+            self.ray_bin = ray_bin
+            for _ in range(1, self.nodes):
+                self.add_node(wait=False)
             count = [
                 sys.executable,
                 "-c",
@@ -132,7 +170,8 @@ class loopback_cluster:
             ]
             self._wait(
                 lambda: (
-                    subprocess.run(count, capture_output=True, text=True, timeout=60, env=self.env).stdout.strip()
+                    self._restart_exited() is None
+                    and subprocess.run(count, capture_output=True, text=True, timeout=60, env=self.env).stdout.strip()
                     == str(self.nodes)
                 ),
                 f"{self.nodes} alive nodes",
@@ -141,6 +180,35 @@ class loopback_cluster:
             self.__exit__()
             raise
         return self
+
+    def add_node(self, wait: bool = True) -> int:
+        """Start one more worker node (``nodeN``, its index in ``procs``); with ``wait``, until
+        the cluster counts it alive."""
+        i = len(self.procs)
+        self._start(
+            [
+                self.ray_bin,
+                "start",
+                f"--address={self.gcs}",
+                f"--dashboard-agent-listen-port={free_port()}",
+                f"--temp-dir={self._short}/node{i}",
+                *self.common,
+            ],
+            f"node{i}",
+        )
+        if wait:
+            import ray
+
+            self._wait(lambda: any(n["Alive"] and self.index(n) == i for n in ray.nodes()), f"node{i} alive")
+        return i
+
+    def index(self, node: dict) -> int:
+        """Which of ``procs`` a ``ray.nodes()`` entry is (0 = the head), by its temp folder."""
+        where = node.get("ObjectStoreSocketName", "")
+        for i in range(len(self.procs)):
+            if f"{self._short}/{'head' if i == 0 else f'node{i}'}/" in where:
+                return i
+        return -1
 
     @staticmethod
     def _answers(url: str, urllib: Any) -> bool:

@@ -83,6 +83,10 @@ BAD_VALUES = {
     "train.max_minutes": -1.0,
     "tracking.system_metrics_s": -1.0,
     "train.max_failures": -2,
+    "train.min_workers": -1,
+    "train.resize_interval_s": -1.0,
+    "train.max_preemption_failures": -2,
+    "train.preemption_check_s": 0.0,
     "train.seed": -1,
     "train.batch_tokens": 15,
     "train.sort_window": 0,
@@ -153,6 +157,9 @@ def test_edges_that_mean_off_or_forever_are_valid():
     cfg = load_config(
         [
             "train.max_failures=-1",
+            "train.max_preemption_failures=-1",
+            "train.min_workers=0",
+            "train.resize_interval_s=0",
             "train.max_minutes=0",
             "train.eval_every=0",
             "train.early_stopping=0",
@@ -166,6 +173,12 @@ def test_edges_that_mean_off_or_forever_are_valid():
         ]
     )
     assert cfg.train.max_failures == -1
+
+
+def test_min_workers_above_num_workers_is_refused_naming_both():
+    with pytest.raises(ConfigError, match=r"need train.min_workers <= train.num_workers .*got 3 > 2"):
+        load_config(["train.num_workers=2", "train.min_workers=3"])
+    assert load_config(["train.num_workers=3", "train.min_workers=1"]).train.min_workers == 1
 
 
 @pytest.mark.parametrize("text", [".inf", ".nan", "-.inf"])

@@ -221,6 +221,19 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             logger.log_metrics(values, state.step)
             logger.flush()  # wakes the sender; never waits for MLflow
 
+    def checkpoint_and_report(metrics: dict[str, Any], improved: bool = False) -> None:
+        """Save a checkpoint (with every rank's seen ids) and report it: every rank calls this."""
+        seen_all = np.unique(np.concatenate(_all_gather(_ids(seen))))  # empty right after an epoch ends
+        # The checkpoint is staged in a folder that is removed once Ray has persisted it, and
+        # saved before anything is logged: a tracking failure never costs the checkpoint.
+        with tempfile.TemporaryDirectory(prefix="ckpt-") as ckpt_dir:
+            checkpoint = None
+            if rank == 0:
+                if improved:
+                    save_bundle(best_dir, raw, meta, lc.src_tokenizer, lc.tgt_tokenizer)
+                checkpoint = ray.train.Checkpoint.from_directory(trainer.save(ckpt_dir, seen_all))
+            ray.train.report(metrics, checkpoint=checkpoint)
+
     def validate_and_report() -> str:
         """Validate, checkpoint, log; returns "early_stopping" when this validation ends the run."""
         res = evaluate(trainer, val_shard, task, tgt_tok, t.eval_beam_size, t.length_penalty)
@@ -232,16 +245,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             state.evals_since_best += 1
         state.elapsed_s = time.time() - t_start if t_start is not None else state.elapsed_s
         state.validated_step = state.step
-        seen_all = np.unique(np.concatenate(_all_gather(_ids(seen))))  # empty right after an epoch ends
-        # The checkpoint is staged in a folder that is removed once Ray has persisted it, and
-        # saved before anything is logged: a tracking failure never costs the checkpoint.
-        with tempfile.TemporaryDirectory(prefix="ckpt-") as ckpt_dir:
-            checkpoint = None
-            if rank == 0:
-                if improved:
-                    save_bundle(best_dir, raw, meta, lc.src_tokenizer, lc.tgt_tokenizer)
-                checkpoint = ray.train.Checkpoint.from_directory(trainer.save(ckpt_dir, seen_all))
-            ray.train.report({**val, "step": state.step, f"best_{metric}": state.best}, checkpoint=checkpoint)
+        last_val.clear()
+        last_val.update(val)
+        checkpoint_and_report({**val, "step": state.step, f"best_{metric}": state.best}, improved)
         if rank == 0:
             log({**val, f"best_{metric}": state.best})  # after the checkpoint is saved (report persists it)
             say(
@@ -250,6 +256,35 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             )
         # Decided right after the validation that triggers it (every rank holds the same counts).
         return "early_stopping" if t.early_stopping and state.evals_since_best >= t.early_stopping else ""
+
+    last_val: dict[str, float] = {}  # a preemption's checkpoint reports the last validation again
+    micro_n = micro_batches(t.accumulate, t.num_workers, world, rank)
+    if rank == 0 and world != t.num_workers:
+        say(f"[train] {world} of {t.num_workers} workers: {micro_n} micro-batches per step on rank 0")
+    looked_at = time.time()  # rank 0's clock decides when every rank looks for a drain notice
+
+    def preempted(notice: Any) -> None:
+        """A node of this group is being drained: checkpoint now (without validating again, it
+        would eat into the deadline), then take no more steps, so none is lost when the node
+        goes; Ray Train restarts the group from this checkpoint at the deadline, on the nodes
+        left."""
+        state.elapsed_s = time.time() - t_start if t_start is not None else state.elapsed_s
+        if last_val:
+            checkpoint_and_report(
+                {**last_val, "step": state.step, f"best_{metric}": state.best, "preemption_checkpoint": 1.0}
+            )
+        else:  # a sweep's scheduler needs the metric in every report: the first one validates
+            validate_and_report()
+        if rank == 0:
+            logger.set_tags({"pipeline.preempted_at_step": str(state.step)})
+            say(
+                f"[train] node(s) {','.join(n[:8] for n in notice.preempted_node_ids)} drained: checkpoint at "
+                f"step {state.step}, waiting for the restart"
+            )
+            logger.close(wait_s=10.0)  # what is unsent is spilled, and replayed by the next attempt
+        if system is not None:
+            tracking.stop_system_metrics(system)
+        wait_for_restart(notice.deadline_ms)
 
     # The budget's clock runs from this attempt's first batch: starting Ray Data's pipeline
     # (seconds, more on a busy cluster) is not training time, nor is restarting after a failure.
@@ -289,7 +324,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         while not epoch_done:
             micro: list[Batch | None] = []
             t_wait = time.time()
-            for _ in range(t.accumulate):
+            for _ in range(micro_n):
                 micro.append(next(batches, None))
             if t_start is None:
                 t_start = time.time() - state.elapsed_s
@@ -300,12 +335,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 win["wait"] += time.time() - t_wait
             real = [b for b in micro if b is not None]
             over = rank == 0 and budget_s > 0 and time.time() - t_start >= budget_s
-            has, over_all, tokens, padded = _all_reduce(
+            look = rank == 0 and time.time() - looked_at >= t.preemption_check_s
+            has, over_all, tokens, padded, look_all = _all_reduce(
                 [
                     float(bool(real)),
                     float(over),
                     float(sum(b.real_tokens for b in real)),
                     float(sum(b.padded_tokens for b in real)),
+                    float(look),
                 ],
                 control,
             )
@@ -324,7 +361,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             if trace:  # an audit of exactly-once: every step's example ids, per rank and process
                 with open(os.path.join(trace, f"rank{rank}-{os.getpid()}.jsonl"), "a") as f:
                     ids = [int(i) for b in real for i in b.ids]
-                    f.write(json.dumps({"epoch": state.epoch, "step": state.step, "ids": ids}) + "\n")
+                    f.write(json.dumps({"epoch": state.epoch, "step": state.step, "t": time.time(), "ids": ids}) + "\n")
             if state.step % LOG_EVERY == 0:
                 loss_local = float(win["loss"])  # the one wait for the device: the window's steps are done
                 elapsed = time.time() - win["start"]
@@ -351,10 +388,16 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                         "padding_fraction": 1.0 - win["tokens"] / max(win["padded"], 1.0),
                         "data_wait_fraction": win["wait"] / max(elapsed, 1e-9),
                         "train_tflops": tflops,
+                        "num_workers": world,  # the world size over steps, for an elastic run
                         **({"mfu": tflops / (peak * world)} if peak else {}),
                     }
                 )
                 win = {"loss": 0.0, "tokens": 0.0, "padded": 0.0, "wait": 0.0, "steps": [], "start": time.time()}
+            if look_all:
+                looked_at = time.time()
+                notice = ray.train.get_preemption_info()  # a barrier: every rank looks at the same steps
+                if notice is not None:
+                    preempted(notice)
             if t.eval_every and state.step % t.eval_every == 0:
                 stop = validate_and_report()
                 if stop:
@@ -383,6 +426,24 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         left = logger.close(wait_s=30.0)
         if left:
             say(logger.unsent_message(left))
+
+
+def micro_batches(accumulate: int, num_workers: int, world: int, rank: int) -> int:
+    """This rank's micro-batches per step: the global batch is ``accumulate`` micro-batches
+    on each of ``num_workers`` ranks, whatever the current world size, so an elastic run
+    shrunk to ``world`` ranks spreads the same count over fewer ranks (the first ones take
+    one more where it does not divide) and the learning-rate schedule sees the same batch."""
+    total = accumulate * num_workers
+    return total // world + (1 if rank < total % world else 0)
+
+
+def wait_for_restart(deadline_ms: int | None, after_s: float = 120.0) -> None:
+    """Block until Ray Train tears the group down for the restart (at the drain deadline);
+    a group still here ``after_s`` past it fails instead of hanging."""
+    end = (deadline_ms / 1000.0 if deadline_ms else time.time()) + after_s
+    while time.time() < end:
+        time.sleep(0.5)
+    raise RuntimeError("the node drain's deadline passed long ago and Ray Train did not restart the workers")
 
 
 def _ids(parts: list[np.ndarray]) -> np.ndarray:

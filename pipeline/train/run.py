@@ -154,6 +154,26 @@ def check_fingerprint(folder: str, fingerprint: dict[str, str], what: str) -> No
     fs.mv(f"{path}.tmp", path)
 
 
+def min_workers(t: Any) -> int:
+    """The fewest workers a run goes on with (``train.min_workers``; 0 = a fixed size)."""
+    return t.min_workers or t.num_workers
+
+
+def scaling_config(t: Any) -> Any:
+    """Ray Train's ScalingConfig: a fixed group, or an elastic one of (min, max) workers that
+    Ray restarts at another size (from the latest checkpoint) when nodes go or come."""
+    from ray.train import ScalingConfig
+
+    low = min_workers(t)
+    return ScalingConfig(
+        num_workers=t.num_workers if low == t.num_workers else (low, t.num_workers),
+        elastic_resize_monitor_interval_s=t.resize_interval_s,
+        use_gpu=t.use_gpu,
+        placement_strategy=t.placement_strategy,
+        resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})},
+    )
+
+
 def run_training(cfg: Config) -> dict[str, Any]:
     run_name = cfg.train.run_name or f"{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     # From before Ray starts: its start-up lines go to the run's log too.
@@ -221,7 +241,7 @@ def _fit_run(
         log.flush()
     best_dir = f"{prep.storage}/{run_name}/best"
 
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from .loop import LoopConfig, latest_checkpoint, train_loop
@@ -247,17 +267,14 @@ def _fit_run(
                 fingerprint=fingerprint,
             )
         ),
-        scaling_config=ScalingConfig(
-            num_workers=t.num_workers,
-            use_gpu=t.use_gpu,
-            placement_strategy=t.placement_strategy,
-            resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})},
-        ),
+        scaling_config=scaling_config(t),
         run_config=RunConfig(
             name=run_name,
             storage_path=prep.storage,
             callbacks=callbacks,
-            failure_config=FailureConfig(max_failures=t.max_failures),
+            failure_config=FailureConfig(
+                max_failures=t.max_failures, max_preemption_failures=t.max_preemption_failures
+            ),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
         # Reads take a quarter CPU: the workers hold whole CPUs, and a sweep's trial driver
