@@ -414,8 +414,7 @@ def init_ray(min_cpus: int = 1) -> None:
     never printed)."""
     import ray  # not at the top: the job commands set RAY_AUTH_MODE before Ray is imported
 
-    if ray.is_initialized():
-        return
+    # Checked first, also in a process already joined: the variable means one thing everywhere.
     address = os.environ.get("RAY_ADDRESS")
     if address and address.startswith(("http://", "https://")):
         raise ClusterError(
@@ -423,6 +422,8 @@ def init_ray(min_cpus: int = 1) -> None:
             "and pipeline jobs use. Commands that run Ray join a cluster at its GCS address (RAY_ADDRESS=HEAD:6379, "
             "or auto on one of its nodes); or run this command as a job: pipeline submit -- COMMAND ..."
         )
+    if ray.is_initialized():
+        return
     if address:
         with _loopback_node(_loopback_only(address)):
             ray.init(address=address, log_to_driver=True)
