@@ -30,34 +30,23 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # the sweeps of tests/test_tune.py, same small config
 
 # Sentences of the demo language (pipeline.data.synthetic), which the demo models are trained on.
 SENTENCES = ["the queen thanks tom .", "a happy park jumps behind the ships .", "the small dog sees the red house ."]
 
 
 def sweep(tmp: Path, uri: str, name: str, extra: list[str]) -> dict:
+    from test_tune import base_overrides
+
     from pipeline.config import load_config
     from pipeline.tune import run_sweep
 
-    base = [
-        "data=demo_text",
-        "model=small",
-        f"data.root={tmp}/demo",
-        "data.demo_size=3000",
-        "data.vocab_size=400",
-        f"data.output_dir={tmp}/data",
-        f"train.storage_path={tmp}/ray",
-        "train.num_workers=1",
-        "train.batch_tokens=600",
-        "train.lr=0.01",
-        "train.warmup_steps=20",
-        "train.test_beam_size=1",
+    base = base_overrides(tmp, uri, "handoff") + [
         "tune.search=grid",
         "tune.scheduler=none",
         "tune.max_concurrent_trials=1",
         "tune.register_as=handoff-demo",
-        f"tracking.tracking_uri={uri}",
-        "tracking.experiment=handoff",
         f"tune.name={name}",
     ]
     return run_sweep(load_config(base + extra))
