@@ -22,7 +22,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -355,7 +355,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             win["loss"] += trainer.step(micro, tokens, blank)
             win["tokens"] += tokens
             win["padded"] += padded
-            win["steps"].append(real)
+            # What the FLOP count reads (lengths, targets), not the inputs: a window of video
+            # clips would stay on the GPU until the window is logged.
+            win["steps"].append([replace(b, src=None) for b in real])
             seen += [b.ids.numpy() for b in real]
             epoch_steps += 1
             if trace:  # an audit of exactly-once: every step's example ids, per rank and process
