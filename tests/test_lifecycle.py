@@ -7,6 +7,7 @@ resume over other data or another config."""
 import glob
 import json
 import os
+import re
 import signal
 import tempfile
 import threading
@@ -269,6 +270,9 @@ def test_second_run_with_the_same_name_refuses_naming_the_first(ray_session, tmp
         assert not [x for x in lines if x.startswith("(") or "TrainingReport(" in x or "Execution plan" in x], out
         assert len([x for x in lines if x.startswith("[train] step ") and " val_loss " in x]) == 1, out
         assert "[train] epoch 1 done step " in out and "== done ==" in out and len(lines) < 40, out
+        # The epoch's own figures, also when it is shorter than a log window (it printed 0.000 then).
+        done = re.search(r"\[train\] epoch 1 done step (\d+): loss ([\d.]+), ([\d,]+) tokens/s", out)
+        assert done and float(done[2]) > 0.5 and float(done[3].replace(",", "")) > 0, out
         log = tmp_path / "ray" / "twice" / "logs" / "console.log"
         assert f"[console] Ray's output is in {log}" in out
         assert "TrainingReport(" in log.read_text() and "Execution plan" in log.read_text()

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def trained(ray_session, tmp_path_factory):
-    # A fixed amount of work, not of time: 10 epochs of 14 steps (the recipe's 300 warmup steps are
+    # A fixed amount of work, not of time: 13 epochs of 14 steps (the recipe's 300 warmup steps are
     # for its 1200 clips; here they would keep the learning rate low for the whole run).
     tmp = tmp_path_factory.mktemp("video")
     uri = f"sqlite:///{tmp}/mlflow.db"
@@ -34,7 +34,7 @@ def trained(ray_session, tmp_path_factory):
         "train.run_name=video-e2e",
         "train.num_workers=2",
         "train.max_minutes=10",
-        "train.max_epochs=10",
+        "train.max_epochs=13",
         "train.warmup_steps=20",
         "train.test_beam_size=2",
         f"tracking.tracking_uri={uri}",
@@ -71,6 +71,21 @@ def test_captioner_learns_beyond_a_constant_caption(trained):
     refs = [r.split(" | ") for r in (row[1] for row in json.load(open(samples))["data"])]
     constant = metrics.caption_scores(["a small red circle moves to the left"] * len(refs), refs)["cider"]
     assert m["test_cider"] > constant + 0.5, (m["test_cider"], constant)
+
+
+def test_each_epoch_prints_its_own_loss_and_speed(trained):
+    # 14 steps an epoch, fewer than a log window (20): each epoch's "done" line still has its own
+    # figures (it showed "loss 0.000, 0 tokens/s" first and then repeated the last window's).
+    log = trained["tmp"] / "ray" / "video-e2e" / "logs" / "console.log"
+    done = [
+        json.loads(line.split("[progress] ", 1)[1])
+        for line in log.read_text().splitlines()
+        if "[progress] " in line and '"done": true' in line
+    ]
+    assert [p["epoch"] for p in done] == list(range(1, 14)), done
+    assert all(p["loss"] > 0.5 and p["tokens_per_s"] > 0 for p in done), done
+    losses = [p["loss"] for p in done]
+    assert len(set(losses)) == len(losses) and losses[-1] < losses[0], losses
 
 
 def test_mlflow_has_contact_sheet_and_captions(trained):

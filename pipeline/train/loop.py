@@ -310,6 +310,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     progress = {"loss": 0.0, "tokens_per_s": 0.0}  # figures of the last LOG_EVERY window
     while state.epoch < t.max_epochs and not stop:
         rng = np.random.default_rng(t.seed * 100_003 + state.epoch * 101 + rank)
+        epoch_fig = {"loss": 0.0, "tokens": 0.0, "start": time.time()}  # the epoch's, for its "done" line
         batches = task.batches(
             train_shard.iter_batches(
                 batch_size=task.rows_per_read(mega_rows), batch_format="numpy", prefetch_batches=2
@@ -352,8 +353,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             if not has:
                 epoch_done = True
                 break
-            win["loss"] += trainer.step(micro, tokens, blank)
+            step_loss = trainer.step(micro, tokens, blank)
+            win["loss"] += step_loss
+            epoch_fig["loss"] += step_loss
             win["tokens"] += tokens
+            epoch_fig["tokens"] += tokens
             win["padded"] += padded
             # What the FLOP count reads (lengths, targets), not the inputs: a window of video
             # clips would stay on the GPU until the window is logged.
@@ -405,10 +409,16 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 if stop:
                     break
         if epoch_done:
+            # The epoch's own figures: an epoch shorter than LOG_EVERY steps has no window of its own.
+            (epoch_loss,) = _all_reduce([float(epoch_fig["loss"])], control)
+            done_fig = {
+                "loss": epoch_loss / max(epoch_fig["tokens"], 1.0),
+                "tokens_per_s": epoch_fig["tokens"] / max(time.time() - epoch_fig["start"], 1e-9),
+            }
             if rank == 0:
                 say(
                     console.progress_line(
-                        t.run_name, state.epoch + 1, epoch_steps, last_epoch_steps, **progress, done=True
+                        t.run_name, state.epoch + 1, epoch_steps, last_epoch_steps, **done_fig, done=True
                     )
                 )
             last_epoch_steps, epoch_steps = epoch_steps, 0
