@@ -307,7 +307,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if t.early_stopping and state.evals_since_best >= t.early_stopping:
         stop = "early_stopping"  # a rerun with the same patience stays stopped; a larger one goes on
     epoch_steps, last_epoch_steps = 0, None  # the progress bar's count and its total (the last epoch's)
-    progress = {"loss": 0.0, "tokens_per_s": 0.0}  # figures of the last LOG_EVERY window
     while state.epoch < t.max_epochs and not stop:
         rng = np.random.default_rng(t.seed * 100_003 + state.epoch * 101 + rank)
         epoch_fig = {"loss": 0.0, "tokens": 0.0, "start": time.time()}  # the epoch's, for its "done" line
