@@ -147,6 +147,10 @@ class TrainConfig:
     early_stopping: int = 0  # validations without a better val_bleu before stopping; 0 = off
     log_samples: int = 5  # test rows (source, reference, hypothesis) logged to MLflow as a table
     trace_examples: str = ""  # a folder (shared by the workers) to write every step's example ids to; "" = off
+    # Splits (train, val) whose Parquet files total at most this many MiB are read once per run
+    # into Ray's object store: epochs and validations then stream from memory, without
+    # starting a read of storage each time; larger splits stream from storage. 0 = always stream.
+    in_memory_mb: int = 256
 
 
 @dataclass
@@ -571,6 +575,7 @@ RANGES: dict[str, Rule] = {
     "train.ddp_bucket_mb": _at_least(1),
     "train.label_smoothing": _fraction(),
     "train.eval_every": _at_least(0),  # 0 = once per epoch
+    "train.in_memory_mb": _at_least(0),
     "train.eval_beam_size": _at_least(1),
     "train.test_beam_size": _at_least(1),
     "train.length_penalty": _at_least(0),

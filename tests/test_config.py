@@ -103,6 +103,7 @@ BAD_VALUES = {
     "train.length_penalty": -0.1,
     "train.early_stopping": -1,
     "train.log_samples": -1,
+    "train.in_memory_mb": -1,
     "tune.num_samples": 0,
     "tune.grace_period": 0,
     "tune.reduction_factor": 1,

@@ -114,3 +114,28 @@ def test_more_workers_than_the_cluster_has_fail_before_preprocessing(ray_session
     if ray_session.cluster_resources().get("GPU", 0) < 2:
         with pytest.raises(ConfigError, match=r"GPUs; train.num_workers=1 x train.gpus_per_worker=2 needs 2"):
             prepare(gpu)
+
+
+@pytest.mark.slow
+def test_a_small_split_is_read_into_memory_once_and_a_large_one_streams(ray_session, tmp_path):
+    """train.in_memory_mb: a split at most that size on disk is materialized (epochs and
+    validations then stream from the object store, no read of storage each), a larger one
+    stays a lazy read; every row is there either way."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from ray.data.dataset import MaterializedDataset
+
+    from pipeline.config import TrainConfig
+    from pipeline.train.run import split_dataset
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "train").mkdir()
+    for i in range(2):  # about 2 MiB of incompressible bytes in two files
+        ids = rng.integers(0, 2**31, size=(1000, 128), dtype=np.int64)
+        table = pa.table({"id": np.arange(i * 1000, (i + 1) * 1000), "src": list(ids)})
+        pq.write_table(table, tmp_path / "train" / f"part-{i}.parquet", compression="none")
+    for mib, materialized in ((0, False), (1, False), (4, True)):
+        ds = split_dataset(str(tmp_path), "train", 2000, TrainConfig(num_workers=2, in_memory_mb=mib))
+        assert isinstance(ds, MaterializedDataset) is materialized, mib
+        assert sorted(r["id"] for r in ds.select_columns(["id"]).take_all()) == list(range(2000))

@@ -57,6 +57,24 @@ def _exactly_once_data_config():
     return ExactlyOnce()
 
 
+def split_dataset(data_dir: str, split: str, rows: int, t: Any) -> ray.data.Dataset:
+    """A preprocessed split for Ray Train, in blocks every worker gets a share of. One of at
+    most ``train.in_memory_mb`` MiB is read now into the object store (owned by this driver,
+    rebuilt from its read tasks if a node holding blocks dies): each epoch and validation
+    would otherwise start a fresh read of storage, seconds each on a small cluster, for a
+    split of a few MiB. Reads take a quarter CPU: the workers hold whole CPUs, and a sweep's
+    trial driver a sliver more, so whole-CPU read tasks could wait forever on a small cluster."""
+    path = f"{data_dir}/{split}"
+    ds = ray.data.read_parquet(path, num_cpus=0.25).repartition(
+        target_num_rows_per_block=rows_per_block(rows, t.num_workers)
+    )
+    if t.in_memory_mb <= 0:
+        return ds
+    fs, root = fsspec.core.url_to_fs(path)
+    mib = fs.du(root) / 2**20
+    return ds.materialize() if mib <= t.in_memory_mb else ds
+
+
 @dataclass
 class Prepared:
     """What a run (and every trial of a sweep) starts from: where MLflow and the Ray storage
@@ -277,14 +295,7 @@ def _fit_run(
             ),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
-        # Reads take a quarter CPU: the workers hold whole CPUs, and a sweep's trial driver
-        # a sliver more, so whole-CPU read tasks could wait forever on a small cluster.
-        datasets={
-            s: ray.data.read_parquet(f"{data_dir}/{s}", num_cpus=0.25).repartition(
-                target_num_rows_per_block=rows_per_block(task.split_rows(manifest["splits"][s]), t.num_workers)
-            )
-            for s in ("train", "val")
-        },
+        datasets={s: split_dataset(data_dir, s, task.split_rows(manifest["splits"][s]), t) for s in ("train", "val")},
         dataset_config=_exactly_once_data_config(),
     )
     t0 = time.time()
