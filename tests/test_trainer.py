@@ -200,3 +200,45 @@ def test_the_host_found_real_token_positions_select_exactly_what_the_mask_does()
     (l1, n1, g1), (l2, n2, g2) = results
     assert torch.equal(l1, l2) and n1 == n2 == b.real_tokens
     assert all(torch.equal(x, y) for x, y in zip(g1, g2))
+
+
+def test_validation_runs_in_rounds_with_a_look_between_each_and_the_same_result(monkeypatch):
+    """The loop's validation (no process group: one rank) goes in rounds of VAL_ROUND_ROWS rows
+    with a call between rounds, where it looks for a drain notice; every row is scored once
+    and the loss is that of one pass over all rows."""
+    from pipeline.data.tokenizer import train_tokenizer
+    from pipeline.train import loop
+
+    tok = train_tokenizer(["a b c d e f g h i j k l m n"] * 4, "bpe", 40)
+    tr = trainer()
+    rng = np.random.default_rng(0)
+    n = 10
+    rows = {
+        "id": list(range(n)),
+        "src_ids": [rng.integers(4, 24, size=int(rng.integers(2, 9))) for _ in range(n)],
+        "tgt_ids": [rng.integers(4, 20, size=int(rng.integers(2, 7))) for _ in range(n)],
+        "src": [f"s{i}" for i in range(n)],
+        "tgt": [f"t{i}" for i in range(n)],
+    }
+    task = TranslationTask()
+    looks = []
+    whole = loop.evaluate(tr, rows, task, tok, 1, 0.6, lambda: looks.append(1))
+    assert looks == []  # one round: nothing between
+    monkeypatch.setattr(loop, "VAL_ROUND_ROWS", 4)
+    rounds = loop.evaluate(tr, rows, task, tok, 1, 0.6, lambda: looks.append(1))
+    assert len(looks) == 2  # rounds of 4, 4 and 2 rows
+    assert rounds["id"] == whole["id"] == list(range(n)) and rounds["ref"] == whole["ref"]
+    # Greedy outputs of an untrained model may flip with the padding of its batch; the loss may not.
+    assert len(rounds["hyp"]) == n and rounds["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+
+
+def test_a_checkpoint_at_a_validation_that_did_not_happen_is_validated_first():
+    """A drain notice at a validation point checkpoints unvalidated; the next attempt validates
+    that step before training (else its validation was lost: val_loss had a gap)."""
+    from pipeline.train.loop import validation_due
+
+    assert validation_due(TrainState(step=80, validated_step=40), eval_every=40, skipped=120)  # at a multiple
+    assert validation_due(TrainState(step=83, epoch=1, validated_step=40), eval_every=0, skipped=0)  # an epoch's end
+    assert not validation_due(TrainState(step=83, validated_step=40), eval_every=40, skipped=90)  # mid-epoch
+    assert not validation_due(TrainState(step=80, validated_step=80), eval_every=40, skipped=0)  # validated
+    assert not validation_due(TrainState(), eval_every=40, skipped=0)  # nothing trained

@@ -96,12 +96,39 @@ def _shard_rows(shard: Any, columns: tuple[str, ...]) -> dict[str, list]:
     return rows
 
 
+VAL_ROUND_ROWS = 256  # rows per rank between two looks for a drain notice during a validation
+
+
 def evaluate(
-    trainer: Trainer, shard: Any, task: Task, tgt_tok: Any, beam_size: int, length_penalty: float
+    trainer: Trainer,
+    rows: dict[str, list],
+    task: Task,
+    tgt_tok: Any,
+    beam_size: int,
+    length_penalty: float,
+    between_rounds: Any = None,
 ) -> dict[str, Any]:
-    """Loss, outputs and the task's scores of this rank's shard, gathered from all ranks."""
-    local = trainer.evaluate(task, _shard_rows(shard, task.eval_columns), beam_size, length_penalty)
-    local["hyp"] = toklib.decode(tgt_tok, local.pop("hyp_ids"))
+    """Loss, outputs and the task's scores of this rank's rows, gathered from all ranks.
+
+    In rounds of ``VAL_ROUND_ROWS`` rows, every rank the same number (the largest shard's),
+    with ``between_rounds()`` (a collective: every rank calls it) after each but the last: the
+    loop looks for a drain notice there, so one that comes during a long validation is acted
+    on within a round, not after it (when the node may be gone, and the steps since the last
+    checkpoint with it)."""
+    n = len(rows["id"])
+    rounds = max(1, max(math.ceil(m / VAL_ROUND_ROWS) for m in _all_gather(n)))
+    local: dict[str, Any] = {"id": [], "src": [], "ref": [], "hyp": [], "loss": 0.0, "tokens": 0}
+    for r in range(rounds):
+        part = {c: v[r * VAL_ROUND_ROWS : (r + 1) * VAL_ROUND_ROWS] for c, v in rows.items()}
+        if part["id"]:
+            out = trainer.evaluate(task, part, beam_size, length_penalty)
+            local["hyp"] += toklib.decode(tgt_tok, out.pop("hyp_ids"))
+            for k in ("id", "src", "ref"):
+                local[k] += list(out[k])
+            local["loss"] += out["loss"]
+            local["tokens"] += out["tokens"]
+        if between_rounds is not None and r + 1 < rounds:
+            between_rounds()
     parts = _all_gather(local)
     merged: dict[str, Any] = {k: [x for p in parts for x in p[k]] for k in ("id", "src", "ref", "hyp")}
     merged["loss"] = sum(p["loss"] for p in parts) / max(1, sum(p["tokens"] for p in parts))
@@ -234,9 +261,28 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 checkpoint = ray.train.Checkpoint.from_directory(trainer.save(ckpt_dir, seen_all))
             ray.train.report(metrics, checkpoint=checkpoint)
 
-    def validate_and_report() -> str:
-        """Validate, checkpoint, log; returns "early_stopping" when this validation ends the run."""
-        res = evaluate(trainer, val_shard, task, tgt_tok, t.eval_beam_size, t.length_penalty)
+    def drain_notice(look: bool) -> Any:
+        """Ray Train's drain notice, when ``look`` (every rank passes the same: rank 0's clock
+        decides, through an allreduce) and there is one: every rank calls this at the same points."""
+        nonlocal looked_at
+        if not look:
+            return None
+        looked_at = time.time()
+        return ray.train.get_preemption_info()  # a barrier
+
+    def look_during_validation() -> None:
+        (look,) = _all_reduce([float(rank == 0 and time.time() - looked_at >= t.preemption_check_s)], control)
+        notice = drain_notice(bool(look))
+        if notice is not None:
+            preempted(notice)  # does not return: Ray Train restarts the group
+
+    def validate_and_report(interruptible: bool = True) -> str:
+        """Validate, checkpoint, log; returns "early_stopping" when this validation ends the run.
+        A drain notice during it checkpoints at this step unvalidated (the next attempt validates
+        it first) and waits for the restart."""
+        rows = _shard_rows(val_shard, task.eval_columns)
+        between = look_during_validation if interruptible else None
+        res = evaluate(trainer, rows, task, tgt_tok, t.eval_beam_size, t.length_penalty, between)
         val = {**val_metrics(res, task), "epoch": state.epoch}
         improved = val[metric] > state.best
         if improved:
@@ -274,7 +320,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 {**last_val, "step": state.step, f"best_{metric}": state.best, "preemption_checkpoint": 1.0}
             )
         else:  # a sweep's scheduler needs the metric in every report: the first one validates
-            validate_and_report()
+            validate_and_report(interruptible=False)
         if rank == 0:
             logger.set_tags({"pipeline.preempted_at_step": str(state.step)})
             say(
@@ -306,6 +352,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     trainer.model.train()
     if t.early_stopping and state.evals_since_best >= t.early_stopping:
         stop = "early_stopping"  # a rerun with the same patience stays stopped; a larger one goes on
+    if not stop and validation_due(state, t.eval_every, len(skip)):
+        stop = validate_and_report()  # a drain notice came at a validation point: it was not validated
     epoch_steps, last_epoch_steps = 0, None  # the progress bar's count and its total (the last epoch's)
     while state.epoch < t.max_epochs and not stop:
         rng = np.random.default_rng(t.seed * 100_003 + state.epoch * 101 + rank)
@@ -398,11 +446,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                     }
                 )
                 win = {"loss": 0.0, "tokens": 0.0, "padded": 0.0, "wait": 0.0, "steps": [], "start": time.time()}
-            if look_all:
-                looked_at = time.time()
-                notice = ray.train.get_preemption_info()  # a barrier: every rank looks at the same steps
-                if notice is not None:
-                    preempted(notice)
+            notice = drain_notice(bool(look_all))
+            if notice is not None:
+                preempted(notice)
             if t.eval_every and state.step % t.eval_every == 0:
                 stop = validate_and_report()
                 if stop:
@@ -437,6 +483,16 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         left = logger.close(wait_s=30.0)
         if left:
             say(logger.unsent_message(left))
+
+
+def validation_due(state: Any, eval_every: int, skipped: int) -> bool:
+    """Whether a checkpoint stands at a validation that did not happen: a drain notice came
+    during it, or between its step and it. Those are at a multiple of ``eval_every``, or at
+    an epoch's end (no example of the epoch seen yet: ``skipped`` is 0); every other
+    checkpoint is taken by a validation or is mid-epoch."""
+    if state.step == 0 or state.validated_step == state.step:
+        return False
+    return skipped == 0 or bool(eval_every and state.step % eval_every == 0)
 
 
 def micro_batches(accumulate: int, num_workers: int, world: int, rank: int) -> int:
