@@ -255,6 +255,22 @@ def test_evaluate_command_scores_the_model(trained):
     assert res["split"] == "test" and res["sentences"] > 50 and res["bleu"] > 5.0
 
 
+def test_a_small_test_split_decodes_in_the_driver_as_on_the_actor_pool(trained):
+    """decode_split: a split of at most one decoding batch is decoded in this process, a larger
+    one on Ray Data's actor pool (here_rows=0 forces it); the same rows and outputs either way."""
+    from pipeline.evaluation import _small_split, decode_split
+    from pipeline.tasks import TranslationTask
+
+    task, split = TranslationTask(), f"{trained['first']['data_dir']}/test"
+    assert _small_split(split, task.test_columns, task.test_batch_size) is not None  # one batch: decoded here
+    here = decode_split(task, trained["second"]["best_dir"], split, 1, 0.6)
+    pool = decode_split(task, trained["second"]["best_dir"], split, 1, 0.6, here_rows=0)
+    assert len(here["src"]) > 50 and here["src"] == pool["src"] and here["tgt"] == pool["tgt"]
+    # Greedy outputs; two processes' float rounding (thread counts) may flip a rare tie.
+    differ = sum(a != b for a, b in zip(here["hyp"], pool["hyp"]))
+    assert len(here["hyp"]) == len(pool["hyp"]) and differ <= len(here["hyp"]) // 50, differ
+
+
 def test_checkpoint_of_another_config_is_refused_naming_keys(trained):
     tmp = trained["tmp"]
     overrides = [

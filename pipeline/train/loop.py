@@ -382,7 +382,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             else:
                 win["wait"] += time.time() - t_wait
             real = [b for b in micro if b is not None]
-            over = rank == 0 and budget_s > 0 and time.time() - t_start >= budget_s
+            # Right after a validation, the budget is judged by the time its checkpoint recorded:
+            # stopping on the clock then would leave a checkpoint short of the budget (the time
+            # its report took), and a rerun with the same budget would train that sliver again.
+            spent = state.elapsed_s if state.validated_step == state.step else time.time() - t_start
+            over = rank == 0 and budget_s > 0 and spent >= budget_s
             look = rank == 0 and time.time() - looked_at >= t.preemption_check_s
             has, over_all, tokens, padded, look_all = _all_reduce(
                 [
