@@ -18,15 +18,33 @@ from .tasks import Task, task_for
 
 
 def decode_split(
-    task: Task, bundle: str, split_dir: str, beam_size: int, length_penalty: float, use_gpu: bool = False
+    task: Task,
+    bundle: str,
+    split_dir: str,
+    beam_size: int,
+    length_penalty: float,
+    use_gpu: bool = False,
+    here_rows: int | None = None,
 ) -> dict[str, list]:
     """Decode a preprocessed split with a bundle on an actor pool: ``src``, ``tgt`` (the
     reference, or the list of references) and ``hyp`` lists, in id order. On GPUs when the
     cluster has some now, or with ``use_gpu`` (a run that trained on GPUs) even when it has
-    none yet: an autoscaling GPU group that scaled to zero grows for the request."""
-    n = max(1, min(4, int(ray.available_resources().get("CPU", 1))))
+    none yet: an autoscaling GPU group that scaled to zero grows for the request. A split of
+    at most ``here_rows`` rows (default: one decoding batch, ``task.test_batch_size``) on a
+    cluster without GPUs is decoded in this process: an actor, a process that loads torch and
+    the model, costs seconds more than decoding one batch."""
     gpus = int(ray.cluster_resources().get("GPU", 0))
     use_gpu = use_gpu or gpus > 0
+    batch = (
+        None
+        if use_gpu
+        else _small_split(split_dir, task.test_columns, task.test_batch_size if here_rows is None else here_rows)
+    )
+    if batch is not None:
+        out = task.decoder()(bundle, beam_size, length_penalty)(batch) if len(batch["id"]) else {}
+        order = np.argsort(out["id"], kind="stable") if out else []
+        return task.decoded({k: [out[k][i] for i in order] for k in ("src", "tgt", "hyp")})
+    n = max(1, min(4, int(ray.available_resources().get("CPU", 1))))
     if gpus:
         n = min(n, gpus)  # each actor holds a whole GPU: no more actors than GPUs, none left waiting
     ds = (
@@ -43,6 +61,33 @@ def decode_split(
     )
     rows = sorted(ds.take_all(), key=lambda r: r["id"])
     return task.decoded({k: [r[k] for r in rows] for k in ("src", "tgt", "hyp")})
+
+
+def _small_split(split_dir: str, columns: Any, max_rows: int) -> dict[str, np.ndarray] | None:
+    """A split's ``columns`` as one batch of numpy arrays (as Ray Data hands a map_batches
+    function), if it has at most ``max_rows`` rows (Parquet footers say, before any data is read)."""
+    import pyarrow.parquet as pq
+
+    if max_rows <= 0:
+        return None
+    fs, root = fsspec.core.url_to_fs(split_dir)
+    files = sorted(f for f in fs.find(root) if f.endswith(".parquet"))
+    rows = 0
+    for f in files:
+        with fs.open(f, "rb") as fh:
+            rows += pq.ParquetFile(fh).metadata.num_rows
+        if rows > max_rows:
+            return None
+    tables = []
+    for f in files:
+        with fs.open(f, "rb") as fh:
+            tables.append(pq.read_table(fh, columns=list(columns)))
+    if not tables:
+        return {c: np.array([], dtype=object) for c in columns}
+    import pyarrow as pa
+
+    table = pa.concat_tables(tables)
+    return {c: table.column(c).to_numpy(zero_copy_only=False) for c in columns}
 
 
 def local_copy(path: str, dest_dir: str) -> str:
