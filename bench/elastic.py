@@ -14,6 +14,11 @@ growth, throughput (target tokens/s) per world size, and the exactly-once audit 
 the unfinished one).
 
     python bench/elastic.py [--json FILE] [--workdir DIR] [overrides ...]
+
+With ``--sweep``: a 4-trial grid (`pipeline tune`, one 2-CPU worker a trial,
+``tune.max_concurrent_trials=3``, what the cluster will grow to) starts on the head alone
+(room for one trial); two nodes join once the first trial trains. Printed: the most trials
+training at once before and after the joins.
 """
 
 from __future__ import annotations
@@ -265,18 +270,129 @@ def scenario(tmp: Path, overrides: list[str]) -> dict:
     return out
 
 
+SWEEP = "joining"
+SWEEP_TRIALS = 4
+
+
+def sweep_args(tmp: Path, uri: str, overrides: list[str]) -> list[str]:
+    return [
+        "data=demo_text",
+        "model=small",
+        "model.embedding_size=32",
+        f"data.root={tmp}/demo",
+        "data.demo_size=2000",
+        "data.vocab_size=300",
+        f"data.output_dir={tmp}/data",
+        f"train.storage_path={tmp}/ray",
+        "train.num_workers=1",
+        "train.cpus_per_worker=2",  # 3-CPU nodes: one trial each
+        "train.max_epochs=2",
+        "train.batch_tokens=400",
+        "train.test_beam_size=1",
+        "train.log_samples=0",
+        "tracking.log_model=false",
+        "tracking.system_metrics_s=0",
+        f"tracking.tracking_uri={uri}",
+        f"tracking.experiment={SWEEP}",
+        f"tune.name={SWEEP}",
+        "tune.search=grid",
+        "tune.scheduler=none",
+        f"tune.space.model.hidden_size=[{','.join(str(32 + 16 * i) for i in range(SWEEP_TRIALS))}]",
+        # What the cluster will grow to (no autoscaler config on loopback): three nodes, a trial each.
+        "tune.max_concurrent_trials=3",
+        *overrides,
+    ]
+
+
+def most_at_once(spans: list[tuple[float, float]], start: float, end: float) -> int:
+    """The most spans (first, last training log) that overlap at some moment in [start, end)."""
+    points = sorted({max(a, start) for a, b in spans if a < end and b >= start})
+    return max((sum(1 for a, b in spans if a <= p <= b) for p in points), default=0)
+
+
+def sweep_scenario(tmp: Path, overrides: list[str]) -> dict:
+    """A sweep that starts on a one-node cluster (room for one trial) with nodes joining once
+    the first trial trains: how many trials trained at once before and after."""
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    mlflow, uri = mlflow_server(tmp, tmp / "mlflow.log")
+    sweep = None
+    try:
+        with loopback_cluster(nodes=1, cpus=3, logs=tmp / "logs", env=FAST_HEALTH, timeout=300) as cluster:
+            t0 = time.time()
+            sweep = subprocess.Popen(
+                [sys.executable, "-m", "pipeline.cli", "tune", *sweep_args(tmp, uri, overrides)],
+                stdout=open(tmp / "tune.log", "w"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**cluster.env, "RAY_ADDRESS": cluster.gcs},
+            )
+            ray.init(address=cluster.gcs, logging_level="ERROR", log_to_driver=False)  # add_node counts nodes
+            c = MlflowClient(uri)
+
+            def trials() -> list:
+                if sweep.poll() is not None and sweep.returncode != 0:
+                    raise RuntimeError(
+                        f"the sweep exited ({sweep.returncode}): {(tmp / 'tune.log').read_text()[-3000:]}"
+                    )
+                exp = c.get_experiment_by_name(SWEEP)
+                runs = c.search_runs([exp.experiment_id]) if exp else []
+                return [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+
+            def training(run) -> list:
+                return c.get_metric_history(run.info.run_id, "train_loss")
+
+            wait_until(lambda: any(training(r) for r in trials()), "the first trial training", 600)
+            joined_at = time.time()
+            cluster.add_node(wait=False)
+            cluster.add_node()
+            sweep.wait(1800)
+            wall = time.time() - t0
+            spans = []
+            for r in trials():
+                h = sorted(m.timestamp / 1000 for m in training(r))
+                if h:
+                    spans.append((h[0], h[-1]))
+            ray.shutdown()
+    finally:
+        if sweep is not None and sweep.poll() is None:
+            stop_process_group(sweep)
+        stop_process_group(mlflow)
+    return {
+        "bench": "elastic-sweep",
+        "cpus": os.cpu_count(),
+        "returncode": sweep.returncode,
+        "trials_trained": len(spans),
+        "most_trials_at_once_before_nodes_joined": most_at_once(spans, 0, joined_at),
+        "most_trials_at_once_after": most_at_once(spans, joined_at, float("inf")),
+        "trial_training_spans_s": sorted((round(a - t0, 1), round(b - t0, 1)) for a, b in spans),
+        "nodes_joined_at_s": round(joined_at - t0, 1),
+        "wall_s": round(wall, 1),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", help="also write the figures to this file")
+    ap.add_argument("--sweep", action="store_true", help="the sweep scenario: nodes join a running sweep")
     ap.add_argument("--workdir", help="a folder for the cluster's logs, data and MLflow (default: a fresh one in /tmp)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     tmp = Path(args.workdir or tempfile.mkdtemp(prefix="bench-elastic-"))
-    out = scenario(tmp, args.overrides)
+    tmp.mkdir(parents=True, exist_ok=True)
+    out = (sweep_scenario if args.sweep else scenario)(tmp, args.overrides)
     line = json.dumps(out)
     print(line)
     if args.json:
         Path(args.json).write_text(line)
+    if args.sweep:
+        print(
+            f"elastic sweep: {out['trials_trained']} trials; at most {out['most_trials_at_once_before_nodes_joined']} "
+            f"training at once on the first node, {out['most_trials_at_once_after']} after two nodes joined "
+            f"(at {out['nodes_joined_at_s']} s); {out['wall_s']} s"
+        )
+        return
     a = out["audit"]
     print(
         f"elastic: node loss -> training again in {out['seconds_node_loss_to_training']} s; drain -> training again in "
