@@ -1,6 +1,8 @@
-"""Pipeline benchmark: `pipeline train` end to end (Ray Data streaming into a 1-worker Ray
-Train run, MLflow logging) vs a bare single-process loop running the same model and step
-on the same preprocessed shards read straight from Parquet, one thread each.
+"""Pipeline benchmark: `pipeline train` end to end (Ray Data into a Ray Train run, 1 worker
+unless overridden, MLflow logging) vs a bare single-process loop running the same model and
+step on the same preprocessed shards read straight from Parquet, on as many threads as the
+run's workers hold CPUs in all (`--bare-threads N` to set them: the old 1-CPU worker against
+a loop on both cores).
 
 Both train for the same wall-clock budget, one after the other. Throughput is non-pad
 target tokens per second: for the pipeline the median of its logged `train_tokens_per_s`
@@ -30,12 +32,13 @@ from pipeline.train.run import fit_run, prepare
 from pipeline.train.trainer import Trainer
 
 
-def bare_loop(cfg, prep, seconds: float, device: torch.device | None = None) -> dict:
+def bare_loop(cfg, prep, seconds: float, device: torch.device | None = None, threads: int = 0) -> dict:
     """Our Trainer, no Ray: Parquet -> the same token-budget batches -> Trainer.step, on
-    ``device`` (default the CPU, with the workers' thread count)."""
+    ``device`` (default the CPU, with ``threads`` threads: default the CPUs of all the run's
+    workers, the same cores in all)."""
     device = device or torch.device("cpu")
     if device.type == "cpu":
-        torch.set_num_threads(cfg.train.cpus_per_worker)
+        torch.set_num_threads(threads or cfg.train.num_workers * cfg.train.cpus_per_worker)
     torch.manual_seed(cfg.train.seed)
     v = prep.vocab
     model = build_model(model_cfg=cfg.model, **v.model_args()).to(device)
@@ -61,6 +64,9 @@ def bare_loop(cfg, prep, seconds: float, device: torch.device | None = None) -> 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--minutes", type=float, default=3.0)
+    ap.add_argument(
+        "--bare-threads", type=int, default=0, help="the bare loop's threads (default: the workers' CPUs in all)"
+    )
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="bench-pipeline-")
@@ -78,7 +84,7 @@ def main() -> None:
         ]
     )
     prep = prepare(cfg)
-    bare = bare_loop(cfg, prep, args.minutes * 60)
+    bare = bare_loop(cfg, prep, args.minutes * 60, threads=args.bare_threads)
     t0 = time.time()
     res = fit_run(cfg, prep, "bench-pipeline")
     from mlflow.tracking import MlflowClient
@@ -94,6 +100,9 @@ def main() -> None:
         "data": cfg.data.name,
         "hidden": cfg.model.hidden_size,
         "batch_tokens": cfg.train.batch_tokens,
+        "num_workers": cfg.train.num_workers,
+        "cpus_per_worker": cfg.train.cpus_per_worker,
+        "bare_threads": torch.get_num_threads(),
         "bare": {k: round(v, 1) if isinstance(v, float) else v for k, v in bare.items()},
         "pipeline": {
             "tokens_per_s_median": round(ours, 1),
