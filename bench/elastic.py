@@ -120,6 +120,17 @@ def audit(trace: Path) -> dict:
     }
 
 
+def launch(command: str, args: list[str], log: Path, env: dict) -> subprocess.Popen:
+    """A `pipeline` command in its own process group, its output to ``log``."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", command, *args],
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env=env,
+    )
+
+
 def node_of_raylet_pid(cluster: loopback_cluster, i: int) -> int:
     import psutil
 
@@ -142,13 +153,7 @@ def scenario(tmp: Path, overrides: list[str]) -> dict:
         with loopback_cluster(nodes=3, cpus=3, logs=tmp / "logs", env=FAST_HEALTH, timeout=300) as cluster:
             env = {**cluster.env, "RAY_ADDRESS": cluster.gcs, "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1"}
             t0 = time.time()
-            train = subprocess.Popen(
-                [sys.executable, "-m", "pipeline.cli", "train", *train_args(tmp, uri, overrides)],
-                stdout=open(tmp / "train.log", "w"),
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env=env,
-            )
+            train = launch("train", train_args(tmp, uri, overrides), tmp / "train.log", env)
             ray.init(address=cluster.gcs, logging_level="ERROR", log_to_driver=False)
             c = MlflowClient(uri)
 
@@ -321,13 +326,8 @@ def sweep_scenario(tmp: Path, overrides: list[str]) -> dict:
     try:
         with loopback_cluster(nodes=1, cpus=3, logs=tmp / "logs", env=FAST_HEALTH, timeout=300) as cluster:
             t0 = time.time()
-            sweep = subprocess.Popen(
-                [sys.executable, "-m", "pipeline.cli", "tune", *sweep_args(tmp, uri, overrides)],
-                stdout=open(tmp / "tune.log", "w"),
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env={**cluster.env, "RAY_ADDRESS": cluster.gcs},
-            )
+            env = {**cluster.env, "RAY_ADDRESS": cluster.gcs}
+            sweep = launch("tune", sweep_args(tmp, uri, overrides), tmp / "tune.log", env)
             ray.init(address=cluster.gcs, logging_level="ERROR", log_to_driver=False)  # add_node counts nodes
             c = MlflowClient(uri)
 

@@ -66,6 +66,7 @@ def decode_split(
 def _small_split(split_dir: str, columns: Any, max_rows: int) -> dict[str, np.ndarray] | None:
     """A split's ``columns`` as one batch of numpy arrays (as Ray Data hands a map_batches
     function), if it has at most ``max_rows`` rows (Parquet footers say, before any data is read)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     if max_rows <= 0:
@@ -84,8 +85,6 @@ def _small_split(split_dir: str, columns: Any, max_rows: int) -> dict[str, np.nd
             tables.append(pq.read_table(fh, columns=list(columns)))
     if not tables:
         return {c: np.array([], dtype=object) for c in columns}
-    import pyarrow as pa
-
     table = pa.concat_tables(tables)
     return {c: table.column(c).to_numpy(zero_copy_only=False) for c in columns}
 

@@ -261,6 +261,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 checkpoint = ray.train.Checkpoint.from_directory(trainer.save(ckpt_dir, seen_all))
             ray.train.report(metrics, checkpoint=checkpoint)
 
+    def time_to_look() -> bool:
+        """Rank 0's clock: every ``train.preemption_check_s``; the ranks agree through an allreduce."""
+        return rank == 0 and time.time() - looked_at >= t.preemption_check_s
+
     def drain_notice(look: bool) -> Any:
         """Ray Train's drain notice, when ``look`` (every rank passes the same: rank 0's clock
         decides, through an allreduce) and there is one: every rank calls this at the same points."""
@@ -271,7 +275,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         return ray.train.get_preemption_info()  # a barrier
 
     def look_during_validation() -> None:
-        (look,) = _all_reduce([float(rank == 0 and time.time() - looked_at >= t.preemption_check_s)], control)
+        (look,) = _all_reduce([float(time_to_look())], control)
         notice = drain_notice(bool(look))
         if notice is not None:
             preempted(notice)  # does not return: Ray Train restarts the group
@@ -387,7 +391,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             # its report took), and a rerun with the same budget would train that sliver again.
             spent = state.elapsed_s if state.validated_step == state.step else time.time() - t_start
             over = rank == 0 and budget_s > 0 and spent >= budget_s
-            look = rank == 0 and time.time() - looked_at >= t.preemption_check_s
+            look = time_to_look()
             has, over_all, tokens, padded, look_all = _all_reduce(
                 [
                     float(bool(real)),
