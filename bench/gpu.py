@@ -189,7 +189,7 @@ def parts_bc(args: argparse.Namespace, device: torch.device, parts: str) -> dict
     tmp = tempfile.mkdtemp(prefix="bench-gpu-")
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{tmp}/mlflow.db"
     if args.dry_run:
-        data = ["data=demo_text", "data.demo_size=300", "model=small", "model.hidden_size=32"]
+        data = ["data=demo_text", f"data.root={tmp}/demo", "data.demo_size=300", "model=small", "model.hidden_size=32"]
         data += ["model.embedding_size=16", "train.use_gpu=false", "train.batch_tokens=200", "train.test_beam_size=1"]
     else:
         if not args.multi30k:

@@ -242,3 +242,39 @@ def test_demo_generators_write_only_into_folders_they_own(tmp_path):
     before = (half / "train.en.gz").stat().st_mtime_ns
     ensure_demo_corpus(cfg)  # complete: left alone
     assert (half / "train.en.gz").stat().st_mtime_ns == before
+
+
+def test_a_demo_corpus_made_with_other_settings_is_generated_again(tmp_path, capsys):
+    """A demo folder generated for data.demo_size=300 is not reused by a run asking for 700
+    (it was: the bench then trained on 300 pairs, 4 steps an epoch); the same size again is."""
+    import gzip
+
+    root = tmp_path / "demo"
+
+    def pairs() -> int:
+        with gzip.open(root / "train.en.gz", "rt") as f:
+            return sum(1 for _ in f)
+
+    def ensure(size: int) -> None:
+        ensure_demo_corpus(load_config(["data=demo_text", f"data.root={root}", f"data.demo_size={size}"]).data)
+
+    ensure(300)
+    assert pairs() == 300
+    before = (root / "train.en.gz").stat().st_mtime_ns
+    ensure(300)
+    assert (root / "train.en.gz").stat().st_mtime_ns == before  # the same settings: reused
+    capsys.readouterr()
+    ensure(700)
+    assert pairs() == 700
+    assert (
+        "holds another data=demo_text corpus (train_pairs 300 -> 700): generating it again" in capsys.readouterr().out
+    )
+    # A marker from before the generator recorded its settings: its corpus is generated again too.
+    (root / DEMO_MARKER).write_text(json.dumps({"generator": "data=demo_text", "complete": True}))
+    ensure(700)
+    assert "made before the generator recorded its settings" in capsys.readouterr().out
+    assert json.loads((root / DEMO_MARKER).read_text())["params"]["train_pairs"] == 700
+    # Files in the demo layout without a marker are a user's: left as they are, whatever the size.
+    (root / DEMO_MARKER).unlink()
+    ensure(300)
+    assert pairs() == 700 and not (root / DEMO_MARKER).exists()

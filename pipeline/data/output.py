@@ -172,23 +172,39 @@ def reuse_or_build(out: str, force: bool, build: Callable[[str], dict[str, Any]]
 
 
 def demo_folder(
-    root: str, complete: Callable[[], bool], generate: Callable[[], None], what: str, refuse: str = ""
+    root: str,
+    complete: Callable[[], bool],
+    generate: Callable[[], None],
+    what: str,
+    params: dict[str, Any],
+    refuse: str = "",
 ) -> None:
-    """Generate a demo corpus into ``root`` unless it is already there, and only into a folder
-    the generators own: absent, empty, or holding the marker they write.
+    """Generate a demo corpus into ``root`` unless it is already there as ``params`` ask, and
+    only into a folder the generators own: absent, empty, or holding the marker they write.
 
-    ``complete()`` says whether the corpus files are all there (then nothing is written, whoever
-    made them); ``refuse`` is a reason not to generate at all (the config names a user's files)."""
+    The marker records the generator's ``params`` (sizes, seed, languages): a folder the
+    generator made with other params is generated again, never reused for a run that asked
+    for another corpus. ``complete()`` says whether the corpus files are all there in a
+    folder without a marker (then nothing is written: a user's files in the demo layout);
+    ``refuse`` is a reason not to generate at all (the config names a user's files)."""
     marker = f"{root.rstrip('/')}/{DEMO_MARKER}"
     fs, p = fsspec.core.url_to_fs(root)
 
+    def found() -> dict[str, Any] | None:
+        """The marker's contents ({} when unreadable), or None without a marker."""
+        if not fs.exists(f"{p}/{DEMO_MARKER}"):
+            return None
+        try:
+            got = json.loads(fs.cat_file(f"{p}/{DEMO_MARKER}"))
+        except (OSError, ValueError):
+            return {}
+        return got if isinstance(got, dict) else {}
+
     def done() -> bool:
-        if fs.exists(f"{p}/{DEMO_MARKER}"):
-            try:
-                return json.loads(fs.cat_file(f"{p}/{DEMO_MARKER}")).get("complete") is True
-            except (OSError, ValueError):
-                return False
-        return complete()
+        mark = found()
+        if mark is None:
+            return complete()
+        return mark.get("complete") is True and mark.get("params") == params
 
     if done():
         return
@@ -212,10 +228,26 @@ def demo_folder(
                     f"(no {DEMO_MARKER}); refusing to write generated files into it. Point data.root at an "
                     "empty or new folder, or use the reader for your corpus"
                 )
+            mark = found() or {}
+            if others and mark.get("complete") is True:
+                had = mark.get("params")
+                changed = (
+                    ", ".join(f"{k} {had.get(k)} -> {v}" for k, v in params.items() if had.get(k) != v)
+                    if isinstance(had, dict)
+                    else "made before the generator recorded its settings"
+                )
+                print(
+                    f"[preprocess] {redact(root)} holds another {what} corpus ({changed}): generating it again",
+                    flush=True,
+                )
+            for e in others:  # the folder is the generator's: none of its old files outlives the new corpus
+                fs.rm(f"{p}/{e}", recursive=True)
         fs.makedirs(p, exist_ok=True)
-        _write_json_atomic(marker, {"generator": what, "complete": False})  # a crash from here leaves it ours
+        _write_json_atomic(
+            marker, {"generator": what, "params": params, "complete": False}
+        )  # a crash from here leaves it ours
         generate()
-        _write_json_atomic(marker, {"generator": what, "complete": True})
+        _write_json_atomic(marker, {"generator": what, "params": params, "complete": True})
 
 
 SPLITS = ("train", "val", "test")

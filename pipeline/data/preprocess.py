@@ -183,10 +183,12 @@ def ensure_demo_corpus(cfg: DataConfig) -> None:
     ]
     fs, p = fsspec.core.url_to_fs(root)
 
+    n_eval = max(200, cfg.demo_size // 40)
+    params = {"train_pairs": cfg.demo_size, "eval_pairs": n_eval, "seed": 1234, "files": names}
+
     def generate() -> None:
         from .synthetic import write_demo_text
 
-        n_eval = max(200, cfg.demo_size // 40)
         print(
             f"[preprocess] generating the demo corpus ({cfg.demo_size} training pairs) in {redact(cfg.root)}",
             flush=True,
@@ -201,7 +203,7 @@ def ensure_demo_corpus(cfg: DataConfig) -> None:
             tgt_lang=cfg.tgt_lang,
         )
 
-    demo_folder(root, lambda: all(fs.exists(f"{p}/{n}") for n in names), generate, "data=demo_text")
+    demo_folder(root, lambda: all(fs.exists(f"{p}/{n}") for n in names), generate, "data=demo_text", params)
 
 
 def cleaned(cfg: DataConfig, tasks: list[dict[str, Any]]) -> ray.data.Dataset:

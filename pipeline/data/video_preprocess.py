@@ -67,10 +67,12 @@ def ensure_demo_video(cfg: DataConfig) -> None:
             "your own: use data=msrvtt (or msvd, video_features) for it"
         )
 
+    n_eval = max(50, cfg.demo_size // 12)
+    params = {"train_clips": cfg.demo_size, "eval_clips": n_eval, "seed": 1234}
+
     def generate() -> None:
         from .synthetic_video import write_demo_video
 
-        n_eval = max(50, cfg.demo_size // 12)
         print(
             f"[preprocess] generating the demo video corpus ({cfg.demo_size} training clips) in {redact(cfg.root)}",
             flush=True,
@@ -78,7 +80,9 @@ def ensure_demo_video(cfg: DataConfig) -> None:
         write_demo_video(root, n_train=cfg.demo_size, n_val=n_eval, n_test=n_eval, seed=1234)
 
     # The annotation file is written after every clip: with it there, the corpus is whole.
-    demo_folder(root, lambda: fs.exists(f"{p}/train_val_videodatainfo.json"), generate, "data=demo_video", refuse)
+    demo_folder(
+        root, lambda: fs.exists(f"{p}/train_val_videodatainfo.json"), generate, "data=demo_video", params, refuse
+    )
 
 
 def _fingerprint(cfg: DataConfig, corpus: dict[str, Any]) -> list[dict[str, Any]]:
