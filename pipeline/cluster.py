@@ -406,6 +406,27 @@ def check_multi_node(storage: str, data_output: str, tracking_uri: str) -> None:
             )
 
 
+def local_cores() -> int:
+    """The cores this process may run on (its CPU affinity, as a container's cpuset sets it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def resolve_worker_cpus(train: Any, sweep: bool = False) -> int:
+    """Set ``train.cpus_per_worker`` (the CPUs a worker holds and its torch threads) when it
+    is 0 (auto) and return it: on the local Ray that pipeline starts for one run, the cores
+    shared among the workers (1 worker on 2 cores trains with 2 threads); 1 on a cluster
+    (``RAY_ADDRESS``: its nodes are not this machine), for a sweep's trials (they share the
+    cores) and for GPU workers. The local Ray keeps 2 logical CPUs above the workers' for Ray
+    Data (init_ray)."""
+    if not train.cpus_per_worker:
+        local = not (sweep or train.use_gpu or os.environ.get("RAY_ADDRESS"))
+        train.cpus_per_worker = max(1, local_cores() // max(1, train.num_workers)) if local else 1
+    return train.cpus_per_worker
+
+
 def init_ray(min_cpus: int = 1) -> None:
     """Join ``RAY_ADDRESS`` or start a local Ray (once per process).
 
@@ -433,7 +454,7 @@ def init_ray(min_cpus: int = 1) -> None:
         # holding every CPU would starve their own input. Never more than the cores + 2:
         # a request for more workers than this machine can run is refused (check_fits),
         # not granted as an oversubscribed local cluster.
-        cores = os.cpu_count() or 1
+        cores = local_cores()
         _start_local_ray(max(cores, min(min_cpus, cores) + 2))
     ray.data.DataContext.get_current().enable_progress_bars = False
     console.attach_ray()  # worker output through our router: our lines shown, Ray's to the run's log

@@ -116,7 +116,10 @@ class TrainConfig:
     max_preemption_failures: int = -1  # node drains (spot reclaims) to resume from; -1 = always
     preemption_check_s: float = 1.0  # seconds between the workers' looks for a drain notice
     use_gpu: bool = False
-    cpus_per_worker: int = 1
+    # CPUs a worker holds, and its torch threads; 0 = auto: the local machine's cores shared
+    # among the workers when pipeline starts its own Ray for one run, else 1 (a cluster's jobs,
+    # sweeps' trials and GPU workers): set it for the nodes of a cluster.
+    cpus_per_worker: int = 0
     gpus_per_worker: float = 1.0  # < 1 lets small models share a GPU (e.g. sweep trials)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     max_epochs: int = 20
@@ -554,7 +557,7 @@ RANGES: dict[str, Rule] = {
     "model.dropout": _fraction(),
     "model.cnn_channels": _at_least(1),
     "train.num_workers": _at_least(1),
-    "train.cpus_per_worker": _at_least(1),
+    "train.cpus_per_worker": _at_least(0),  # 0 = auto
     "train.gpus_per_worker": (_gpu_share, "in (0, 1] or a whole number (2, 3, ...)"),
     "train.max_epochs": _at_least(1),
     "tracking.system_metrics_s": _at_least(0),  # 0 = off

@@ -27,9 +27,9 @@ def check_data(cfg: Config) -> str:
 def check_ray(cfg: Config) -> str:
     import ray
 
-    from .cluster import init_ray
+    from .cluster import init_ray, resolve_worker_cpus
 
-    init_ray(cfg.train.num_workers * cfg.train.cpus_per_worker)
+    init_ray(cfg.train.num_workers * resolve_worker_cpus(cfg.train))
     res = ray.cluster_resources()
     cpus, gpus, nodes = res.get("CPU", 0), res.get("GPU", 0), len([n for n in ray.nodes() if n["Alive"]])
     t = cfg.train

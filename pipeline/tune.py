@@ -19,6 +19,7 @@ from typing import Any
 import ray
 
 from . import console, tracking
+from .cluster import resolve_worker_cpus
 from .config import Config, ConfigError, set_key, validate
 from .evaluation import test_and_log
 from .lock import hold_named
@@ -87,7 +88,7 @@ def concurrent_trials(cfg: Config, now: dict[str, float] | None = None, most: di
     most = autoscaler_max_resources() if most is None else most
     res = {k: max(now.get(k, 0.0), most.get(k, 0.0)) for k in set(now) | set(most)}
     t = cfg.train
-    n = int((res.get("CPU", 1) - 1) // (t.num_workers * t.cpus_per_worker + TRIAL_DRIVER_CPU))
+    n = int((res.get("CPU", 1) - 1) // (t.num_workers * resolve_worker_cpus(t, sweep=True) + TRIAL_DRIVER_CPU))
     if t.use_gpu and res.get("GPU", 0) > 0:  # no GPU known at all: the CPUs decide, trials wait for GPUs
         n = min(n, int(res["GPU"] // (t.num_workers * t.gpus_per_worker)))
     return max(1, n)
@@ -129,7 +130,7 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
         )
     sweep = tc.name or f"sweep-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     with console.capture(console.log_file(f"{cfg.train.storage_path}/{sweep}"), sweep=True):
-        prep = prepare(cfg)
+        prep = prepare(cfg, sweep=True)
         lock = hold_named(f"{prep.storage}/{sweep}", "tune.name", sweep, "pipeline tune")
         try:
             return _run_sweep(cfg, prep, sweep)

@@ -77,7 +77,7 @@ BAD_VALUES = {
     "model.dropout": 1.0,
     "model.cnn_channels": 0,
     "train.num_workers": 0,
-    "train.cpus_per_worker": 0,
+    "train.cpus_per_worker": -1,
     "train.gpus_per_worker": 1.5,
     "train.max_epochs": 0,
     "train.max_minutes": -1.0,

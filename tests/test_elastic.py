@@ -26,7 +26,9 @@ def test_scaling_is_fixed_by_default_and_elastic_with_min_workers():
     fixed = scaling_config(load_config(["train.num_workers=3"]).train)
     assert fixed.num_workers == 3 and fixed.min_workers == fixed.max_workers == 3
     elastic = scaling_config(
-        load_config(["train.num_workers=3", "train.min_workers=1", "train.resize_interval_s=5"]).train
+        load_config(
+            ["train.num_workers=3", "train.min_workers=1", "train.resize_interval_s=5", "train.cpus_per_worker=1"]
+        ).train
     )
     assert elastic.num_workers == (1, 3) and (elastic.min_workers, elastic.max_workers) == (1, 3)
     assert elastic.elastic_resize_monitor_interval_s == 5

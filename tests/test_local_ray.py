@@ -139,3 +139,33 @@ def test_a_small_split_is_read_into_memory_once_and_a_large_one_streams(ray_sess
         ds = split_dataset(str(tmp_path), "train", 2000, TrainConfig(num_workers=2, in_memory_mb=mib))
         assert isinstance(ds, MaterializedDataset) is materialized, mib
         assert sorted(r["id"] for r in ds.select_columns(["id"]).take_all()) == list(range(2000))
+
+
+def test_auto_cpus_per_worker_shares_the_local_cores_and_is_one_elsewhere(monkeypatch):
+    """train.cpus_per_worker=0 (the default): on the local Ray of one run the cores are shared
+    among the workers (1 worker on 2 cores had 1 thread: 0.54x a bare loop on both); a job on a
+    cluster, a sweep's trials and GPU workers hold 1; a value set is kept everywhere."""
+    from pipeline import cluster
+    from pipeline.config import TrainConfig
+    from pipeline.tune import concurrent_trials
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+    def cpus(cores: int, sweep: bool = False, **train) -> int:
+        monkeypatch.setattr(cluster, "local_cores", lambda: cores)
+        t = TrainConfig(**train)
+        got = cluster.resolve_worker_cpus(t, sweep=sweep)
+        assert t.cpus_per_worker == got  # resolved in the config: MLflow's params and the workers see it
+        return got
+
+    assert TrainConfig().cpus_per_worker == 0
+    assert [cpus(2, num_workers=1), cpus(2, num_workers=2), cpus(2, num_workers=3)] == [2, 1, 1]
+    assert [cpus(16, num_workers=4), cpus(16, num_workers=3), cpus(16, num_workers=1, min_workers=1)] == [4, 5, 16]
+    assert cpus(16, num_workers=2, use_gpu=True) == 1
+    assert cpus(16, sweep=True, num_workers=1) == 1
+    assert cpus(2, num_workers=1, cpus_per_worker=3) == 3 and cpus(2, sweep=True, cpus_per_worker=2) == 2
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert cpus(16, num_workers=2) == 1
+    # A sweep's concurrency counts its trials' resolved CPUs: 1 per worker with auto.
+    sweep = load_config(["train.num_workers=1", "tune.max_concurrent_trials=0"])
+    assert concurrent_trials(sweep, now={"CPU": 9.0}, most={}) == 7  # (9 - 1) // (1 x 1 + 0.01 driver)

@@ -19,7 +19,7 @@ import fsspec
 import ray
 
 from .. import console, tracking
-from ..cluster import check_fits, check_multi_node, init_ray, storage_uri
+from ..cluster import check_fits, check_multi_node, init_ray, resolve_worker_cpus, storage_uri
 from ..config import Config, ConfigError
 from ..data.output import read_tokenizers
 from ..data.tokenizer import Vocab
@@ -93,13 +93,13 @@ class Prepared:
     context: dict[str, str] | None = None
 
 
-def prepare(cfg: Config) -> Prepared:
+def prepare(cfg: Config, sweep: bool = False) -> Prepared:
     """Checks and preprocessing shared by a training run and every trial of a sweep."""
     t = cfg.train
     uri, experiment = tracking.resolve(cfg.tracking)
     tracking.check_reachable(uri)
     storage = storage_uri(t.storage_path)
-    init_ray(t.num_workers * t.cpus_per_worker)
+    init_ray(t.num_workers * resolve_worker_cpus(t, sweep))
     check_fits(t)  # before preprocessing: minutes of it would be wasted
     check_multi_node(storage, cfg.data.output_dir, uri)
     task = task_for(cfg)
@@ -188,7 +188,7 @@ def scaling_config(t: Any) -> Any:
         elastic_resize_monitor_interval_s=t.resize_interval_s,
         use_gpu=t.use_gpu,
         placement_strategy=t.placement_strategy,
-        resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})},
+        resources_per_worker={"CPU": resolve_worker_cpus(t), **({"GPU": t.gpus_per_worker} if t.use_gpu else {})},
     )
 
 
