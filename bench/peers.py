@@ -90,6 +90,11 @@ def raw_text(multi30k: Path, work: Path) -> dict[str, dict[str, Path]]:
     return out
 
 
+def quiet(cmd: list[str], **kw) -> None:
+    """One of the peer's own commands, its output (its log has it) not on our console."""
+    subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)
+
+
 def peer_python(bin_dir: Path, code: str, *args: str) -> None:
     subprocess.run([str(bin_dir / "python"), "-c", code, *args], check=True)
 
@@ -201,11 +206,9 @@ def run_peer(bin_dir: Path, work: Path, text: dict, spm_model: Path, name: str, 
     say(f"OpenNMT-py {name} (input_feed={int(feed)}): training for {args.minutes:g} minutes")
     t0 = time.time()
     try:
-        subprocess.run(
+        quiet(
             [str(bin_dir / "onmt_train"), "-config", str(conf)],
             timeout=args.minutes * 60,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
         )
     except subprocess.TimeoutExpired:
         pass  # its budget: subprocess.run has killed it
@@ -219,13 +222,11 @@ def run_peer(bin_dir: Path, work: Path, text: dict, spm_model: Path, name: str, 
     peer_python(bin_dir, SPM_ENCODE, str(spm_model), str(text["test"]["en"]), str(src_sp))
     env = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}  # the peer's own pickled checkpoints only
     t1 = time.time()
-    subprocess.run(
+    quiet(
         [str(bin_dir / "onmt_translate"), "-model", str(ckpt), "-src", str(src_sp), "-output", str(out_sp)]
         + ["-beam_size", "4", "-batch_size", "32", "-batch_type", "sents", "-max_length", "100"],
         env=env,
         check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
     )
     decode_s = time.time() - t1
     peer_python(bin_dir, SPM_DECODE, str(spm_model), str(out_sp), str(out))
@@ -315,11 +316,9 @@ def main() -> None:
             say("training OpenNMT-py's joint SentencePiece BPE (8,000) on the training split")
             peer_python(bin_dir, SPM_TRAIN, str(text["train"]["en"]), str(text["train"]["de"]), str(spm_model)[:-6])
         conf = peer_config(work, text, spm_model, "vocab", True, args.save_steps)
-        subprocess.run(
+        quiet(
             [str(bin_dir / "onmt_build_vocab"), "-config", str(conf), "-n_sample", "-1"],
             check=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
         )
         for name in ("feed", "nofeed"):
             if name in runs:

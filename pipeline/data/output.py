@@ -243,11 +243,13 @@ def demo_folder(
             for e in others:  # the folder is the generator's: none of its old files outlives the new corpus
                 fs.rm(f"{p}/{e}", recursive=True)
         fs.makedirs(p, exist_ok=True)
-        _write_json_atomic(
-            marker, {"generator": what, "params": params, "complete": False}
-        )  # a crash from here leaves it ours
+
+        def mark(complete: bool) -> None:
+            _write_json_atomic(marker, {"generator": what, "params": params, "complete": complete})
+
+        mark(False)  # a crash from here leaves the folder ours
         generate()
-        _write_json_atomic(marker, {"generator": what, "params": params, "complete": True})
+        mark(True)
 
 
 SPLITS = ("train", "val", "test")
