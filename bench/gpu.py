@@ -40,7 +40,7 @@ from pipeline.config import ModelConfig, TrainConfig  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 from pipeline.models.flops import peak_tflops, step_precision  # noqa: E402
 from pipeline.train.batching import collate  # noqa: E402
-from pipeline.train.trainer import AMP_DTYPES, Trainer, batch_flops  # noqa: E402
+from pipeline.train.trainer import AMP_DTYPES, Trainer, batch_flops, cpu_has_bf16  # noqa: E402
 
 # Bare-loop figures on one H100 (issue 15), target tokens/s, and the aims for our step.
 H100_BARE_ANCHORS = {"fp32": 386_000, "bf16": 514_000, "fp16": 466_000, "input_feeding": 59_000}
@@ -135,6 +135,9 @@ def part_a(device: torch.device, shape: dict, warmup: int, steps: int, rounds: i
         amp = AMP_DTYPES[dt]
         if amp is torch.float16 and device.type != "cuda":
             out["dtypes"][dt] = {"skipped": "fp16 needs a GPU (PyTorch's CPU LSTM has no fp16 kernel)"}
+            continue
+        if amp is torch.bfloat16 and device.type == "cpu" and not cpu_has_bf16():
+            out["dtypes"][dt] = {"skipped": "bf16 on this CPU: no AVX512-BF16 or AMX (oneDNN has no bf16 LSTM)"}
             continue
         best = best_step_s(cfg, shape, dt, device, {"ours": ours_batches, "bare": bare_batches}, warmup, steps, rounds)
         peak = peak_tflops(name, step_precision(amp)) if device.type == "cuda" else None

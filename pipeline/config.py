@@ -141,7 +141,7 @@ class TrainConfig:
     ddp_bucket_mb: int = 25  # DDP gradient bucket size: fewer, larger allreduces vs earlier overlap
     label_smoothing: float = 0.1
     # Autocast precision: auto = bf16 on GPUs that have it (no GradScaler), else fp16 (with a
-    # GradScaler); fp32 on CPU. bf16 also runs on CPU; fp16 needs a GPU.
+    # GradScaler); on CPU bf16 where it has AVX512-BF16 or AMX, else fp32. fp16 needs a GPU.
     amp_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     eval_every: int = 0  # steps between validations; 0 = once per epoch
     eval_beam_size: int = 1

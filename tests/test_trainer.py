@@ -24,11 +24,16 @@ from test_golden import (
 from pipeline.config import TrainConfig
 from pipeline.data.tokenizer import Vocab
 from pipeline.tasks import TranslationTask
-from pipeline.train.trainer import Trainer, TrainState, load_scaler_state, resolve_amp_dtype
+from pipeline.train.trainer import Trainer, TrainState, cpu_has_bf16, load_scaler_state, resolve_amp_dtype
 
 CPU = torch.device("cpu")
 GOLDEN_TRAIN = TrainConfig(
-    lr=LR, weight_decay=WEIGHT_DECAY, warmup_steps=WARMUP, clip_norm=CLIP_NORM, label_smoothing=LABEL_SMOOTHING
+    lr=LR,
+    weight_decay=WEIGHT_DECAY,
+    warmup_steps=WARMUP,
+    clip_norm=CLIP_NORM,
+    label_smoothing=LABEL_SMOOTHING,
+    amp_dtype="fp32",  # the golden step is plain fp32
 )
 
 
@@ -135,14 +140,28 @@ def test_the_step_leaves_its_loss_on_the_device_unread():
     assert float(loss) / b.real_tokens == pytest.approx(train_steps(text_model(), b, 1)[0], rel=1e-6)
 
 
-def test_amp_dtype_resolves_per_device_and_only_fp16_gets_a_grad_scaler():
-    assert resolve_amp_dtype("auto", CPU) is None and resolve_amp_dtype("fp32", CPU) is None
-    assert resolve_amp_dtype("bf16", CPU) is torch.bfloat16
+def test_amp_dtype_resolves_per_device_and_only_fp16_gets_a_grad_scaler(monkeypatch):
+    assert resolve_amp_dtype("fp32", CPU) is None
+    # auto on CPU: bf16 where the CPU has it in hardware (AVX512-BF16 or AMX), else fp32.
+    assert resolve_amp_dtype("auto", CPU) is (torch.bfloat16 if cpu_has_bf16() else None)
+    for avx512_bf16, amx, want in ((False, False, None), (True, False, torch.bfloat16), (False, True, torch.bfloat16)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert resolve_amp_dtype("auto", CPU) is want
+        if want is None:  # without them oneDNN has no bf16 LSTM: refused, not a crash in _VF.lstm
+            with pytest.raises(ValueError, match=r"bf16 on CPU needs AVX512-BF16 or AMX, which this CPU \(\w+\) lacks"):
+                resolve_amp_dtype("bf16", CPU)
+        else:
+            assert resolve_amp_dtype("bf16", CPU) is torch.bfloat16
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="train.amp_dtype=fp16 needs a GPU"):
         resolve_amp_dtype("fp16", CPU)
+    assert trainer().precision == "fp32"
+    if not cpu_has_bf16():
+        return  # the bf16 step itself needs the hardware (above: refused without it)
     b = text_batch()
     bf16 = Trainer(text_model(), dataclasses.replace(GOLDEN_TRAIN, amp_dtype="bf16"), CPU)
-    assert bf16.amp_dtype is torch.bfloat16 and not bf16.scaler.is_enabled()
+    assert bf16.amp_dtype is torch.bfloat16 and bf16.precision == "bf16" and not bf16.scaler.is_enabled()
     fp32, ours = float(trainer().step([b])), float(bf16.step([b]))
     assert ours != fp32 and ours == pytest.approx(fp32, rel=0.05)  # bf16 autocast ran, and trains the same
 

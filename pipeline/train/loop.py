@@ -233,7 +233,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         # logger asks MLflow for those steps when it answers (maybe after an outage).
         logger.skip_logged_steps()
         logger.set_tags(
-            {"ray.worker_nodes": ",".join(sorted(set(nodes))), "ray.num_worker_nodes": str(len(set(nodes)))}
+            {
+                "ray.worker_nodes": ",".join(sorted(set(nodes))),
+                "ray.num_worker_nodes": str(len(set(nodes))),
+                "pipeline.precision": trainer.precision,  # train.amp_dtype, auto resolved
+            }
         )
         if ckpt:
             logger.set_tags({"pipeline.resumed_from_step": str(state.step)})
