@@ -5,8 +5,8 @@ each group (``data``, ``model``, ``train``, ``tracking``, ``tune``); the command
 can pick another option (``data=multi30k`` loads ``conf/data/multi30k.yaml``) and set
 any key (``model.hidden_size=512``). The dataclasses below hold every default; an
 option's YAML holds only what it changes from them (the default options are empty).
-Settings across groups are a recipe (``conf/recipe/``, ``recipe=demo_video``), which
-a data option may name as its default (``defaults: {recipe: demo_video}``); see
+Settings across groups are a recipe (``conf/recipe/``, ``recipe=video``), which
+a data option may name as its default (``defaults: {recipe: video}``); see
 :func:`compose` for the order. Everything is validated once, here: an unknown key
 or a value of the wrong type raises :class:`ConfigError` naming the key and what
 would have been valid.
@@ -122,7 +122,7 @@ class TrainConfig:
     cpus_per_worker: int = 0
     gpus_per_worker: float = 1.0  # < 1 lets small models share a GPU (e.g. sweep trials)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    max_epochs: int = 20
+    max_epochs: int = 20  # 0 = from the corpus: epochs enough to see 360,000 examples, 20-300
     max_minutes: float = 0.0  # wall-clock budget for training; 0 = none
     max_failures: int = 0
     run_name: str = ""  # "" = a fresh timestamped name; the same name resumes
@@ -130,6 +130,7 @@ class TrainConfig:
     seed: int = 0
     # Target tokens per worker per micro-batch at num_workers workers (an elastic run at fewer
     # takes more micro-batches, so the global batch stays the same): tuned on the demo corpus (bench/README.md, "Defaults").
+    # 0 = from the corpus: an epoch of 33 full batches, 200-1500 tokens (the video recipe's choice).
     batch_tokens: int = 1500
     sort_window: int = 64  # batches per length-sorted mega-batch
     lr: float = 0.003
@@ -425,7 +426,7 @@ class Composition:
     not_over: list[str]  # groups whose option the command line picked: the recipe leaves them alone
 
     def summary(self) -> str:
-        """One line, e.g. ``data=demo_video model=small ... recipe=demo_video (named by
+        """One line, e.g. ``data=demo_video model=small ... recipe=video (named by
         data=demo_video; not over model=small)``."""
         line = " ".join(f"{g}={o}" for g, o in self.choices.items())
         recipe = self.choices.get(RECIPE)
@@ -559,7 +560,7 @@ RANGES: dict[str, Rule] = {
     "train.num_workers": _at_least(1),
     "train.cpus_per_worker": _at_least(0),  # 0 = auto
     "train.gpus_per_worker": (_gpu_share, "in (0, 1] or a whole number (2, 3, ...)"),
-    "train.max_epochs": _at_least(1),
+    "train.max_epochs": (lambda v: v >= 0, ">= 1, or 0 (from the corpus's size)"),
     "tracking.system_metrics_s": _at_least(0),  # 0 = off
     "train.max_minutes": _at_least(0),  # 0 = no budget
     "train.max_failures": (lambda v: v >= -1, ">= -1 (-1 = retry forever)"),
@@ -568,7 +569,7 @@ RANGES: dict[str, Rule] = {
     "train.max_preemption_failures": (lambda v: v >= -1, ">= -1 (-1 = retry forever)"),
     "train.preemption_check_s": _above(0),
     "train.seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),  # numpy and torch both take it
-    "train.batch_tokens": _at_least(16),
+    "train.batch_tokens": (lambda v: v == 0 or v >= 16, ">= 16, or 0 (from the corpus's size)"),
     "train.sort_window": _at_least(1),
     "train.lr": _above(0),
     "train.weight_decay": _at_least(0),

@@ -90,3 +90,48 @@ def test_caption_batches_encode_each_clip_once_and_see_every_pair_once():
     skip = np.array(sorted(want)[::4])
     rest = [i for b in caption_batches(iter([r]), 300, 0, 2, 3, skip=skip) for i in b.ids.tolist()]
     assert sorted(rest) == sorted(want - set(skip.tolist()))
+
+
+def _write_split(folder, table, shards=2):
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True)
+    step = -(-table.num_rows // shards)
+    for i in range(shards):
+        pq.write_table(table.slice(i * step, step), folder / f"part-{i}.parquet")
+
+
+def test_target_tokens_count_every_target_and_its_end_token(tmp_path):
+    import pyarrow as pa
+
+    from pipeline.tasks import CaptioningTask, TranslationTask
+
+    lens = np.arange(1, 11, dtype=np.int32)  # 55 tokens in 10 targets
+    _write_split(tmp_path / "text" / "train", pa.table({"id": np.arange(10), "tgt_len": lens}))
+    assert TranslationTask().target_tokens(str(tmp_path / "text")) == 55 + 10
+    caps = [[[5, 6, 7], [8]], [[9, 9]], [[4] * 6, [4], [4, 4]]]  # 3 videos, 6 captions, 15 tokens
+    _write_split(tmp_path / "video" / "train", pa.table({"id": [0, 1, 2], "caption_ids": caps}))
+    assert CaptioningTask().target_tokens(str(tmp_path / "video")) == 15 + 6
+
+
+def test_batch_tokens_and_max_epochs_zero_are_sized_from_the_corpus(capsys):
+    from pipeline.config import TrainConfig
+    from pipeline.train.run import resolve_from_corpus
+
+    def auto(tokens, pairs=6000, **kw):
+        t = TrainConfig(**{"batch_tokens": 0, "max_epochs": 0, **kw})
+        resolve_from_corpus(t, tokens, pairs)
+        return t.batch_tokens, t.max_epochs
+
+    assert auto(52_800) == (800, 60)  # the demo video corpus: what its recipe was tuned at
+    out = capsys.readouterr().out
+    assert "train.batch_tokens=0 (from the corpus): 800, for 52,800 target tokens in the training split: 33" in out
+    assert "train.max_epochs=0 (from the corpus): 60, for 6,000 training examples" in out
+    assert auto(29_400, 3000) == (450, 120)  # 600 clips: smaller batches, more epochs
+    assert auto(52_800, accumulate=2) == (400, 60)
+    assert auto(52_800, num_workers=1) == (1500, 60)  # 1600, above the most
+    assert auto(5_000_000, 400_000) == (1500, 20)  # a large corpus: the text default, the fewest epochs
+    assert auto(2_000, 200) == (200, 300)  # a tiny one: still whole captions, the most epochs
+    t, _ = TrainConfig(batch_tokens=800, max_epochs=7), capsys.readouterr()
+    resolve_from_corpus(t, 29_400, 3000)
+    assert (t.batch_tokens, t.max_epochs) == (800, 7) and capsys.readouterr().out == ""  # numbers are kept

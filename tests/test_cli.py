@@ -158,7 +158,7 @@ def test_config_names_the_options_and_the_recipe():
     first = p.stdout.splitlines()[0]
     assert first == (
         "# options: data=demo_video model=small train=default tracking=default tune=default "
-        "recipe=demo_video (named by data=demo_video; not over model=small)"
+        "recipe=video (named by data=demo_video; not over model=small)"
     )
     cfg = yaml.safe_load(p.stdout)
-    assert cfg["model"]["hidden_size"] == 128 and cfg["train"]["batch_tokens"] == 800
+    assert cfg["model"]["hidden_size"] == 128 and cfg["train"]["batch_tokens"] == 0

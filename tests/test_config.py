@@ -79,7 +79,7 @@ BAD_VALUES = {
     "train.num_workers": 0,
     "train.cpus_per_worker": -1,
     "train.gpus_per_worker": 1.5,
-    "train.max_epochs": 0,
+    "train.max_epochs": -1,  # 0 = from the corpus
     "train.max_minutes": -1.0,
     "tracking.system_metrics_s": -1.0,
     "train.max_failures": -2,
@@ -88,7 +88,7 @@ BAD_VALUES = {
     "train.max_preemption_failures": -2,
     "train.preemption_check_s": 0.0,
     "train.seed": -1,
-    "train.batch_tokens": 15,
+    "train.batch_tokens": 15,  # 0 = from the corpus
     "train.sort_window": 0,
     "train.lr": 0.0,
     "train.weight_decay": -0.1,
@@ -299,18 +299,23 @@ def test_every_recipe_loads(opt):
 # Recipes: settings across groups, named by a data option, never over an option the user picked.
 
 
-def test_data_demo_video_brings_its_recipe():
+@pytest.mark.parametrize("data", ["demo_video", "msrvtt", "msvd", "video_features"])
+def test_every_video_data_option_brings_the_video_recipe(data):
     from pipeline.config import compose, read_recipe
 
-    cfg, how = compose(["data=demo_video"])
-    assert how.choices["recipe"] == "demo_video" and how.recipe_from == "data=demo_video"
-    assert "recipe=demo_video (named by data=demo_video)" in how.summary()
-    for dotted, value in read_recipe("demo_video"):
+    need = ["data.files=f/*.npy", "data.captions_file=c.txt"] if data == "video_features" else []
+    cfg, how = compose([f"data={data}", *need])
+    assert how.choices["recipe"] == "video" and how.recipe_from == f"data={data}"
+    assert f"recipe=video (named by data={data})" in how.summary()
+    for dotted, value in read_recipe("video"):
         group, key = dotted.split(".")
         assert getattr(getattr(cfg, group), key) == value
-    assert (cfg.model.num_layers, cfg.train.batch_tokens, cfg.train.lr, cfg.train.log_samples) == (1, 800, 0.001, 6)
-    assert cfg.data.name == "demo_video" and cfg.data.vocab_size == 200
-    assert load_config(["data=demo_video", "recipe=demo_video"]) == cfg
+    # batch_tokens 0: sized from the corpus when the run starts (the demo's gets 800).
+    assert (cfg.model.num_layers, cfg.train.batch_tokens, cfg.train.lr, cfg.train.log_samples) == (1, 0, 0.001, 6)
+    assert cfg.data.name == data
+    assert load_config([f"data={data}", *need, "recipe=video"]) == cfg
+    assert load_config([f"data={data}", *need, "recipe=none"]).train == Config().train
+    assert load_config(["data=demo_video"]).data.vocab_size == 200
 
 
 def test_recipe_none_turns_it_off():
@@ -337,12 +342,12 @@ def test_a_picked_model_or_train_option_wins_over_the_recipe():
 
 def test_key_overrides_win_over_the_recipe():
     cfg = load_config(["data=demo_video", "train.lr=0.01", "model.num_layers=3"])
-    assert cfg.train.lr == 0.01 and cfg.model.num_layers == 3 and cfg.train.batch_tokens == 800
+    assert cfg.train.lr == 0.01 and cfg.model.num_layers == 3 and cfg.train.batch_tokens == 0
 
 
 def test_a_recipe_can_be_picked_for_any_data():
-    cfg = load_config(["recipe=demo_video"])
-    assert cfg.data == Config().data and cfg.model.num_layers == 1 and cfg.train.batch_tokens == 800
+    cfg = load_config(["recipe=video"])
+    assert cfg.data == Config().data and cfg.model.num_layers == 1 and cfg.train.batch_tokens == 0
 
 
 def test_an_option_setting_other_groups_keys_is_refused(tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ from pipeline.data.synthetic_video import (
     ATTRIBUTE_WORDS,
     COLOURS,
     DIRECTIONS,
+    NOISE,
     SHAPES,
     SIZES,
     TEMPLATES,
@@ -218,3 +219,72 @@ def test_bad_arguments_are_rejected(tmp_path):
         write_demo_video(str(tmp_path), 1, 1, 1, size=65)
     with pytest.raises(ValueError, match="direction"):
         render_clip("circle", "red", "small", "sideways")
+
+
+# The second generator (style "noise"): other shapes, colours, sizes, words, templates, frame
+# counts and sizes, on fresh noise every frame; for checking what carries beyond the demo.
+N_SIZE, N_FRAMES = 48, 12
+
+
+@pytest.fixture(scope="module")
+def noise(tmp_path_factory):
+    root = tmp_path_factory.mktemp("noise")
+    summary = write_demo_video(str(root), 10, 3, 3, seed=7, size=N_SIZE, num_frames=N_FRAMES, fps=6, style="noise")
+    doc = json.loads((root / "train_val_videodatainfo.json").read_text())
+    caps: dict[str, list[str]] = {}
+    for s in doc["sentences"]:
+        caps.setdefault(s["video_id"], []).append(s["caption"])
+    return root, summary, doc, caps
+
+
+def test_noise_style_captions_name_its_own_attributes(noise):
+    root, summary, doc, caps = noise
+    assert summary["clips"] == 16 and summary["captions"] == 80
+    assert "(noise)" in doc["info"]["generator"] and "style noise" in (root / "README.md").read_text()
+    for cs in caps.values():
+        parsed = [parse_caption(c, "noise") for c in cs]
+        assert all(set(p) == {"size", "colour", "shape", "direction"} for p in parsed), cs
+        assert all(p == parsed[0] for p in parsed), cs
+        assert parsed[0]["shape"] in NOISE.shapes and parsed[0]["size"] in NOISE.sizes
+    words = {w for cs in caps.values() for c in cs for w in c.split()}
+    assert words <= caption_vocabulary("noise")
+    # A vocabulary of its own: most of its words are not the demo's.
+    assert len(caption_vocabulary("noise") - caption_vocabulary()) >= 20
+    assert len(NOISE.templates) != len(TEMPLATES) and not set(NOISE.templates) & set(TEMPLATES)
+
+
+def test_noise_style_background_changes_every_frame_and_the_object_moves(noise):
+    root, _, _, caps = noise
+    for vid, cs in caps.items():
+        attrs = parse_caption(cs[0], "noise")
+        frames = _decode(root / "videos" / f"{vid}.mp4").astype(np.float64)
+        assert frames.shape == (N_FRAMES, N_SIZE, N_SIZE, 3)
+        close = np.linalg.norm(frames - np.array(NOISE.colours[attrs["colour"]]), axis=-1) < 60
+        assert close.sum(axis=(1, 2)).min() >= 6, vid  # the object is visible in every frame
+        ys, xs = np.mgrid[0:N_SIZE, 0:N_SIZE]
+        centroid = np.stack([(close * xs).sum((1, 2)), (close * ys).sum((1, 2))], 1) / close.sum((1, 2))[:, None]
+        dx, dy = centroid[-2:].mean(0) - centroid[:2].mean(0)
+        ux, uy = DIRECTIONS[attrs["direction"]]
+        along, across = (dx, dy) if ux else (dy, dx)
+        assert along * (ux + uy) > 0.15 * N_SIZE and abs(across) < 3, (vid, attrs, dx, dy)
+    # Far from the object, consecutive frames differ (fresh noise); the demo's background does not.
+    still = render_clip("ring", "cyan", "small", "up", frame_size=N_SIZE, num_frames=4, seed=1, style="noise")
+    corner = still[:, :4, :4].astype(int)
+    assert np.abs(np.diff(corner, axis=0)).mean() > 10
+    demo = render_clip("circle", "red", "small", "up", frame_size=N_SIZE, num_frames=4, seed=1).astype(int)
+    assert np.abs(np.diff(demo[:, :4, :4], axis=0)).max() == 0
+
+
+def test_noise_style_is_balanced_deterministic_and_checks_its_values():
+    everything = len(NOISE.shapes) * len(NOISE.colours) * len(NOISE.sizes) * len(DIRECTIONS)
+    specs = clip_specs(everything, 0, 0, seed=5, style="noise")
+    assert {(s.shape, s.colour, s.size, s.direction) for s in specs} == set(itertools.product(*NOISE.values))
+    assert specs == clip_specs(everything, 0, 0, seed=5, style="noise")
+    assert [s.shape for s in specs[:20]] != [s.shape for s in clip_specs(20, 0, 0, seed=5)]
+    a = render_clip("cross", "orange", "medium", "left", frame_size=N_SIZE, num_frames=N_FRAMES, seed=3, style=NOISE)
+    b = render_clip("cross", "orange", "medium", "left", frame_size=N_SIZE, num_frames=N_FRAMES, seed=3, style="noise")
+    assert np.array_equal(a, b)
+    with pytest.raises(ValueError, match="style noise"):
+        render_clip("diamond", "red", "small", "up", style="noise")  # a demo shape
+    with pytest.raises(ValueError, match="style must be one of demo, noise"):
+        write_demo_video("unused", 1, 1, 1, style="fog")

@@ -280,6 +280,18 @@ def output_dir(cfg: DataConfig, inputs: list[dict[str, Any]]) -> str:
     return f"{base.rstrip('/')}/{cfg.name}-{cfg.src_lang}-{cfg.tgt_lang}-{h}"
 
 
+def read_column(split_dir: str, column: str) -> pa.ChunkedArray:
+    """One column of a split's Parquet shards (only that column's pages are read)."""
+    import pyarrow.parquet as pq
+
+    fs, root = fsspec.core.url_to_fs(split_dir)
+    chunks = []
+    for f in sorted(f for f in fs.find(root) if f.endswith(".parquet")):
+        with fs.open(f, "rb") as fh:
+            chunks.extend(pq.read_table(fh, columns=[column]).column(column).chunks)
+    return pa.chunked_array(chunks) if chunks else pa.chunked_array([], pa.int32())
+
+
 def read_tokenizers(out: str) -> tuple[str, str]:
     texts = []
     for side in ("src", "tgt"):

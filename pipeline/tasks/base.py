@@ -52,6 +52,16 @@ class Task:
         """What :meth:`model_input` put into the vocabulary, for ``build_model`` (None: tokens)."""
         return None
 
+    def target_tokens(self, data_dir: str) -> int:
+        """Target tokens of the training split, each target with its end token: what
+        ``train.batch_tokens=0`` sizes the batches from."""
+        import pyarrow.compute as pc
+
+        from ..data.output import read_column
+
+        lengths = read_column(f"{data_dir}/train", "tgt_len")
+        return int(pc.sum(lengths).as_py() or 0) + len(lengths)
+
     def split_rows(self, split: dict[str, Any]) -> int:
         """Rows of a split in its Parquet files (the manifest's counts of that split)."""
         return split["kept"]

@@ -46,6 +46,14 @@ class CaptioningTask(Task):
     def model_input_of(self, vocab: Vocab) -> dict[str, Any] | None:
         return vocab.video  # frames through the CNN, or features through a projection
 
+    def target_tokens(self, data_dir: str) -> int:
+        import pyarrow.compute as pc
+
+        from ..data.output import read_column
+
+        captions = pc.list_flatten(read_column(f"{data_dir}/train", "caption_ids"))  # one entry per caption
+        return int(pc.sum(pc.list_value_length(captions)).as_py() or 0) + len(captions)
+
     def split_rows(self, split: dict[str, Any]) -> int:
         return split["videos"]  # a row is a video with all its captions
 

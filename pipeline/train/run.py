@@ -91,6 +91,8 @@ class Prepared:
     # MLflow's context tags of the process that started the run or sweep (tracking.context_tags);
     # None: those of the process that opens the run.
     context: dict[str, str] | None = None
+    target_tokens: int = 0  # of the training split (train.batch_tokens=0 sizes batches from it)
+    train_pairs: int = 0  # training examples: sentence pairs, (clip, caption) pairs (train.max_epochs=0)
 
 
 def prepare(cfg: Config, sweep: bool = False) -> Prepared:
@@ -106,7 +108,47 @@ def prepare(cfg: Config, sweep: bool = False) -> Prepared:
     data_dir, manifest = task.preprocess(cfg.data)
     src_json, tgt_json = read_tokenizers(data_dir)
     vocab = Vocab.of(manifest, **task.model_input(manifest))
-    return Prepared(uri, experiment, storage, data_dir, manifest, src_json, tgt_json, vocab, tracking.context_tags())
+    tokens, pairs = task.target_tokens(data_dir), manifest["splits"]["train"]["kept"]
+    resolve_from_corpus(t, tokens, pairs)  # here for the sweep's scheduler (max_epochs), again per run
+    return Prepared(
+        uri, experiment, storage, data_dir, manifest, src_json, tgt_json, vocab, tracking.context_tags(), tokens, pairs
+    )
+
+
+AUTO_STEPS_PER_EPOCH = 33  # train.batch_tokens=0: an epoch is this many full batches (more with padding)...
+AUTO_BATCH_TOKENS = (200, 1500)  # ...within these bounds (1500: the default, tuned on the demo text)
+AUTO_EXAMPLES = 360_000  # train.max_epochs=0: epochs to train on this many examples...
+AUTO_EPOCHS = (20, 300)  # ...within these bounds
+
+
+def resolve_from_corpus(t: Any, target_tokens: int, train_pairs: int) -> None:
+    """Set the training keys that are 0 (auto) from the size of the training split.
+
+    ``train.batch_tokens``: an epoch is ``AUTO_STEPS_PER_EPOCH`` full batches at
+    ``num_workers`` workers (a small corpus gets small batches, and steps enough to learn
+    in; a large one the default 1500), so the warmup (in steps) means the same number of
+    epochs on 600 clips as on 6,000. ``train.max_epochs``: epochs enough to train on
+    ``AUTO_EXAMPLES`` examples (a small corpus is read more often). The video recipe asks
+    for both; they were set so that the demo's 1,200 clips (6,000 captions, 52,800 target
+    tokens) get what it was tuned with: 800 tokens and 60 epochs."""
+    if not t.max_epochs:
+        lo, hi = AUTO_EPOCHS
+        t.max_epochs = int(min(hi, max(lo, round(AUTO_EXAMPLES / max(train_pairs, 1)))))
+        print(
+            f"[train] train.max_epochs=0 (from the corpus): {t.max_epochs}, for {train_pairs:,} training "
+            f"examples: {AUTO_EXAMPLES:,} examples seen in all",
+            flush=True,
+        )
+    if not t.batch_tokens:
+        per_batch = target_tokens / (t.num_workers * t.accumulate * AUTO_STEPS_PER_EPOCH)
+        lo, hi = AUTO_BATCH_TOKENS
+        t.batch_tokens = int(min(hi, max(lo, round(per_batch / 50) * 50)))
+        steps = target_tokens / (t.num_workers * t.accumulate * t.batch_tokens)
+        print(
+            f"[train] train.batch_tokens=0 (from the corpus): {t.batch_tokens}, for {target_tokens:,} target "
+            f"tokens in the training split: {steps:.0f} full batches per epoch at {t.num_workers} workers",
+            flush=True,
+        )
 
 
 # Training keys that change what a run learns. The others (budgets, workers and resources,
@@ -213,6 +255,7 @@ def fit_run(
     its searched keys (``tags``, set on a new run)."""
     t = cfg.train
     t.run_name = run_name
+    resolve_from_corpus(t, prep.target_tokens, prep.train_pairs)  # per run: a trial may search num_workers
     run_dir = f"{prep.storage}/{run_name}"
     # A sweep holds its own lock; Tune may restart a trial while the old one winds down.
     lock = None if in_tune else hold_named(run_dir, "train.run_name", run_name, "pipeline train")
