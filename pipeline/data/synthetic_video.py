@@ -17,6 +17,7 @@ on a background of fresh noise in every frame.
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import json
@@ -102,6 +103,7 @@ class Style:
         """The values of shape, colour, size and direction, in that order."""
         return (self.shapes, tuple(self.colours), tuple(self.sizes), tuple(DIRECTIONS))
 
+    @functools.cached_property
     def word_to_value(self) -> dict[str, tuple[str, str]]:
         """Word -> (attribute, value); only words that name a value (not "to", "the", ...)."""
         return {
@@ -350,7 +352,7 @@ def make_captions(spec: ClipSpec, k: int, rng: random.Random | None = None, styl
 
 def parse_caption(caption: str, style: str | Style = "demo") -> dict[str, str]:
     """Attributes a caption names, e.g. {"size": "small", ..., "direction": "left"}."""
-    table = style_of(style).word_to_value()
+    table = style_of(style).word_to_value
     found: dict[str, str] = {}
     for word in caption.lower().split():
         if word in table:

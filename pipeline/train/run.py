@@ -92,7 +92,11 @@ class Prepared:
     # None: those of the process that opens the run.
     context: dict[str, str] | None = None
     target_tokens: int = 0  # of the training split (train.batch_tokens=0 sizes batches from it)
-    train_pairs: int = 0  # training examples: sentence pairs, (clip, caption) pairs (train.max_epochs=0)
+
+    @property
+    def train_pairs(self) -> int:
+        """Training examples: sentence pairs, or (clip, caption) pairs (train.max_epochs=0)."""
+        return self.manifest["splits"]["train"]["kept"]
 
 
 def prepare(cfg: Config, sweep: bool = False) -> Prepared:
@@ -108,11 +112,12 @@ def prepare(cfg: Config, sweep: bool = False) -> Prepared:
     data_dir, manifest = task.preprocess(cfg.data)
     src_json, tgt_json = read_tokenizers(data_dir)
     vocab = Vocab.of(manifest, **task.model_input(manifest))
-    tokens, pairs = task.target_tokens(data_dir), manifest["splits"]["train"]["kept"]
-    resolve_from_corpus(t, tokens, pairs)  # here for the sweep's scheduler (max_epochs), again per run
-    return Prepared(
-        uri, experiment, storage, data_dir, manifest, src_json, tgt_json, vocab, tracking.context_tags(), tokens, pairs
-    )
+    prep = Prepared(
+        uri, experiment, storage, data_dir, manifest, src_json, tgt_json, vocab, tracking.context_tags(),
+        task.target_tokens(data_dir),
+    )  # fmt: skip
+    resolve_from_corpus(t, prep.target_tokens, prep.train_pairs)  # here for the sweep's scheduler, again per run
+    return prep
 
 
 AUTO_STEPS_PER_EPOCH = 33  # train.batch_tokens=0: an epoch is this many full batches (more with padding)...
@@ -140,10 +145,10 @@ def resolve_from_corpus(t: Any, target_tokens: int, train_pairs: int) -> None:
             flush=True,
         )
     if not t.batch_tokens:
-        per_batch = target_tokens / (t.num_workers * t.accumulate * AUTO_STEPS_PER_EPOCH)
+        micro_batches = t.num_workers * t.accumulate  # per step
         lo, hi = AUTO_BATCH_TOKENS
-        t.batch_tokens = int(min(hi, max(lo, round(per_batch / 50) * 50)))
-        steps = target_tokens / (t.num_workers * t.accumulate * t.batch_tokens)
+        t.batch_tokens = int(min(hi, max(lo, round(target_tokens / (micro_batches * AUTO_STEPS_PER_EPOCH) / 50) * 50)))
+        steps = target_tokens / (micro_batches * t.batch_tokens)
         print(
             f"[train] train.batch_tokens=0 (from the corpus): {t.batch_tokens}, for {target_tokens:,} target "
             f"tokens in the training split: {steps:.0f} full batches per epoch at {t.num_workers} workers",
