@@ -13,6 +13,7 @@ import ray
 
 from . import tracking
 from .config import Config
+from .data.output import read_split
 from .inference import BUNDLE_FILES
 from .tasks import Task, task_for
 
@@ -65,27 +66,10 @@ def decode_split(
 
 def _small_split(split_dir: str, columns: Any, max_rows: int) -> dict[str, np.ndarray] | None:
     """A split's ``columns`` as one batch of numpy arrays (as Ray Data hands a map_batches
-    function), if it has at most ``max_rows`` rows (Parquet footers say, before any data is read)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    if max_rows <= 0:
+    function), if it has at most ``max_rows`` rows."""
+    table = read_split(split_dir, list(columns), max_rows) if max_rows > 0 else None
+    if table is None:
         return None
-    fs, root = fsspec.core.url_to_fs(split_dir)
-    files = sorted(f for f in fs.find(root) if f.endswith(".parquet"))
-    rows = 0
-    for f in files:
-        with fs.open(f, "rb") as fh:
-            rows += pq.ParquetFile(fh).metadata.num_rows
-        if rows > max_rows:
-            return None
-    tables = []
-    for f in files:
-        with fs.open(f, "rb") as fh:
-            tables.append(pq.read_table(fh, columns=list(columns)))
-    if not tables:
-        return {c: np.array([], dtype=object) for c in columns}
-    table = pa.concat_tables(tables)
     return {c: table.column(c).to_numpy(zero_copy_only=False) for c in columns}
 
 

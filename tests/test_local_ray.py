@@ -118,9 +118,9 @@ def test_more_workers_than_the_cluster_has_fail_before_preprocessing(ray_session
 
 @pytest.mark.slow
 def test_a_small_split_is_read_into_memory_once_and_a_large_one_streams(ray_session, tmp_path):
-    """train.in_memory_mb: a split at most that size on disk is materialized (epochs and
-    validations then stream from the object store, no read of storage each), a larger one
-    stays a lazy read; every row is there either way."""
+    """train.in_memory_mb: a split at most that size on disk is read by the driver into the
+    object store in blocks (epochs and validations then stream from it, no read of storage
+    each), a larger one stays a lazy read; every row is there either way."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -138,6 +138,8 @@ def test_a_small_split_is_read_into_memory_once_and_a_large_one_streams(ray_sess
     for mib, materialized in ((0, False), (1, False), (4, True)):
         ds = split_dataset(str(tmp_path), "train", 2000, TrainConfig(num_workers=2, in_memory_mb=mib))
         assert isinstance(ds, MaterializedDataset) is materialized, mib
+        if materialized:  # read here, in blocks of rows_per_block(2000, 2) = 125: 16, a share for each worker
+            assert ds.num_blocks() == 16
         assert sorted(r["id"] for r in ds.select_columns(["id"]).take_all()) == list(range(2000))
 
 

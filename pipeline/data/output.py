@@ -280,16 +280,34 @@ def output_dir(cfg: DataConfig, inputs: list[dict[str, Any]]) -> str:
     return f"{base.rstrip('/')}/{cfg.name}-{cfg.src_lang}-{cfg.tgt_lang}-{h}"
 
 
-def read_column(split_dir: str, column: str) -> pa.ChunkedArray:
-    """One column of a split's Parquet shards (only that column's pages are read)."""
+def read_split(
+    split_dir: str, columns: list[str] | None = None, max_rows: int | None = None, filters: list[tuple] | None = None
+) -> pa.Table | None:
+    """A split's Parquet shards as one table of ``columns`` (None: all; only their pages are read), in
+    this process: a Ray Data read of a split this small costs seconds of task start-up for
+    milliseconds of reading. None if the split has more than ``max_rows`` rows (the footers
+    say, before any data is read). ``filters``: pyarrow's, applied as each shard is read."""
     import pyarrow.parquet as pq
 
     fs, root = fsspec.core.url_to_fs(split_dir)
-    chunks = []
-    for f in sorted(f for f in fs.find(root) if f.endswith(".parquet")):
+    files = sorted(f for f in fs.find(root) if f.endswith(".parquet"))
+    if max_rows is not None:
+        rows = 0
+        for f in files:
+            with fs.open(f, "rb") as fh:
+                rows += pq.ParquetFile(fh).metadata.num_rows
+            if rows > max_rows:
+                return None
+    tables = []
+    for f in files:
         with fs.open(f, "rb") as fh:
-            chunks.extend(pq.read_table(fh, columns=[column]).column(column).chunks)
-    return pa.chunked_array(chunks) if chunks else pa.chunked_array([], pa.int32())
+            tables.append(pq.read_table(fh, columns=columns, filters=filters))
+    return pa.concat_tables(tables) if tables else pa.table({c: pa.array([], pa.int32()) for c in columns or []})
+
+
+def read_column(split_dir: str, column: str) -> pa.ChunkedArray:
+    """One column of a split's Parquet shards."""
+    return read_split(split_dir, [column]).column(column)
 
 
 def read_tokenizers(out: str) -> tuple[str, str]:

@@ -115,12 +115,12 @@ class CaptioningTask(Task):
     def model_example(self, cfg: Any, data_dir: str, res: dict[str, list]) -> list[str]:
         """One test clip file (a captioner's input is a clip file's path); none for a model on
         frozen-backbone features (predicting needs the backbone file)."""
-        import ray
+        from ..data.output import read_column
 
         if not res.get("src") or cfg.data.frame_encoder == "frozen":
             return []
-        row = ray.data.read_parquet(f"{data_dir}/test").select_columns(["path"]).take(1)
-        return [row[0]["path"]] if row else []
+        paths = read_column(f"{data_dir}/test", "path")
+        return [paths[0].as_py()] if len(paths) else []
 
     def is_captioning(self) -> bool:
         return True
@@ -254,19 +254,17 @@ def log_contact_sheet(log: Any, data_dir: str, video_ids: list[str], res: dict[s
     import tempfile
 
     import fsspec
-    import ray
-    from ray.data.expressions import col
 
+    from ..data.output import read_split
     from ..data.video import clip_array, decode_clip
     from ..report import contact_sheet
 
-    rows = {
-        r["video_id"]: r
-        for r in ray.data.read_parquet(f"{data_dir}/test")
-        .filter(expr=col("video_id").is_in(video_ids))
-        .select_columns(["video_id", "path", "data", "shape", "dtype"])
-        .take_all()
-    }
+    table = read_split(
+        f"{data_dir}/test",
+        ["video_id", "path", "data", "shape", "dtype"],
+        filters=[("video_id", "in", list(video_ids))],
+    )
+    rows = {r["video_id"]: r for r in table.to_pylist()}
     items = []
     for vid, i in zip(video_ids, picks):
         r = rows[vid]
