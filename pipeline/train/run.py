@@ -62,7 +62,7 @@ def split_dataset(data_dir: str, split: str, rows: int, t: Any) -> ray.data.Data
     most ``train.in_memory_mb`` MiB on storage is read now, by this process, and put into the
     object store (owned by this driver, on its node): each epoch and validation would
     otherwise start a fresh read of storage, and a Ray Data read of a split of a few MiB
-    costs seconds of task start-up (4-7 s here, against 0.1 s read this way). A larger split
+    costs seconds of task start-up (7.9 s against 0.15 s read this way: bench/split_read.py). A larger split
     is a lazy read whose tasks take a quarter CPU: the workers hold whole CPUs, and a sweep's
     trial driver a sliver more, so whole-CPU read tasks could wait forever on a small cluster."""
     path = f"{data_dir}/{split}"
