@@ -3,8 +3,10 @@ resume, the MLflow record, and using the logged model."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import mlflow
 import mlflow.pyfunc
@@ -49,6 +51,7 @@ def trained(ray_session, tmp_path_factory, request):
     # would be: test_no_secret_leaks scans everything the runs wrote for them.
     saved = {k: os.environ.get(k) for k in FAKE_SECRETS}
     os.environ.update(FAKE_SECRETS)
+    sigint_before = signal.getsignal(signal.SIGINT)
     try:
         first = run_training(load_config(overrides))
         steps_first = _metric_steps(uri, first["run_id"], "val_bleu")
@@ -64,7 +67,15 @@ def trained(ray_session, tmp_path_factory, request):
             else:
                 os.environ[k] = v
     output = capfd_text(request)
-    return {"uri": uri, "tmp": tmp, "first": first, "second": second, "steps_first": steps_first, "output": output}
+    return {
+        "uri": uri,
+        "tmp": tmp,
+        "first": first,
+        "second": second,
+        "steps_first": steps_first,
+        "output": output,
+        "sigint": (sigint_before, signal.getsignal(signal.SIGINT)),
+    }
 
 
 FAKE_SECRETS = {
@@ -102,6 +113,24 @@ def test_no_secret_leaks_into_mlflow_checkpoints_or_output(trained):
     params = MlflowClient(trained["uri"]).get_run(trained["first"]["run_id"]).data.params
     assert len(params) > 50  # the scan looked at a store with the run's params in it
     assert params["data.feature_cache"] == "s3://AKIAFAKE:***@bucket/cache?X-Amz-Signature=***"
+
+
+def test_a_finished_run_leaves_no_train_actors_and_ctrl_c_to_the_program(trained):
+    """Ray Train's fit() leaves its SIGINT handler installed, holding the controller's handle:
+    the controller and its data actors outlived the fit (through the test decode and the
+    model's logging, and into the next run), and a Ctrl-C after training went to them."""
+    from ray.util.state import list_actors
+
+    before, after = trained["sigint"]
+    assert after is before, f"SIGINT handler after the runs: {after!r}"
+    deadline = time.time() + 30
+    while True:
+        left = [a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)]
+        left = [n for n in left if n in ("TrainController", "DatasetManager", "SplitCoordinator")]
+        if not left or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert not left, f"still alive after the runs: {left}"
 
 
 def _metric_steps(uri, run_id, key):

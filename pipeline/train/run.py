@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -348,7 +351,8 @@ def _fit_run(
     )
     t0 = time.time()
     try:
-        trainer.fit()
+        with _sigint_restored():
+            trainer.fit()
     except BaseException:
         # A trial that Tune stops (ASHA) lands here too: the sweep driver, which knows
         # stopped from failed, closes its run; a plain run failed.
@@ -382,6 +386,22 @@ def _fit_run(
     log.end_run("FINISHED")
     results["unsent_records"] = close_logger(log)
     return results
+
+
+@contextmanager
+def _sigint_restored():
+    """Ray Train's ``fit()`` in the main thread installs a SIGINT handler (abort the run) and
+    leaves it there when it returns: the handler holds the Train controller's handle, so the
+    controller, its DatasetManager and split coordinators (about 1 GB here) stayed alive while
+    this driver tested and logged the model, and a Ctrl-C in that phase asked a finished
+    controller to abort instead of stopping the program. The handler from before comes back."""
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        yield
+    finally:
+        if main and before is not None:
+            signal.signal(signal.SIGINT, before)
 
 
 TESTED_TAG = "pipeline.tested_at_step"  # a rerun that trained nothing does not log its test again
