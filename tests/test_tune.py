@@ -228,12 +228,13 @@ def test_killed_sweep_resumes_without_duplicates(ray_session, tmp_path):
         "train.max_epochs=2",
     ]
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     c = MlflowClient(uri)
+    c.search_experiments()  # the store's tables made here: polling while the sweep made them raced it
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 400
     try:
         while time.time() < deadline:  # kill the driver once the first trial has logged a training step
-            exp = c.get_experiment_by_name("resume") if Path(f"{tmp_path}/mlflow.db").exists() else None
+            exp = c.get_experiment_by_name("resume")
             runs = c.search_runs([exp.experiment_id]) if exp else []
             if any("train_loss" in r.data.metrics for r in runs if r.data.tags.get("mlflow.parentRunId")):
                 break

@@ -353,28 +353,63 @@ def _fit_run(
     try:
         with _sigint_restored():
             trainer.fit()
-    except BaseException:
+        results = _test_finished(cfg, prep, log, run_id, run_name, best_dir, in_tune, t0)
+    except BaseException as e:
+        # Ctrl-C: Ray Train's handler aborts the workers and fit() leaves with SystemExit (in
+        # the main thread, the only place that handler is installed); later, KeyboardInterrupt.
+        interrupted = isinstance(e, KeyboardInterrupt) or (
+            isinstance(e, SystemExit) and threading.current_thread() is threading.main_thread()
+        )
         # A trial that Tune stops (ASHA) lands here too: the sweep driver, which knows
-        # stopped from failed, closes its run; a plain run failed.
+        # stopped from failed, closes its run; a plain run failed, or was stopped by its user.
         if not in_tune:
-            log.end_run("FAILED")
+            log.end_run("KILLED" if interrupted else "FAILED")
         try:
             close_logger(log)
-        except Exception as e:
-            print(f"[tracking] closing the MLflow run failed too: {e}", flush=True)
+        except Exception as e2:
+            print(f"[tracking] closing the MLflow run failed too: {e2}", flush=True)
+        if interrupted and not in_tune:
+            newest = latest_checkpoint(run_dir)
+            print(
+                "[train] interrupted: the MLflow run is KILLED; "
+                + (f"the newest checkpoint is at step {newest[0]}" if newest else "no checkpoint was written yet")
+                + f"; to go on, run the same command with train.run_name={run_name}",
+                flush=True,
+            )
+            raise KeyboardInterrupt from None
         raise
+    log.end_run("FINISHED")
+    results["unsent_records"] = close_logger(log)
+    return results
+
+
+def _test_finished(
+    cfg: Config,
+    prep: Prepared,
+    log: tracking.RunLogger,
+    run_id: str,
+    run_name: str,
+    best_dir: str,
+    in_tune: bool,
+    t0: float,
+) -> dict[str, Any]:
+    """After a fit: the run's figures, and the best model tested on the test split and logged
+    (not in a sweep's trial, nor again when nothing was trained since the last test)."""
+    from .loop import latest_checkpoint
+
+    uri, data_dir, manifest = prep.uri, prep.data_dir, prep.manifest
     results: dict[str, Any] = {
         "run_id": run_id,
         "run_name": run_name,
         "tracking_uri": uri,
-        "experiment": experiment,
+        "experiment": prep.experiment,
         "best_dir": best_dir,
         "data_dir": data_dir,
         "train_seconds": round(time.time() - t0, 1),
-        "task": task.name,
+        "task": task_for(cfg).name,
     }
     fs, best_root = fsspec.core.url_to_fs(best_dir)
-    final = latest_checkpoint(run_dir)
+    final = latest_checkpoint(f"{prep.storage}/{run_name}")
     tested = _tested_at(uri, run_id)
     if not in_tune and fs.exists(f"{best_root}/model.pt"):
         if final and tested == str(final[0]):
@@ -383,8 +418,6 @@ def _fit_run(
             results.update(test_and_log(cfg, log, best_dir, data_dir, manifest, final[0] if final else 0))
             if final:
                 log.set_tags({TESTED_TAG: str(final[0])})
-    log.end_run("FINISHED")
-    results["unsent_records"] = close_logger(log)
     return results
 
 
