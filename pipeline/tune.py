@@ -13,6 +13,9 @@ the same test data (``tracking.promote_if_better``).
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -225,8 +228,21 @@ def _run_sweep(cfg: Config, prep: Prepared, sweep: str) -> dict[str, Any]:
             ),
             run_config=tune.RunConfig(name=sweep, storage_path=storage, verbose=1),
         )
-    with console.hidden():  # Tune's status tables
-        grid = tuner.fit()
+    # Ctrl-C: Tune's handler (installed in the main thread) saves the sweep's state, puts the
+    # handler from before back and lets fit() return with the trials as they were; a second
+    # Ctrl-C raises in fit().
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        with console.hidden():  # Tune's status tables
+            grid = tuner.fit()
+    except KeyboardInterrupt:
+        _interrupted(uri, parent_id, sweep)
+    now = signal.getsignal(signal.SIGINT) if main else None
+    if main and before is not None:
+        signal.signal(signal.SIGINT, before)  # Tune leaves its own installed
+    if main and now is before and not os.environ.get("TUNE_DISABLE_SIGINT_HANDLER"):
+        _interrupted(uri, parent_id, sweep)
     failed = {f"{sweep}-{r.metrics.get('trial_id', '')}": str(r.error) for r in grid if r.error}
     rows = summarize(uri, parent_id, metric, tc.mode, failed)
     if not rows:
@@ -263,6 +279,27 @@ def _run_sweep(cfg: Config, prep: Prepared, sweep: str) -> dict[str, Any]:
     log.end_run("FINISHED" if not failed else "FAILED")
     out["unsent_records"] += close_logger(log)
     return out
+
+
+def _interrupted(uri: str, parent_id: str, sweep: str) -> None:
+    """Ctrl-C: nothing is ranked, tested or promoted (a champion from part of a sweep); the
+    parent and the trials that were training are closed as KILLED (the same tune.name goes on
+    and reopens them), and the program stops as interrupted."""
+    c = tracking.client(uri)
+    parent = c.get_run(parent_id)
+    children = c.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", max_results=10_000
+    )
+    stopped = [ch for ch in children if ch.info.status == "RUNNING"]
+    for ch in stopped:
+        c.set_terminated(ch.info.run_id, "KILLED")
+    c.set_terminated(parent_id, "KILLED")
+    print(
+        f"[tune] interrupted: {len(children) - len(stopped)} trial(s) ended, {len(stopped)} stopped while training; "
+        f"nothing was tested or promoted; the same command (tune.name={sweep}) goes on from where it stopped",
+        flush=True,
+    )
+    raise KeyboardInterrupt
 
 
 def _log_figures(uri: str, parent_id: str, log: tracking.RunLogger) -> None:

@@ -31,6 +31,32 @@ def stop_process_group(proc: Any) -> None:
             proc.wait()
 
 
+def ctrl_c_when(args: list[str], env: dict[str, str], ready: Any, what: str, timeout: float = 300.0) -> tuple[int, str]:
+    """Start ``args`` in a process group of its own, wait until ``ready()`` (the program still
+    running), send SIGINT to the group as a terminal's Ctrl-C does, and return its exit code
+    and output; the group is killed if anything fails on the way."""
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(
+        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        deadline = time.time() + timeout
+        while not ready():
+            if proc.poll() is not None or time.time() > deadline:
+                out = proc.communicate()[0] if proc.poll() is not None else ""
+                raise AssertionError(f"{what}: not seen before the program ended or the deadline\n{out[-3000:]}")
+            time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=180)
+        return proc.returncode, out
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def wait_until(check: Any, what: str, timeout: float = 120.0, hint: str = "") -> None:
     """Poll ``check()`` every second until it is true (exceptions count as not yet)."""
     deadline = time.time() + timeout

@@ -15,6 +15,7 @@ import time
 
 import psutil
 import pytest
+from loopback import ctrl_c_when
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import ConfigError, load_config
@@ -288,7 +289,6 @@ def test_ctrl_c_stops_the_run_as_killed_and_says_how_to_go_on(ray_session, tmp_p
     checkpoint: Ray Train aborts the workers; the driver exits 130 saying so, with the newest
     checkpoint's step and the run name to go on with, the MLflow run is KILLED (not FAILED)
     and the run's lock is released. Before, it exited 1 without a word and the run was FAILED."""
-    import subprocess
     import sys
 
     name = "ctrl-c"
@@ -300,23 +300,13 @@ def test_ctrl_c_stops_the_run_as_killed_and_says_how_to_go_on(ray_session, tmp_p
         *_overrides(tmp_path, name, "train.max_epochs=50", "train.eval_every=20"),
     ]
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    proc = subprocess.Popen(
-        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    try:
-        deadline = time.time() + 300
-        # The first validation's checkpoint, watched on disk: this process opening the MLflow
-        # database while the driver still creates its tables would race it.
-        while latest_checkpoint(f"{tmp_path}/ray/{name}") is None:
-            assert proc.poll() is None and time.time() < deadline, "no checkpoint before the deadline"
-            time.sleep(0.5)
-        os.killpg(proc.pid, signal.SIGINT)
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130, out[-3000:]
+    # The first validation's checkpoint, watched on disk: this process opening the MLflow
+    # database while the driver still creates its tables would race it.
+    rc, out = ctrl_c_when(
+        args, env, lambda: latest_checkpoint(f"{tmp_path}/ray/{name}") is not None, "the first checkpoint"
+    )
+    assert rc == 130, out[-3000:]
     newest = latest_checkpoint(f"{tmp_path}/ray/{name}")[0]
     assert re.search(
         rf"\[train\] interrupted: .*newest checkpoint is at step {newest}\b.*train.run_name={name}", out

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from loopback import ctrl_c_when
 from mlflow.tracking import MlflowClient
 
 import notebooks
@@ -213,23 +214,29 @@ def test_invalid_search_space_is_named():
         load_config(["tune.space.model.hidden_size=[32, big]"])
 
 
-def test_killed_sweep_resumes_without_duplicates(ray_session, tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    args = [
-        sys.executable,
-        "-m",
-        "pipeline.cli",
-        "tune",
-        *base_overrides(tmp_path, uri, "resume"),
-        "tune.name=killed",
-        "tune.space.model.hidden_size=[32,64]",
-        "tune.scheduler=none",
-        "tune.max_concurrent_trials=1",
-        "train.max_epochs=2",
-    ]
+def tune_command(ray_session, tmp, uri, experiment, *extra):
+    """`pipeline tune` (no scheduler) as a program joining the session's cluster: its args,
+    its environment and a client of its store, whose tables are made here (polling the store
+    while the sweep made them raced it)."""
+    args = [sys.executable, "-m", "pipeline.cli", "tune", *base_overrides(tmp, uri, experiment), "tune.scheduler=none"]
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     c = MlflowClient(uri)
-    c.search_experiments()  # the store's tables made here: polling while the sweep made them raced it
+    c.search_experiments()
+    return args + list(extra), env, c
+
+
+def test_killed_sweep_resumes_without_duplicates(ray_session, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args, env, c = tune_command(
+        ray_session,
+        tmp_path,
+        uri,
+        "resume",
+        "tune.name=killed",
+        "tune.space.model.hidden_size=[32,64]",
+        "tune.max_concurrent_trials=1",
+        "train.max_epochs=2",
+    )
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 400
     try:
@@ -264,6 +271,41 @@ def test_killed_sweep_resumes_without_duplicates(ray_session, tmp_path):
     for k in kids:
         train = [m.step for m in c.get_metric_history(k.info.run_id, "train_loss")]
         assert train == list(range(LOG_EVERY, LOG_EVERY * len(train) + 1, LOG_EVERY)), (names, train)
+
+
+def test_ctrl_c_ends_a_sweep_as_killed_without_a_champion(ray_session, tmp_path):
+    """Ctrl-C (SIGINT to the driver's process group) once a trial has validated: Tune saves
+    the sweep and returns; nothing is tested or registered from part of a sweep, the parent
+    and the trial are KILLED, the driver exits 130 naming the tune.name to go on with. Before,
+    the sweep was summed up as if done: the trial "stopped early", a champion, exit 0."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args, env, c = tune_command(
+        ray_session,
+        tmp_path,
+        uri,
+        "ctrl-c",
+        "tune.name=ctrl-c",
+        "tune.space.model.hidden_size=[32]",
+        "tune.register_as=ctrl-c-model",
+        "train.max_epochs=20",
+    )
+
+    def validated():
+        exp = c.get_experiment_by_name("ctrl-c")
+        runs = c.search_runs([exp.experiment_id]) if exp else []
+        return any("val_bleu" in r.data.metrics for r in runs if r.data.tags.get("mlflow.parentRunId"))
+
+    rc, out = ctrl_c_when(args, env, validated, "a trial's validation")
+    assert rc == 130, out[-3000:]
+    assert "[tune] interrupted: 0 trial(s) ended, 1 stopped while training; nothing was tested" in out, out
+    assert "tune.name=ctrl-c" in out
+    runs = c.search_runs([c.get_experiment_by_name("ctrl-c").experiment_id])
+    assert sorted((r.data.tags.get("pipeline.kind", "trial"), r.info.status) for r in runs) == [
+        ("sweep", "KILLED"),
+        ("trial", "KILLED"),
+    ]
+    assert all("test_bleu" not in r.data.metrics and "tune.early_stopped" not in r.data.tags for r in runs)
+    assert not c.search_registered_models(), "a model was registered from an interrupted sweep"
 
 
 def test_sweep_name_refuses_a_changed_search_space(sweep):
