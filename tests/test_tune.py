@@ -305,7 +305,9 @@ def test_ctrl_c_ends_a_sweep_as_killed_without_a_champion(ray_session, tmp_path)
         ("trial", "KILLED"),
     ]
     assert all("test_bleu" not in r.data.metrics and "tune.early_stopped" not in r.data.tags for r in runs)
-    assert not c.search_registered_models(), "a model was registered from an interrupted sweep"
+    # This store's registry: the grid's sweep in this process left MLflow's global one at its own.
+    registry = MlflowClient(uri, registry_uri=uri)
+    assert not registry.search_registered_models(), "a model was registered from an interrupted sweep"
 
 
 def test_sweep_name_refuses_a_changed_search_space(sweep):
