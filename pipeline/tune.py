@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import threading
 import time
 from typing import Any
 
@@ -29,7 +27,15 @@ from .lock import hold_named
 from .report import summarize
 from .tasks import task_for
 from .train.loop import latest_checkpoint
-from .train.run import Prepared, check_fingerprint, close_logger, fit_run, prepare, run_fingerprint
+from .train.run import (
+    Prepared,
+    SigintRestored,
+    check_fingerprint,
+    close_logger,
+    fit_run,
+    prepare,
+    run_fingerprint,
+)
 
 # A trial's driver only waits on its TorchTrainer, whose workers hold the CPUs; Tune
 # refuses 0, so it asks for a sliver.
@@ -231,17 +237,12 @@ def _run_sweep(cfg: Config, prep: Prepared, sweep: str) -> dict[str, Any]:
     # Ctrl-C: Tune's handler (installed in the main thread) saves the sweep's state, puts the
     # handler from before back and lets fit() return with the trials as they were; a second
     # Ctrl-C raises in fit().
-    main = threading.current_thread() is threading.main_thread()
-    before = signal.getsignal(signal.SIGINT) if main else None
     try:
-        with console.hidden():  # Tune's status tables
+        with SigintRestored() as sigint, console.hidden():  # console: Tune's status tables
             grid = tuner.fit()
     except KeyboardInterrupt:
         _interrupted(uri, parent_id, sweep)
-    now = signal.getsignal(signal.SIGINT) if main else None
-    if main and before is not None:
-        signal.signal(signal.SIGINT, before)  # Tune leaves its own installed
-    if main and now is before and not os.environ.get("TUNE_DISABLE_SIGINT_HANDLER"):
+    if sigint.caught and not os.environ.get("TUNE_DISABLE_SIGINT_HANDLER"):
         _interrupted(uri, parent_id, sweep)
     failed = {f"{sweep}-{r.metrics.get('trial_id', '')}": str(r.error) for r in grid if r.error}
     rows = summarize(uri, parent_id, metric, tc.mode, failed)

@@ -14,7 +14,6 @@ import signal
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -351,7 +350,7 @@ def _fit_run(
     )
     t0 = time.time()
     try:
-        with _sigint_restored():
+        with SigintRestored():
             trainer.fit()
         results = _test_finished(cfg, prep, log, run_id, run_name, best_dir, in_tune, t0)
     except BaseException as e:
@@ -421,20 +420,27 @@ def _test_finished(
     return results
 
 
-@contextmanager
-def _sigint_restored():
-    """Ray Train's ``fit()`` in the main thread installs a SIGINT handler (abort the run) and
-    leaves it there when it returns: the handler holds the Train controller's handle, so the
-    controller, its DatasetManager and split coordinators (about 1 GB here) stayed alive while
-    this driver tested and logged the model, and a Ctrl-C in that phase asked a finished
-    controller to abort instead of stopping the program. The handler from before comes back."""
-    main = threading.current_thread() is threading.main_thread()
-    before = signal.getsignal(signal.SIGINT) if main else None
-    try:
-        yield
-    finally:
-        if main and before is not None:
-            signal.signal(signal.SIGINT, before)
+class SigintRestored:
+    """Ray Train's ``fit()`` and Tune's ``Tuner.fit()``, called in the main thread, install a
+    SIGINT handler and leave it there when they return. Ray Train's holds the controller's
+    handle, so the controller, its DatasetManager and split coordinators (about 1 GB here)
+    stayed alive while this driver tested and logged the model, and a Ctrl-C in that phase
+    asked a finished controller to abort instead of stopping the program. On leaving, the
+    handler from before comes back; ``caught`` says whether a Ctrl-C came and the library's
+    handler put it back itself (Tune's does, then returns as if done)."""
+
+    def __init__(self) -> None:
+        self.main = threading.current_thread() is threading.main_thread()
+        self.before = signal.getsignal(signal.SIGINT) if self.main else None
+        self.caught = False
+
+    def __enter__(self) -> SigintRestored:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.main and self.before is not None:
+            self.caught = signal.getsignal(signal.SIGINT) is self.before
+            signal.signal(signal.SIGINT, self.before)
 
 
 TESTED_TAG = "pipeline.tested_at_step"  # a rerun that trained nothing does not log its test again
