@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,34 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 def client(uri: str):
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+_URI_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+@contextmanager
+def fluent_store(uri: str):
+    """Point MLflow's fluent API (``mlflow.start_run``, ``log_model``, ``register_model``) at
+    ``uri`` for the block, then put back what the process had. MLflow 3's
+    ``set_tracking_uri``/``set_registry_uri`` also write ``MLFLOW_TRACKING_URI`` and
+    ``MLFLOW_REGISTRY_URI`` into ``os.environ``: left there, the next run, sweep or client
+    in a notebook, and every program started after, would go to this store."""
+    import mlflow
+
+    saved = {k: os.environ.get(k) for k in _URI_VARS}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _artifact_root(uri: str, experiment: str) -> str | None:
@@ -236,11 +264,10 @@ def log_model(uri: str, run_id: str, bundle: str, video: bool, example: list[str
         os.makedirs(folder)
         for name in BUNDLE_FILES:
             shutil.copyfile(os.path.join(bundle, name), os.path.join(folder, name))
-        mlflow.set_tracking_uri(uri)
         # MLflow's check of the input example loads the model, which puts the model's code/
         # folder (a temporary copy) first on sys.path for good; put the path back after.
         saved_path = sys.path[:]
-        with mlflow.start_run(run_id=run_id):
+        with fluent_store(uri), mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=serving.__file__,
@@ -363,9 +390,8 @@ def register_challenger(uri: str, model_uri: str, name: str, tags: dict[str, str
     ``challenger``; returns the version."""
     import mlflow
 
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    version = str(mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()}).version)
+    with fluent_store(uri):
+        version = str(mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()}).version)
     client(uri).set_registered_model_alias(name, CHALLENGER, version)
     return version
 

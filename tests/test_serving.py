@@ -97,11 +97,13 @@ def _tags(value, fingerprint):
 def test_model_files_hold_no_pickle(logged):
     import mlflow.artifacts
 
-    local = Path(
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=logged["model_uri"], dst_path=str(logged["tmp"] / "downloaded")
+    # MLflow resolves a models:/ URI through its global store whatever tracking_uri says.
+    with tracking.fluent_store(logged["uri"]):
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=logged["model_uri"], dst_path=str(logged["tmp"] / "downloaded")
+            )
         )
-    )
     names = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
     assert "artifacts/bundle/model.pt" in names and "artifacts/bundle/model.json" in names, names
     assert "serving.py" in names and "code/pipeline/inference.py" in names, names
@@ -119,6 +121,30 @@ def test_model_files_hold_no_pickle(logged):
     (planted / "state.bin").write_bytes(pickle.dumps({"w": 1}, protocol=4))
     (planted / "weights.pth").write_bytes(b"not even a pickle")
     assert tracking.pickles_in(planted) == ["state.bin", "weights.pth"]
+
+
+def test_logging_and_registering_leave_mlflow_pointing_where_it_was(logged, monkeypatch):
+    """MLflow 3's set_tracking_uri/set_registry_uri also write MLFLOW_TRACKING_URI and
+    MLFLOW_REGISTRY_URI into os.environ. Logging or registering a model must not leave
+    them (or MLflow's globals) at this store: the next run or client in a notebook, and
+    every program started after, would go there."""
+    import mlflow
+
+    for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(k, raising=False)
+    default = mlflow.get_tracking_uri()
+    assert default != logged["uri"]
+    run_id, _ = tracking.open_run(logged["uri"], "serving", "uris-test", {}, {})
+    model_uri = tracking.log_model(logged["uri"], run_id, logged["bundle"], False)
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+    assert mlflow.get_tracking_uri() == default and mlflow.get_registry_uri() == default
+    elsewhere = f"sqlite:///{logged['tmp']}/elsewhere.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", elsewhere)
+    version = tracking.register_challenger(logged["uri"], model_uri, "uris-test", _tags(1.0, "data-u/test=1"))
+    assert os.environ["MLFLOW_TRACKING_URI"] == elsewhere and "MLFLOW_REGISTRY_URI" not in os.environ
+    assert mlflow.get_tracking_uri() == elsewhere and mlflow.get_registry_uri() == elsewhere
+    # The version went to the store asked for, read by a client that names only that store.
+    assert tracking.client(logged["uri"]).get_model_version("uris-test", version).run_id == run_id
 
 
 def test_pyfunc_predicts_in_a_process_without_our_package(logged, champion):

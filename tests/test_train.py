@@ -14,6 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import notebooks
+from pipeline import tracking
 from pipeline.config import ConfigError, load_config
 from pipeline.inference import Translator
 from pipeline.tracking import git_commit
@@ -240,9 +241,9 @@ def test_model_learned_something(trained):
 
 def test_logged_model_loads_and_translates(trained):
     model_uri = trained["second"]["model_uri"]
-    mlflow.set_tracking_uri(trained["uri"])
     # MLflow's own API, no code of ours imported by hand: the pyfunc translates as the bundle does.
-    model = mlflow.pyfunc.load_model(model_uri)
+    with tracking.fluent_store(trained["uri"]):
+        model = mlflow.pyfunc.load_model(model_uri)
     bundle = Translator.load(trained["second"]["best_dir"])
     sentences = "the small dog sees the red house .\nthe woman runs quickly .\n"
     assert model.predict(sentences.splitlines(), params={"beam_size": 2}) == bundle.translate(sentences.splitlines(), 2)
