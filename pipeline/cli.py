@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -126,6 +127,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from .cluster import sigterm_as_ctrl_c
+
+    before = sigterm_as_ctrl_c()
     try:
         return _dispatch(args)
     except KeyboardInterrupt:
@@ -139,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"error: {redact(str(cause))}", file=sys.stderr)  # messages quote config values
         return 2
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGTERM, before)
 
 
 OUR_ERRORS = {

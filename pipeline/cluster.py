@@ -20,7 +20,9 @@ import asyncio
 import contextlib
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -107,6 +109,7 @@ DURABLE_ROOT = "PIPELINE_DURABLE_ROOT"
 # MLflow's credential variables: a job gets their names, never their values (see job_spec).
 CREDENTIALS = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 CREDENTIALS_BY_NAME = "PIPELINE_CREDENTIALS_BY_NAME"
+STOP_WAIT = "RAY_JOB_STOP_WAIT_TIME_S"
 FORWARDED = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", DURABLE_ROOT)
 
 
@@ -146,6 +149,10 @@ def job_spec(command: list[str]) -> tuple[str, dict[str, Any]]:
     commit = tracking.git_commit()
     if commit:
         env["PIPELINE_GIT_COMMIT"] = commit
+    # `pipeline jobs stop` (Ray's stop_job) sends SIGTERM, then SIGKILL after this many seconds
+    # (Ray's default: 3). The driver ends a run stopped so as Ctrl-C does (the workers aborted,
+    # the MLflow run KILLED, the lock released), which takes longer than 3 s.
+    env[STOP_WAIT] = os.environ.get(STOP_WAIT) or "60"
     entrypoint = "python -m pipeline.cli " + shlex.join(command)
     return entrypoint, {"working_dir": str(PROJECT_ROOT), "excludes": EXCLUDES, "env_vars": env}
 
@@ -177,20 +184,33 @@ def submit(command: list[str], address: str | None = None, wait: bool = True) ->
     if not wait:
         print(f"follow it: pipeline jobs logs {job_id}   status: pipeline jobs status {job_id}")
         return 0
-    return _follow(client, job_id)
+    return _follow(client, job_id, address)
 
 
-def _follow(client: Any, job_id: str) -> int:
+def _follow(client: Any, job_id: str, address: str | None = None) -> int:
+    """Stream the job's logs until it ends; 0 when it succeeded. Ctrl-C stops following, not
+    the job (as ``ray job submit`` does): the way to its logs and to stopping it is printed."""
+
     async def tail() -> None:
         async for chunk in client.tail_job_logs(job_id):
             sys.stdout.write(chunk)
             sys.stdout.flush()
 
-    asyncio.run(tail())
-    status = client.get_job_status(job_id)
-    while not status.is_terminal():
-        time.sleep(1)
+    try:
+        asyncio.run(tail())
         status = client.get_job_status(job_id)
+        while not status.is_terminal():
+            time.sleep(1)
+            status = client.get_job_status(job_id)
+    except KeyboardInterrupt:
+        at = f" --address {tracking.redact(address)}" if address else ""
+        print(
+            f"\nstopped following job {job_id}; it goes on on the cluster. "
+            f"Its logs: pipeline jobs logs {job_id}{at}   stop it: pipeline jobs stop {job_id}{at}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 130
     print(f"job {job_id}: {status.value}", flush=True)
     return 0 if status.value == "SUCCEEDED" else 1
 
@@ -456,8 +476,30 @@ def init_ray(min_cpus: int = 1) -> None:
         # not granted as an oversubscribed local cluster.
         cores = local_cores()
         _start_local_ray(max(cores, min(min_cpus, cores) + 2))
+    sigterm_as_ctrl_c()
     ray.data.DataContext.get_current().enable_progress_bars = False
     console.attach_ray()  # worker output through our router: our lines shown, Ray's to the run's log
+
+
+def sigterm_as_ctrl_c() -> Any:
+    """From now on a SIGTERM (``pipeline jobs stop``, Kubernetes deleting a pod, ``kill``) ends
+    this program as a Ctrl-C does: a run's workers aborted by Ray Train, the run KILLED, its
+    lock released and the way to go on printed; a sweep saved by Tune and KILLED; exit 130.
+    ``ray.init`` puts its own handler in place (``sys.exit``: a sweep then died with its MLflow
+    runs RUNNING), so :func:`init_ray` calls this again after it. The handler calls what handles
+    SIGINT at that moment rather than sending SIGINT, which a Ray job's driver has blocked.
+    Returns the handler it replaced (None outside the main thread, where nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _sigterm_handler)
+
+
+def _sigterm_handler(signum: int, frame: Any) -> None:
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)
+    else:  # SIGINT ignored, as in a shell's background job
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager

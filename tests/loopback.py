@@ -31,10 +31,13 @@ def stop_process_group(proc: Any) -> None:
             proc.wait()
 
 
-def ctrl_c_when(args: list[str], env: dict[str, str], ready: Any, what: str, timeout: float = 300.0) -> tuple[int, str]:
+def ctrl_c_when(
+    args: list[str], env: dict[str, str], ready: Any, what: str, timeout: float = 300.0, sig: str = "SIGINT"
+) -> tuple[int, str]:
     """Start ``args`` in a process group of its own, wait until ``ready()`` (the program still
-    running), send SIGINT to the group as a terminal's Ctrl-C does, and return its exit code
-    and output; the group is killed if anything fails on the way."""
+    running), send SIGINT to the group as a terminal's Ctrl-C does (or ``sig``: SIGTERM, as
+    ``kill`` and Kubernetes send it), and return its exit code and output; the group is killed
+    if anything fails on the way."""
     import signal
     import subprocess
 
@@ -48,7 +51,7 @@ def ctrl_c_when(args: list[str], env: dict[str, str], ready: Any, what: str, tim
                 out = proc.communicate()[0] if proc.poll() is not None else ""
                 raise AssertionError(f"{what}: not seen before the program ended or the deadline\n{out[-3000:]}")
             time.sleep(0.5)
-        os.killpg(proc.pid, signal.SIGINT)
+        os.killpg(proc.pid, getattr(signal, sig))
         out, _ = proc.communicate(timeout=180)
         return proc.returncode, out
     finally:

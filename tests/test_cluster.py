@@ -5,6 +5,7 @@ Every process started here is stopped by its process group."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,9 +14,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from loopback import free_port, loopback_cluster, wait_until
+from loopback import ctrl_c_when, free_port, loopback_cluster, wait_until
 from loopback import stop_process_group as stop
 from mlflow.tracking import MlflowClient
+
+from pipeline.train.loop import latest_checkpoint
 
 pytestmark = pytest.mark.slow
 VENV_BIN = str(Path(sys.executable).parent)
@@ -95,9 +98,9 @@ def submit(cluster, overrides, env, command="train"):
     return subprocess.run(args, capture_output=True, text=True, timeout=900, env={**os.environ, **env})
 
 
-def test_submit_two_workers_on_two_nodes_into_mlflow_server(cluster):
-    tmp = cluster["tmp"]
-    overrides = [
+def demo_train(tmp, name, *extra):
+    """`pipeline train` overrides of a small run on the demo corpus (the same data for every test)."""
+    return [
         "data=demo_text",
         "model=small",
         f"data.root={tmp}/demo",
@@ -105,14 +108,22 @@ def test_submit_two_workers_on_two_nodes_into_mlflow_server(cluster):
         "data.vocab_size=300",
         f"data.output_dir={tmp}/data",
         f"train.storage_path={tmp}/ray",
+        f"train.run_name={name}",
+        "train.batch_tokens=800",
+        *extra,
+    ]
+
+
+def test_submit_two_workers_on_two_nodes_into_mlflow_server(cluster):
+    overrides = demo_train(
+        cluster["tmp"],
+        "on-two-nodes",
         "train.num_workers=2",
         "train.max_epochs=1",
         "train.placement_strategy=SPREAD",
-        "train.run_name=on-two-nodes",
-        "train.batch_tokens=800",
         "train.test_beam_size=1",
         "tracking.system_metrics_s=2",
-    ]
+    )
     env = {"MLFLOW_TRACKING_URI": cluster["mlflow"], "MLFLOW_EXPERIMENT_NAME": "cluster"}
     p = submit(cluster, overrides, env)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
@@ -202,3 +213,39 @@ def test_a_job_keeps_nothing_in_its_temporary_folder_and_carries_credentials_by_
     assert "MLFLOW_TRACKING_TOKEN set where this job was submitted, but not on this cluster" in out
     assert "train.storage_path=ray_results" in out and "PIPELINE_DURABLE_ROOT" in out
     assert "submitter-token-fake-5" not in out and "Traceback" not in out
+
+
+def pipeline_jobs(cluster, action, job_id):
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "jobs", action, job_id, "--address", cluster["address"]],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_ctrl_c_leaves_a_job_running_and_jobs_stop_ends_its_run_as_killed(cluster):
+    """Ctrl-C in `pipeline submit --wait` stops following, not the job, and says how to reach
+    it; `pipeline jobs stop` (SIGTERM to the driver, as Ray sends it) then ends the run as a
+    Ctrl-C would: the workers aborted, the MLflow run KILLED, the lock released. Before, the
+    first printed only "interrupted", with no word of the job going on."""
+    tmp, name = cluster["tmp"], "stopped-job"
+    args = [sys.executable, "-m", "pipeline.cli", "submit", "--address", cluster["address"], "--wait", "--", "train"]
+    args += demo_train(tmp, name, "train.num_workers=1", "train.max_epochs=50", "train.eval_every=20")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": cluster["mlflow"], "MLFLOW_EXPERIMENT_NAME": "stopped"}
+    rc, out = ctrl_c_when(args, env, lambda: latest_checkpoint(f"{tmp}/ray/{name}") is not None, "a checkpoint")
+    assert rc == 130 and "submitted job pipeline-train-" in out, out[-3000:]
+    job = out.split("submitted job ")[1].split()[0]
+    at = f"--address {cluster['address']}"
+    assert f"stopped following job {job}; it goes on on the cluster" in out, out[-3000:]
+    assert f"pipeline jobs logs {job} {at}" in out and f"pipeline jobs stop {job} {at}" in out, out[-3000:]
+    assert pipeline_jobs(cluster, "status", job).stdout.startswith(f"{job}: RUNNING")
+    c = MlflowClient(cluster["mlflow"])
+    runs = c.search_runs([c.get_experiment_by_name("stopped").experiment_id])
+    assert [r.info.status for r in runs] == ["RUNNING"]
+    assert "stop requested" in pipeline_jobs(cluster, "stop", job).stdout
+    wait_until(lambda: pipeline_jobs(cluster, "status", job).stdout.startswith(f"{job}: STOPPED"), "STOPPED", 120)
+    logs = pipeline_jobs(cluster, "logs", job).stdout
+    assert re.search(rf"\[train\] interrupted: the MLflow run is KILLED; .*train.run_name={name}", logs), logs[-3000:]
+    assert c.get_run(runs[0].info.run_id).info.status == "KILLED"
+    assert not (tmp / "ray" / name / ".pipeline-lock.json").exists()

@@ -273,11 +273,14 @@ def test_killed_sweep_resumes_without_duplicates(ray_session, tmp_path):
         assert train == list(range(LOG_EVERY, LOG_EVERY * len(train) + 1, LOG_EVERY)), (names, train)
 
 
-def test_ctrl_c_ends_a_sweep_as_killed_without_a_champion(ray_session, tmp_path):
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_ends_a_sweep_as_killed_without_a_champion(ray_session, tmp_path, sig):
     """Ctrl-C (SIGINT to the driver's process group) once a trial has validated: Tune saves
     the sweep and returns; nothing is tested or registered from part of a sweep, the parent
     and the trial are KILLED, the driver exits 130 naming the tune.name to go on with. Before,
-    the sweep was summed up as if done: the trial "stopped early", a champion, exit 0."""
+    the sweep was summed up as if done: the trial "stopped early", a champion, exit 0.
+    SIGTERM (`kill`, `pipeline jobs stop`, a pod deleted) is the same; before, ray.init's
+    handler made it sys.exit(15) with the parent and the trial left RUNNING."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     args, env, c = tune_command(
         ray_session,
@@ -295,7 +298,7 @@ def test_ctrl_c_ends_a_sweep_as_killed_without_a_champion(ray_session, tmp_path)
         runs = c.search_runs([exp.experiment_id]) if exp else []
         return any("val_bleu" in r.data.metrics for r in runs if r.data.tags.get("mlflow.parentRunId"))
 
-    rc, out = ctrl_c_when(args, env, validated, "a trial's validation")
+    rc, out = ctrl_c_when(args, env, validated, "a trial's validation", sig=sig)
     assert rc == 130, out[-3000:]
     assert "[tune] interrupted: 0 trial(s) ended, 1 stopped while training; nothing was tested" in out, out
     assert "tune.name=ctrl-c" in out
@@ -305,7 +308,6 @@ def test_ctrl_c_ends_a_sweep_as_killed_without_a_champion(ray_session, tmp_path)
         ("trial", "KILLED"),
     ]
     assert all("test_bleu" not in r.data.metrics and "tune.early_stopped" not in r.data.tags for r in runs)
-    # This store's registry: the grid's sweep in this process left MLflow's global one at its own.
     registry = MlflowClient(uri, registry_uri=uri)
     assert not registry.search_registered_models(), "a model was registered from an interrupted sweep"
 
