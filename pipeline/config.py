@@ -104,6 +104,7 @@ class ModelConfig:
     input_feeding: bool = False
     tie_embeddings: bool = True
     cnn_channels: int = 32  # video, frame_encoder=cnn: width of the per-frame CNN
+    frame_shift: int = 0  # video, cnn: in training, each clip moved by up to this many pixels
 
 
 @dataclass
@@ -557,6 +558,7 @@ RANGES: dict[str, Rule] = {
     "model.num_layers": _at_least(1),
     "model.dropout": _fraction(),
     "model.cnn_channels": _at_least(1),
+    "model.frame_shift": _at_least(0),
     "train.num_workers": _at_least(1),
     "train.cpus_per_worker": _at_least(0),  # 0 = auto
     "train.gpus_per_worker": (_gpu_share, "in (0, 1] or a whole number (2, 3, ...)"),
@@ -685,6 +687,11 @@ def validate(cfg: Config) -> None:
         f"need 1 <= data.min_tokens <= data.max_tokens, got {d.min_tokens}, {d.max_tokens}",
     )
     if d.name in VIDEO_DATA:
+        need(
+            cfg.model.frame_shift < d.frame_size // 2,
+            f"model.frame_shift={cfg.model.frame_shift} must be less than half of data.frame_size={d.frame_size}"
+            " (pixels a clip is moved by in training; the video recipe's 4 suits 64)",
+        )
         need(
             d.frame_encoder == "cnn" or bool(d.backbone),
             "data.frame_encoder=frozen needs data.backbone (a TorchScript file: frames (N, 3, H, W) -> features (N, D))",

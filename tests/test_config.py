@@ -43,6 +43,10 @@ def test_every_yaml_option_loads(group):
         (["data=video_features"], "data=video_features needs data.files"),
         (["data=demo_video", "data.frame_encoder=frozen"], "data.frame_encoder=frozen needs data.backbone"),
         (["data=msrvtt", "data.num_frames=0"], "need data.num_frames >= 1"),
+        (
+            ["data=msrvtt", "data.frame_size=16", "model.frame_shift=8"],
+            "model.frame_shift=8 must be less than half of data.frame_size=16",
+        ),
     ],
 )
 def test_bad_config_is_named(override, message):
@@ -76,6 +80,7 @@ BAD_VALUES = {
     "model.num_layers": 0,
     "model.dropout": 1.0,
     "model.cnn_channels": 0,
+    "model.frame_shift": -1,
     "train.num_workers": 0,
     "train.cpus_per_worker": -1,
     "train.gpus_per_worker": 1.5,

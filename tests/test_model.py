@@ -115,3 +115,35 @@ def test_greedy_attention_is_greedy_with_its_weights(input_feeding):
     for i, w, n in zip(ids, weights, lens.tolist()):
         assert w.shape[1] == n and w.shape[0] in (len(i), len(i) + 1)
         assert torch.allclose(w.sum(-1), torch.ones(w.shape[0]), atol=1e-5)
+
+
+def test_frame_shift_moves_each_clip_as_a_whole_in_training_only():
+    """model.frame_shift: in training each clip is moved by one random offset (up to the
+    shift) for all its frames, so its motion is kept; evaluation sees the frames as they are."""
+    from pipeline.models.seq2seq import FrameInput
+
+    torch.manual_seed(0)
+    b, k, s = 6, 4, 3
+    frames = torch.rand(b * k, 3, 16, 16)
+    net = FrameInput("frames", 8, 0.0, shift=s)
+    moved = net._shifted(frames, b).reshape(b, k, 3, 16, 16)
+    padded = torch.nn.functional.pad(frames.reshape(b, -1, 16, 16), (s, s, s, s), mode="reflect")
+    offsets = []
+    for i in range(b):
+        fits = [
+            (y, x)
+            for y in range(2 * s + 1)
+            for x in range(2 * s + 1)
+            if torch.equal(padded[i, :, y : y + 16, x : x + 16].reshape(k, 3, 16, 16), moved[i])
+        ]
+        assert len(fits) == 1, (i, fits)  # one offset for every frame of the clip
+        offsets.append(fits[0])
+    assert len(set(offsets)) > 1  # clips are moved independently
+    clips = torch.randint(0, 256, (2, k, 16, 16, 3), dtype=torch.uint8)
+    net.eval()
+    unshifted = FrameInput("frames", 8, 0.0, shift=0).eval()
+    unshifted.load_state_dict(net.state_dict())
+    assert torch.equal(net(clips), unshifted(clips))
+    net.train()
+    torch.manual_seed(1)
+    assert not torch.equal(net(clips), unshifted.train()(clips))

@@ -31,6 +31,7 @@ def build_model(
             model_cfg.dropout,
             feature_dim=video.get("feature_dim", 0),
             channels=model_cfg.cnn_channels,
+            shift=model_cfg.frame_shift,
         )
     return Seq2Seq(
         src_vocab_size=src_vocab_size,

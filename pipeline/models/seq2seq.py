@@ -70,9 +70,12 @@ class FrameInput(nn.Module):
 
     GRID = 4  # cells per side of the "where" read-out
 
-    def __init__(self, kind: str, embedding_size: int, dropout: float, feature_dim: int = 0, channels: int = 32):
+    def __init__(
+        self, kind: str, embedding_size: int, dropout: float, feature_dim: int = 0, channels: int = 32, shift: int = 0
+    ):
         super().__init__()
         self.kind = kind
+        self.shift = shift
         if kind == "frames":
             c = channels
 
@@ -107,6 +110,8 @@ class FrameInput(nn.Module):
         b, k = src.shape[:2]
         if self.kind == "frames":
             x = src.reshape(b * k, *src.shape[2:]).permute(0, 3, 1, 2).float().div_(255.0) - self.mean
+            if self.training and self.shift:
+                x = self._shifted(x, b)
             fmap = self.cnn(x)
             f = torch.cat([self.what(fmap), self.where(fmap)], dim=-1).view(b, k, -1)
         else:
@@ -114,6 +119,15 @@ class FrameInput(nn.Module):
         f = self.norm(f)
         delta = torch.cat([torch.zeros_like(f[:, :1]), f[:, 1:] - f[:, :-1]], dim=1)
         return torch.relu(self.proj(self.dropout(torch.cat([f, delta], dim=-1))))
+
+    def _shifted(self, x: torch.Tensor, b: int) -> torch.Tensor:
+        """Training only: each clip moved by up to ``shift`` pixels across and down, the same
+        for all its frames (its motion is kept), the edge mirrored into the gap. A CNN from
+        scratch on a few hundred clips otherwise learns where things are in them, not what."""
+        s, (h, w) = self.shift, x.shape[-2:]
+        clips = nn.functional.pad(x.reshape(b, -1, h, w), (s, s, s, s), mode="reflect")
+        dy, dx = torch.randint(0, 2 * s + 1, (2, b)).tolist()
+        return torch.stack([c[:, y : y + h, x_ : x_ + w] for c, y, x_ in zip(clips, dy, dx)]).reshape(x.shape)
 
 
 class Encoder(nn.Module):
