@@ -3,7 +3,7 @@
 The same preprocessed split, on one local Ray, alternately (a) read as Ray Data tasks and
 materialized (``read_parquet(...).repartition(...).materialize()``, what a run did for a
 split within ``train.in_memory_mb`` before) and (b) ``split_dataset`` as it is now (read
-in this process, put into the object store with ``from_arrow`` in the same blocks). Each
+in this process, put into the object store with ``from_blocks`` in the same blocks). Each
 result is counted, so both are complete in the object store when the clock stops. Prints
 JSON and the median seconds of each with the ratio (a) / (b).
 

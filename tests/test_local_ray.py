@@ -143,6 +143,34 @@ def test_a_small_split_is_read_into_memory_once_and_a_large_one_streams(ray_sess
         assert sorted(r["id"] for r in ds.select_columns(["id"]).take_all()) == list(range(2000))
 
 
+def test_a_small_split_is_put_in_the_object_store_while_workers_hold_every_cpu(ray_session, tmp_path):
+    """A sweep's next trial prepares its splits while other trials' workers hold the CPUs:
+    the in-memory split needs no task (``from_arrow`` waited for a whole CPU per block to
+    count its rows, so the trial stalled until a CPU was free)."""
+    import concurrent.futures
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from pipeline.config import TrainConfig
+    from pipeline.train.run import split_dataset
+
+    (tmp_path / "val").mkdir()
+    pq.write_table(pa.table({"id": list(range(300))}), tmp_path / "val" / "part-0.parquet")
+    held = placement_group([{"CPU": ray_session.available_resources()["CPU"]}])
+    assert held.wait(60), "could not take the free CPUs"
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        put = pool.submit(split_dataset, str(tmp_path), "val", 300, TrainConfig(num_workers=2))
+        ds = put.result(timeout=30)  # raises TimeoutError where it waits for a CPU
+        assert ds.count() == 300 and ds.num_blocks() == 5  # rows_per_block(300, 2) = 64
+    finally:
+        remove_placement_group(held)
+        pool.shutdown(wait=True)
+    assert sorted(r["id"] for r in ds.take_all()) == list(range(300))
+
+
 def test_auto_cpus_per_worker_shares_the_local_cores_and_is_one_elsewhere(monkeypatch):
     """train.cpus_per_worker=0 (the default): on the local Ray of one run the cores are shared
     among the workers (1 worker on 2 cores had 1 thread: 0.54x a bare loop on both); a job on a

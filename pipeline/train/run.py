@@ -64,16 +64,21 @@ def split_dataset(data_dir: str, split: str, rows: int, t: Any) -> ray.data.Data
     most ``train.in_memory_mb`` MiB on storage is read now, by this process, and put into the
     object store (owned by this driver, on its node): each epoch and validation would
     otherwise start a fresh read of storage, and a Ray Data read of a split of a few MiB
-    costs seconds of task start-up (7.9 s against 0.15 s read this way: bench/split_read.py). A larger split
-    is a lazy read whose tasks take a quarter CPU: the workers hold whole CPUs, and a sweep's
-    trial driver a sliver more, so whole-CPU read tasks could wait forever on a small cluster."""
+    costs seconds of task start-up (bench/split_read.py). The blocks' row counts and schema are
+    taken here (``from_blocks``): ``from_arrow`` asks a whole-CPU task per block for them, which
+    costs a worker's start the first time and waits while training workers hold the CPUs (a
+    sweep's next trial). A larger split is a lazy read whose tasks take a quarter CPU: the
+    workers hold whole CPUs, and a sweep's trial driver a sliver more, so whole-CPU read tasks
+    could wait forever on a small cluster."""
     path = f"{data_dir}/{split}"
     per_block = rows_per_block(rows, t.num_workers)
     if t.in_memory_mb > 0:
         fs, root = fsspec.core.url_to_fs(path)
         if fs.du(root) / 2**20 <= t.in_memory_mb:
             table = read_split(path)
-            return ray.data.from_arrow([table.slice(o, per_block) for o in range(0, max(table.num_rows, 1), per_block)])
+            return ray.data.from_blocks(
+                [table.slice(o, per_block) for o in range(0, max(table.num_rows, 1), per_block)]
+            )
     return ray.data.read_parquet(path, num_cpus=0.25).repartition(target_num_rows_per_block=per_block)
 
 
