@@ -263,9 +263,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0 if doctor(cfg) else 1
     if args.command == "preprocess":
         from .cluster import init_ray
+        from .data.readers import check_before_ray
         from .tasks import preprocess
         from .tracking import redact
 
+        check_before_ray(cfg.data)
         with console.capture(console.log_file(cfg.data.output_dir)):
             init_ray()
             out, manifest = preprocess(cfg.data, force=args.force)
@@ -278,9 +280,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "evaluate":
         from .cluster import init_ray
+        from .data.readers import check_before_ray
         from .evaluation import decode_split
         from .tasks import task_for
 
+        check_before_ray(cfg.data)
         init_ray()
         task = task_for(cfg)
         out, manifest = task.preprocess(cfg.data)

@@ -58,6 +58,26 @@ def test_errors_are_one_clear_line(args, message):
     assert message in p.stderr and "Traceback" not in p.stderr
 
 
+def test_a_missing_data_root_is_said_before_ray_is_joined(tmp_path):
+    """A mistyped data.root: the error comes first, not after Ray's start-up (16 s on 2 cores
+    before). RAY_ADDRESS names a cluster that is not there: a command that joined Ray first
+    would fail on that instead (or wait for it)."""
+    import os
+
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1"}
+    missing = tmp_path / "missing"
+    common = ["data=multi30k", f"data.root={missing}", f"data.output_dir={tmp_path}/out"]
+    for cmd in (
+        ["preprocess"],
+        ["train", f"train.storage_path={tmp_path}/ray", f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db"],
+        ["evaluate", "--model", str(tmp_path)],
+    ):
+        p = run(*cmd, *common, env=env)
+        assert p.returncode == 2, (cmd, p.stderr[-2000:])
+        assert p.stderr.strip().splitlines()[-1] == f"error: data.root '{missing}' does not exist", (cmd, p.stderr)
+    assert not (tmp_path / "out").exists()
+
+
 def test_only_our_own_errors_become_one_line(tmp_path):
     import fsspec
 

@@ -58,12 +58,29 @@ def _exists(path: str) -> bool:
     return fs.exists(p)
 
 
+# Corpora read from data.root; the demo ones are generated there when it is missing, and
+# the others (pairs, table, video_features) are named by globs.
+READ_FROM_ROOT = ("multi30k", "msrvtt", "msvd")
+
+
+def check_root(cfg: Any) -> None:
+    """The data.root of a corpus read from one exists."""
+    if cfg.name in READ_FROM_ROOT + ("demo_text", "demo_video") and not _exists(absolute(cfg.root)):
+        raise DataError(f"data.root '{cfg.root}' does not exist")
+
+
+def check_before_ray(cfg: Any) -> None:
+    """What can be said about the input before Ray starts: a mistyped data.root at once, not
+    after the seconds of a cluster's start-up (a demo corpus's root is made, not checked)."""
+    if cfg.name in READ_FROM_ROOT:
+        check_root(cfg)
+
+
 def list_tasks(cfg: Any) -> list[dict[str, Any]]:
     """Read tasks for a DataConfig. Each: {kind, src_path, tgt_path, split, file_index}."""
     tasks: list[dict[str, Any]] = []
     if cfg.name in ("multi30k", "demo_text"):
-        if not _exists(cfg.root):
-            raise DataError(f"data.root '{cfg.root}' does not exist")
+        check_root(cfg)
         root = absolute(cfg.root)
         splits = [("train", cfg.train_split), ("val", cfg.val_split), ("test", cfg.test_split)]
         for split, prefix in splits:

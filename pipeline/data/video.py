@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .readers import DataError, absolute, expand
+from .readers import DataError, absolute, check_root, expand
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v")
 # Training numbers each (video, caption) pair video id * 1024 + caption index
@@ -374,9 +374,7 @@ def list_corpus(cfg: Any) -> dict[str, Any]:
     """
     skip = cfg.on_bad_rows == "skip"
     root = absolute(cfg.root).rstrip("/")
-    fs, p = fsspec.core.url_to_fs(root)
-    if cfg.name != "video_features" and not fs.exists(p):
-        raise DataError(f"data.root '{cfg.root}' does not exist")
+    check_root(cfg)
     dropped: dict[str, int] = {}
     vdropped: dict[str, int] = {}
     errors: list[str] = []

@@ -24,6 +24,7 @@ from .. import console, tracking
 from ..cluster import check_fits, check_multi_node, init_ray, resolve_worker_cpus, storage_uri
 from ..config import Config, ConfigError
 from ..data.output import read_split, read_tokenizers
+from ..data.readers import check_before_ray
 from ..data.tokenizer import Vocab
 from ..evaluation import local_copy, test_and_log
 from ..lock import hold_named
@@ -112,6 +113,7 @@ def prepare(cfg: Config, sweep: bool = False) -> Prepared:
     uri, experiment = tracking.resolve(cfg.tracking)
     tracking.check_reachable(uri)
     storage = storage_uri(t.storage_path)
+    check_before_ray(cfg.data)
     init_ray(t.num_workers * resolve_worker_cpus(t, sweep))
     check_fits(t)  # before preprocessing: minutes of it would be wasted
     check_multi_node(storage, cfg.data.output_dir, uri)
