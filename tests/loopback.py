@@ -18,17 +18,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def stop_process_group(proc: Any) -> None:
+def stop_process_group(proc: Any, grace: float = 30.0) -> None:
+    stop_process_groups([proc], grace)
+
+
+def stop_process_groups(procs: list[Any], grace: float = 30.0) -> None:
+    """SIGTERM each process's group at once, then SIGKILL the groups whose leader has not
+    exited within ``grace`` seconds (all of them together, not one after another)."""
     import signal
     import subprocess
 
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
+    running = [p for p in procs if p.poll() is None]
+    for p in running:
+        os.killpg(p.pid, signal.SIGTERM)
+    deadline = time.time() + grace
+    for p in running:
         try:
-            proc.wait(30)
+            p.wait(max(0.0, deadline - time.time()))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
 
 
 def ctrl_c_when(
@@ -253,7 +262,8 @@ class loopback_cluster:
     def __exit__(self, *exc: object) -> None:
         import shutil
 
-        for p in reversed(self.procs):
-            stop_process_group(p)
+        # A head's `ray start --block` stays up for 30 s and more after SIGTERM (its GCS and
+        # autoscaler do not exit): the cluster is thrown away, so it gets a few seconds.
+        stop_process_groups(list(reversed(self.procs)), grace=5)
         self.procs = []
         shutil.rmtree(self._short, ignore_errors=True)

@@ -68,18 +68,27 @@ class Server:
             self.proc = None
 
 
-@pytest.fixture
-def server(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast, as the issue's test asks
-    s = Server(tmp_path)
-    s.start()
+@pytest.fixture(scope="module")
+def module_server(tmp_path_factory):
+    """One server for the module (its start costs seconds): each test takes it up, and may
+    stop and start it; each logs into an experiment of its own."""
+    s = Server(tmp_path_factory.mktemp("outage-server"))
     yield s
     s.stop()
 
 
+@pytest.fixture
+def server(module_server, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast, as the issue's test asks
+    if module_server.proc is None:
+        module_server.start()
+    return module_server
+
+
 def _new_run(uri: str) -> str:
     c = MlflowClient(uri)
-    return c.create_run(c.create_experiment("outage")).info.run_id
+    name = os.environ["PYTEST_CURRENT_TEST"].split("::")[-1].split(" ")[0]
+    return c.create_run(c.create_experiment(name)).info.run_id
 
 
 def _history(uri: str, run_id: str, key: str) -> list[tuple[int, int]]:

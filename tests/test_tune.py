@@ -57,7 +57,7 @@ def sweep(ray_session, tmp_path_factory):
             "tune.scheduler=asha",
             "tune.grace_period=1",
             "tune.reduction_factor=2",
-            "tune.max_concurrent_trials=1",
+            "tune.max_concurrent_trials=2",
             "tune.register_as=demo-champion",
         ]
     )
@@ -234,7 +234,7 @@ def test_killed_sweep_resumes_without_duplicates(ray_session, tmp_path):
         "resume",
         "tune.name=killed",
         "tune.space.model.hidden_size=[32,64]",
-        "tune.max_concurrent_trials=1",
+        "tune.max_concurrent_trials=2",
         "train.max_epochs=2",
     )
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -327,7 +327,7 @@ def test_sweep_name_refuses_a_changed_search_space(sweep):
             "tune.scheduler=asha",
             "tune.grace_period=1",
             "tune.reduction_factor=2",
-            "tune.max_concurrent_trials=1",
+            "tune.max_concurrent_trials=2",
             "tune.register_as=demo-champion",
         ]
     )
