@@ -18,8 +18,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def stop_process_group(proc: Any, grace: float = 30.0) -> None:
-    stop_process_groups([proc], grace)
+def stop_process_group(proc: Any) -> None:
+    stop_process_groups([proc])
 
 
 def stop_process_groups(procs: list[Any], grace: float = 30.0) -> None:
